@@ -1,0 +1,108 @@
+"""Choosing a model's parameters by name or predicate, and checking a model against the choice."""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
+
+_WRAPPER_SEGMENTS = ("module", "_orig_mod")
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The module under DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"expected an nn.Module, got {type(model).__name__}")
+    while True:
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, nn.Module):
+            model = inner
+            continue
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+            continue
+        return model
+
+
+def canonical_name(name: str) -> str:
+    """A parameter name without the ``module.`` and ``_orig_mod.`` segments wrappers add."""
+    return ".".join(p for p in name.split(".") if p not in _WRAPPER_SEGMENTS)
+
+
+def state_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The wider of float32 and ``dtype``: the dtype state is kept in."""
+    if dtype in (torch.float64,):
+        return torch.float64
+    return torch.float32
+
+
+class ParamSet:
+    """The parameters a regularizer acts on: canonical names, shapes and state dtypes.
+
+    The resolved parameter list is cached per model (weakly), so the hot path does not walk the model.
+    """
+
+    def __init__(self, model: nn.Module, select: ParamSelector = None) -> None:
+        named = [(canonical_name(n), p) for n, p in model.named_parameters()]
+        if select is None:
+            chosen = [(n, p) for n, p in named if p.requires_grad]
+        elif callable(select):
+            chosen = [(n, p) for n, p in named if p.requires_grad and select(n, p)]
+        elif isinstance(select, (str, bytes)):
+            raise TypeError("params must be a sequence of names or a predicate, not a single string")
+        else:
+            by_name = dict(named)
+            wanted = [canonical_name(s) for s in select]
+            unknown = [n for n in wanted if n not in by_name]
+            if unknown:
+                raise ValueError(f"unknown parameter name(s) {unknown}; the model has e.g. {list(by_name)[:8]}")
+            chosen = [(n, by_name[n]) for n in wanted if by_name[n].requires_grad]
+        if not chosen:
+            raise ValueError("no trainable parameter was selected (all frozen, or the selection is empty)")
+        self.names: list[str] = [n for n, _ in chosen]
+        self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
+        self.dtypes: list[torch.dtype] = [p.dtype for _, p in chosen]
+        self._cache: tuple[weakref.ref, list[nn.Parameter]] | None = None
+        self._remember(model, [p for _, p in chosen])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _remember(self, model: nn.Module, params: list[nn.Parameter]) -> None:
+        self._cache = (weakref.ref(model), params)
+
+    def last(self) -> list[nn.Parameter]:
+        """The parameters of the model last resolved (for optimizer hooks)."""
+        if self._cache is None:
+            raise ValueError("no model has been resolved yet")
+        return self._cache[1]
+
+    def resolve(self, model: nn.Module) -> list[nn.Parameter]:
+        """This selection's parameters in ``model``, in order, with names and shapes checked."""
+        if self._cache is not None and self._cache[0]() is model:
+            return self._cache[1]
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected the model (an nn.Module), got {type(model).__name__}")
+        by_name = {canonical_name(n): p for n, p in model.named_parameters()}
+        params = []
+        for name, shape in zip(self.names, self.shapes):
+            p = by_name.get(name)
+            if p is None:
+                raise ValueError(
+                    f"parameter {name!r} is missing from this model: it is not the model this regularizer was built on"
+                )
+            if p.shape != shape:
+                raise ValueError(
+                    f"parameter {name!r} has shape {tuple(p.shape)}, expected {tuple(shape)} "
+                    "(the model changed since this regularizer was built)"
+                )
+            params.append(p)
+        self._remember(model, params)
+        return params
+
+    def zeros(self, device: torch.device | str | None = None) -> list[Tensor]:
+        return [torch.zeros(s, dtype=state_dtype(d), device=device) for s, d in zip(self.shapes, self.dtypes)]

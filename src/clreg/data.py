@@ -1,0 +1,175 @@
+"""Reading the data that ``consolidate`` and the Fisher estimators take.
+
+Accepted:
+  * a map-style ``Dataset`` whose items are ``(input, target)`` or ``input``: clreg loads it itself in
+    chunks, and under torch.distributed each rank takes a strided share (no padding). Each sample is
+    keyed by its index, so Monte-Carlo draws depend neither on batching nor on the number of ranks;
+  * a ``DataLoader`` or any iterable of batches ``(inputs, targets)`` or ``inputs``: each rank reads
+    its own iterable; samples are keyed by ``(rank, position in this rank's stream)``.
+
+``max_samples`` is global: with a Dataset the first ``max_samples`` indices are used; with an
+iterable each rank reads at most its share (``max_samples // world``, one more on the first
+``max_samples % world`` ranks).
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, default_collate
+
+from .distributed import rank_and_world, shard
+
+__all__ = [
+    "Chunk",
+    "batch_size_of",
+    "iter_chunks",
+    "stable_seed",
+    "tree_index",
+    "tree_slice",
+    "tree_to",
+    "tree_unsqueeze",
+]
+
+
+def stable_seed(*parts: int | str) -> int:
+    """A 63-bit seed mixed from ints and strings, the same in every process (unlike ``hash``)."""
+    x = 0x9E3779B97F4A7C15
+    for part in parts:
+        v = zlib.crc32(part.encode()) if isinstance(part, str) else int(part)
+        x = (x ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
+        x = (x ^ (x >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
+        x ^= x >> 29
+    return x & 0x7FFF_FFFF_FFFF_FFFF
+
+
+@dataclass
+class Chunk:
+    """A batch of samples with their keys (int64, one per sample) for seeded draws."""
+
+    inputs: Any
+    targets: Any
+    keys: Tensor
+
+
+def tree_to(tree: Any, device: torch.device) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.to(device, non_blocking=True)
+    if isinstance(tree, dict):
+        return {k: tree_to(v, device) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_to(v, device) for v in tree)
+    return tree
+
+
+def tree_unsqueeze(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.unsqueeze(0)
+    if isinstance(tree, dict):
+        return {k: tree_unsqueeze(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_unsqueeze(v) for v in tree)
+    return tree
+
+
+def tree_index(tree: Any, i: int) -> Any:
+    if isinstance(tree, Tensor):
+        return tree[i]
+    if isinstance(tree, dict):
+        return {k: tree_index(v, i) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_index(v, i) for v in tree)
+    return tree
+
+
+def tree_slice(tree: Any, sl: slice) -> Any:
+    if isinstance(tree, Tensor):
+        return tree[sl]
+    if isinstance(tree, dict):
+        return {k: tree_slice(v, sl) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(tree_slice(v, sl) for v in tree)
+    return tree
+
+
+def batch_size_of(tree: Any) -> int:
+    if isinstance(tree, Tensor):
+        if tree.dim() == 0:
+            raise ValueError("a batch must have a leading batch dimension; got a 0-d tensor")
+        return tree.shape[0]
+    if isinstance(tree, dict) and tree:
+        return batch_size_of(next(iter(tree.values())))
+    if isinstance(tree, (list, tuple)) and tree:
+        return batch_size_of(tree[0])
+    raise TypeError(f"cannot find the batch size of {type(tree).__name__}")
+
+
+def _split(item: Any) -> tuple[Any, Any]:
+    if isinstance(item, (tuple, list)) and len(item) == 2:
+        return item[0], item[1]
+    if isinstance(item, (tuple, list)) and len(item) == 1:
+        return item[0], None
+    if isinstance(item, Tensor):
+        return item, None
+    raise TypeError(
+        "expected items or batches of the form (input, target) or input (a tensor), "
+        f"got {type(item).__name__}" + (f" of length {len(item)}" if isinstance(item, (tuple, list)) else "")
+    )
+
+
+def is_map_dataset(data: Any) -> bool:
+    return (
+        isinstance(data, Dataset)
+        and not isinstance(data, DataLoader)
+        and hasattr(data, "__len__")
+        and hasattr(data, "__getitem__")
+    )
+
+
+def iter_chunks(data: Any, chunk_size: int, max_samples: int | None = None) -> Iterator[Chunk]:
+    """Chunks of at most ``chunk_size`` samples of this rank's share of ``data``."""
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if max_samples is not None and max_samples < 1:
+        raise ValueError(f"max_samples must be >= 1 or None, got {max_samples}")
+    if is_map_dataset(data):
+        n = len(data)
+        if max_samples is not None:
+            n = min(n, max_samples)
+        idx = list(shard(n))
+        for start in range(0, len(idx), chunk_size):
+            keys = idx[start : start + chunk_size]
+            items = [_split(data[i]) for i in keys]
+            inputs = default_collate([x for x, _ in items])
+            targets = None if items[0][1] is None else default_collate([y for _, y in items])
+            yield Chunk(inputs, targets, torch.tensor(keys, dtype=torch.int64))
+        return
+    if isinstance(data, (Tensor, dict)) or not isinstance(data, Iterable):
+        raise TypeError(
+            f"data must be a map-style Dataset, a DataLoader or an iterable of batches, got {type(data).__name__}"
+        )
+    rank, world = rank_and_world()
+    limit = None
+    if max_samples is not None:
+        limit = max_samples // world + (1 if rank < max_samples % world else 0)
+    seen = 0
+    for batch in data:
+        x, y = _split(batch)
+        b = batch_size_of(x)
+        for start in range(0, b, chunk_size):
+            take = min(chunk_size, b - start)
+            if limit is not None:
+                take = min(take, limit - seen)
+            if take <= 0:
+                return
+            sl = slice(start, start + take)
+            keys = torch.arange(seen, seen + take, dtype=torch.int64) + rank * (1 << 40)
+            yield Chunk(tree_slice(x, sl), None if y is None else tree_slice(y, sl), keys)
+            seen += take
+        if limit is not None and seen >= limit:
+            return

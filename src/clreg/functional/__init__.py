@@ -1,0 +1,31 @@
+"""Pure math on lists and dicts of tensors: penalties, Fisher estimators, SI, distillation, MAS."""
+
+from .distillation import regression_distillation, sigmoid_distillation, softmax_distillation
+from .ewc import ewc_merge_
+from .fisher import ESTIMATORS, default_estimator, fisher_diagonal
+from .mas import mas_importance
+from .penalty import (
+    add_quadratic_penalty_grad_,
+    quadratic_penalty,
+    quadratic_penalty_grad,
+    quadratic_penalty_value,
+)
+from .si import CLAMPS, si_importance_, si_path_update_
+
+__all__ = [
+    "CLAMPS",
+    "ESTIMATORS",
+    "add_quadratic_penalty_grad_",
+    "default_estimator",
+    "ewc_merge_",
+    "fisher_diagonal",
+    "mas_importance",
+    "quadratic_penalty",
+    "quadratic_penalty_grad",
+    "quadratic_penalty_value",
+    "regression_distillation",
+    "si_importance_",
+    "si_path_update_",
+    "sigmoid_distillation",
+    "softmax_distillation",
+]

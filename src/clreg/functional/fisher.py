@@ -1,0 +1,345 @@
+r"""The diagonal Fisher information of a model, per sample, with one switch for the estimator.
+
+Convention: the Fisher is the **mean over samples** (one sample = one input) of the squared gradient
+of that sample's log-likelihood, so a penalty's λ does not depend on the batch size:
+
+.. math::
+
+    F_i = \frac{1}{N} \sum_{n=1}^{N} \mathbb{E}_{y \sim p_\theta(\cdot|x_n)}
+          \left[ \left( \partial_{\theta_i} \log p_\theta(y \mid x_n) \right)^2 \right].
+
+Output kinds and estimators (a pair outside this table is a ``ValueError``):
+
+============  =================  ========================  ==================
+estimator     (B, C) logits      dense logits (B, C, ...)  per-sample loss
+============  =================  ========================  ==================
+``exact``     Σ_c p_c g_c²       no                        no
+``mc``        k sampled labels   labels drawn per pixel    no
+``empirical`` true labels        true labels (biased)      yes
+``batched``   yes                yes                       yes
+============  =================  ========================  ==================
+
+Dense logits are a categorical per location with an optional ignore index. Their Fisher is the mean
+over the n valid locations of the per-location Fisher — the expected Hessian of the location-averaged
+negative log-likelihood, the scale of a pixel-averaged task loss — estimated as
+:math:`n \, (\nabla \tfrac{1}{n}\sum_j \log p(y_j|x))^2`. With labels drawn independently per
+location (``mc``) the cross terms vanish in expectation and the estimate is unbiased; with the true
+labels (``empirical``) it is biased by the correlation between locations.
+
+A per-sample loss ``loss(outputs, target) -> Tensor[B]`` is treated as a negative log-likelihood: the
+result is the **empirical Fisher of that loss** (for a detector, of its detection loss).
+
+``batched`` is the mean over batches of the squared gradient of the batch-mean loss with the true
+labels (as Avalanche computes it). In expectation it equals F/B + (1 − 1/B)(E g)²: biased,
+dependent on the batch size B and on how the data is split. It is offered for comparison only.
+
+``mc`` draws (Gumbel-max sampling) are keyed by the sample's index when ``data`` is a ``Dataset``,
+so the result depends neither on batching nor on the number of ranks; with an iterable of batches the
+key is the sample's position in this rank's stream. Each draw is seeded by ``(seed, key, draw)``.
+
+Example:
+    >>> import torch
+    >>> from clreg.functional import fisher_diagonal
+    >>> model = torch.nn.Linear(4, 3)
+    >>> data = torch.utils.data.TensorDataset(torch.randn(10, 4), torch.randint(0, 3, (10,)))
+    >>> fisher = fisher_diagonal(model, data, estimator="exact")
+    >>> sorted(fisher), fisher["weight"].shape
+    (['bias', 'weight'], torch.Size([3, 4]))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .._params import ParamSelector, unwrap_model
+from ..data import Chunk, is_map_dataset, iter_chunks, stable_seed, tree_to
+from ..distributed import all_reduce_sum_
+from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
+from ._per_sample import PerSampleEngine, ProgressFn, eval_mode, model_device
+
+__all__ = ["ESTIMATORS", "default_estimator", "fisher_diagonal"]
+
+ESTIMATORS = ("exact", "mc", "empirical", "batched")
+
+
+def default_estimator(per_sample_loss: PerSampleLoss | None) -> str:
+    """``mc`` for softmax outputs, ``empirical`` for a per-sample loss."""
+    return "empirical" if per_sample_loss is not None else "mc"
+
+
+def _as_outputs(outputs: OutputSpec | Sequence[OutputSpec] | None) -> tuple[OutputSpec, ...]:
+    if outputs is None:
+        return (OutputSpec(),)
+    if isinstance(outputs, OutputSpec):
+        return (outputs,)
+    outs = tuple(outputs)
+    if not outs or not all(isinstance(o, OutputSpec) for o in outs):
+        raise TypeError("outputs must be an OutputSpec or a non-empty sequence of OutputSpec")
+    return outs
+
+
+def target_of(target: Any, spec: OutputSpec) -> Tensor:
+    """This output's labels within a task's target."""
+    if target is None:
+        raise ValueError("this estimator needs targets: the data gave inputs only")
+    if spec.target is not None:
+        return select_tensor(target, spec.target, "target")
+    if isinstance(target, Tensor):
+        return target
+    if spec.select is not None and not callable(spec.select):
+        return select_tensor(target, spec.select, "target")
+    raise ValueError("the target is not a tensor: give OutputSpec(target=...) to pick this output's labels")
+
+
+def _logits(outputs: Any, spec: OutputSpec) -> Tensor:
+    z = select_tensor(outputs, spec.select)
+    if z.dim() < 2:
+        raise ValueError(f"softmax output must be (B, C, ...), got shape {tuple(z.shape)}")
+    if spec.channels is not None:
+        z = z.index_select(1, torch.tensor(spec.channels, device=z.device))
+    return z.float()
+
+
+def scaled_loglik(logits: Tensor, labels: Tensor, ignore_index: int | None, valid: Tensor | None = None) -> Tensor:
+    r"""For one sample (batch dim 1): :math:`\sqrt{n}\cdot\frac{1}{n}\sum_{j \in valid}\log p(y_j)`.
+
+    Its squared gradient is n·(∇ mean log-likelihood)², the per-location Fisher convention; for
+    (1, C) logits n = 1 and this is log p(y).
+    """
+    if labels.dtype.is_floating_point:
+        raise ValueError(f"softmax labels must be integers, got {labels.dtype}")
+    labels = labels.reshape(logits.shape[:1] + logits.shape[2:])
+    if valid is None:
+        valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
+    safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
+    logp = F.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    n = valid.sum().to(logp.dtype)
+    return (logp * valid).sum() / torch.sqrt(torch.clamp(n, min=1.0))
+
+
+def scaled_loglik_draws(logits: Tensor, labels: Tensor, valid: Tensor | None) -> Tensor:
+    """:func:`scaled_loglik` for k label draws at once: logits (1, C, *loc), labels (k, *loc) → (k,)."""
+    logp = F.log_softmax(logits, dim=1)[0]
+    logp = logp.reshape(logp.shape[0], -1)  # (C, L)
+    k = labels.shape[0]
+    lp = logp.gather(0, labels.reshape(k, -1))  # (k, L): lp[i, l] = logp[labels[i, l], l]
+    if valid is None:
+        return lp.sum(1) / float(lp.shape[1]) ** 0.5
+    valid = valid.reshape(k, -1).to(lp.dtype)
+    n = valid[0].sum().clamp(min=1.0)
+    return (lp * valid).sum(1) / n.sqrt()
+
+
+def _gumbel(u: Tensor) -> Tensor:
+    tiny = torch.finfo(u.dtype).tiny
+    return -torch.log(-torch.log(u.clamp(min=tiny, max=1.0 - 1e-7)))
+
+
+def _draws(seed: int, keys: Tensor, k: int, shape: torch.Size) -> Tensor:
+    """Uniform noise (B, k, *shape), one generator per sample seeded by (seed, key)."""
+    out = torch.empty((keys.numel(), k, *shape))
+    g = torch.Generator()
+    for i, key in enumerate(keys.tolist()):
+        g.manual_seed(stable_seed(seed, key))
+        out[i] = torch.rand((k, *shape), generator=g)
+    return out
+
+
+def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> list[torch.Size]:
+    first = next(iter_chunks(data, 1, 1), None)
+    if first is None:
+        raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
+    with torch.no_grad(), eval_mode(model):
+        out = model(tree_to(first.inputs, model_device(model)))
+    return [_logits(out, s).shape[1:] for s in outs]
+
+
+def fisher_diagonal(
+    model: nn.Module,
+    data: Any,
+    *,
+    outputs: OutputSpec | Sequence[OutputSpec] | None = None,
+    per_sample_loss: PerSampleLoss | None = None,
+    spec: TaskSpec | None = None,
+    estimator: str | None = None,
+    params: ParamSelector = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_samples: int | None = None,
+    chunk_size: int | None = None,
+    batch_size: int = 32,
+    vectorize: bool = True,
+    progress: ProgressFn | None = None,
+) -> dict[str, Tensor]:
+    """The diagonal Fisher of ``model`` on ``data``, as a dict of parameter name → tensor.
+
+    Args:
+        model: any module; DDP and ``torch.compile`` wrappers are looked through (names are the
+            underlying module's).
+        data: a ``Dataset`` of ``(input, target)`` items, a ``DataLoader`` or an iterable of batches.
+        outputs: the softmax outputs whose likelihood counts (default: the whole output); several
+            outputs add their log-likelihoods.
+        per_sample_loss: ``loss(outputs, target) -> Tensor[B]`` used instead of a likelihood.
+        spec: a :class:`~clreg.TaskSpec` giving ``outputs`` and ``per_sample_loss`` at once.
+        estimator: ``exact``, ``mc``, ``empirical`` or ``batched``; default ``mc``, or ``empirical``
+            with a per-sample loss.
+        params: parameter names or a predicate ``(name, param) -> bool``; default all trainable.
+        mc_samples: label draws per sample for ``mc``.
+        seed: seeds the ``mc`` draws.
+        max_samples: a global bound on the number of samples.
+        chunk_size: samples per vectorised chunk (bounds memory); chosen from the model size if None.
+        batch_size: batch size of ``batched`` when ``data`` is a Dataset.
+        vectorize: ``False`` forces the per-sample loop.
+        progress: called as ``progress(samples_done, total_or_None)``.
+    """
+    if spec is not None:
+        if outputs is not None or per_sample_loss is not None:
+            raise ValueError("give either spec or outputs/per_sample_loss, not both")
+        outputs, per_sample_loss = spec.outputs, spec.per_sample_loss
+    outs = _as_outputs(outputs)
+    estimator = estimator or default_estimator(per_sample_loss)
+    if estimator not in ESTIMATORS:
+        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
+    if per_sample_loss is not None:
+        if estimator in ("exact", "mc"):
+            raise ValueError(
+                f"estimator {estimator!r} needs a likelihood over softmax outputs; with a per-sample loss "
+                "use 'empirical' (the empirical Fisher of that loss) or 'batched'"
+            )
+    else:
+        bad = [o.kind for o in outs if o.kind != "softmax"]
+        if bad:
+            raise ValueError(
+                f"a Fisher over {bad[0]} outputs needs a per-sample loss (TaskSpec(per_sample_loss=...)); "
+                "only softmax outputs have a built-in likelihood"
+            )
+    inner = unwrap_model(model)
+    if estimator == "batched":
+        return _batched(inner, data, outs, per_sample_loss, params, max_samples, batch_size, progress)
+
+    engine = PerSampleEngine(inner, params, vectorize=vectorize)
+    extra = None
+    k = 1
+    if estimator == "exact":
+        if len(outs) != 1:
+            raise ValueError("the exact Fisher takes one softmax output; use 'mc' for several")
+        shape = _probe_shapes(inner, data, outs)[0]
+        if len(shape) != 1:
+            raise ValueError(
+                f"the exact Fisher is for (B, C) logits; got an output of shape (B, {', '.join(map(str, shape))}): "
+                "use 'mc' for dense outputs"
+            )
+        spec0 = outs[0]
+        k = shape[0]
+
+        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+            logp = F.log_softmax(_logits(out, spec0), dim=1)[0]
+            return logp, logp.detach().exp()
+
+    elif estimator == "mc":
+        shapes = _probe_shapes(inner, data, outs)
+        k = mc_samples
+
+        def extra(ch: Chunk) -> tuple[Tensor, ...]:
+            return tuple(_draws(seed * 7919 + j, ch.keys, mc_samples, s) for j, s in enumerate(shapes))
+
+        def objective(out: Any, target: Any, noise: Any) -> tuple[Tensor, Tensor]:
+            total: Tensor | float = 0.0
+            for o, u in zip(outs, noise):
+                z = _logits(out, o)  # (1, C, *loc)
+                labels = (z.detach() + _gumbel(u)).argmax(dim=1)  # (k, *loc): k independent draws
+                valid = None
+                if o.ignore_index is not None and target is not None:
+                    true = target_of(target, o).reshape(z.shape[:1] + z.shape[2:])
+                    valid = (true != o.ignore_index).expand_as(labels)
+                total = total + scaled_loglik_draws(z, labels, valid)
+            v = total if isinstance(total, Tensor) else torch.zeros(mc_samples)
+            return v, torch.full_like(v, 1.0 / mc_samples).detach()
+
+    elif per_sample_loss is not None:  # empirical Fisher of a loss
+
+        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+            loss = per_sample_loss(out, target)
+            if loss.dim() != 1:
+                raise ValueError(f"per_sample_loss must return Tensor[B], got shape {tuple(loss.shape)}")
+            v = loss.reshape(1).float()
+            return v, torch.ones_like(v)
+
+    else:  # empirical with true labels
+
+        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+            total = 0.0
+            for o in outs:
+                total = total + scaled_loglik(_logits(out, o), target_of(target, o), o.ignore_index)
+            v = total.reshape(1)
+            return v, torch.ones_like(v)
+
+    sums, n = engine.run(
+        data,
+        objective,
+        reduce="square",
+        k=k,
+        extra=extra,
+        chunk_size=chunk_size,
+        max_samples=max_samples,
+        progress=progress,
+    )
+    return {name: s.div_(n) for name, s in sums.items()}
+
+
+def _batched(
+    model: nn.Module,
+    data: Any,
+    outs: Sequence[OutputSpec],
+    per_sample_loss: Callable | None,
+    params: ParamSelector,
+    max_samples: int | None,
+    batch_size: int,
+    progress: ProgressFn | None,
+) -> dict[str, Tensor]:
+    engine = PerSampleEngine(model, params)
+    names = list(engine.selected)
+    plist = [engine.selected[n] for n in names]
+    sums = engine.zeros()
+    n_batches = 0
+    device = engine.device
+    with eval_mode(model):
+        # a Dataset is read in batches of `batch_size`; an iterable in its own batches
+        chunk = batch_size if is_map_dataset(data) else 1 << 62
+        for ch in iter_chunks(data, chunk, max_samples):
+            x, y = tree_to(ch.inputs, device), tree_to(ch.targets, device)
+            with torch.enable_grad():
+                out = model(x)
+                if per_sample_loss is not None:
+                    loss = per_sample_loss(out, y).float().mean()
+                else:
+                    loss = 0.0
+                    for o in outs:
+                        z = _logits(out, o)
+                        lab = target_of(y, o).reshape(z.shape[:1] + z.shape[2:]).long()
+                        ign = -100 if o.ignore_index is None else o.ignore_index
+                        nll = F.cross_entropy(z, lab, ignore_index=ign, reduction="none")
+                        if nll.dim() > 1:  # dense: the pixel mean per sample, then the batch mean
+                            valid = (lab != ign).flatten(1).sum(1).clamp(min=1)
+                            nll = nll.flatten(1).sum(1) / valid
+                        loss = loss + nll.mean()
+                grads = torch.autograd.grad(loss, plist, allow_unused=True)
+            for name, g in zip(names, grads):
+                if g is not None:
+                    sums[name].add_(g.to(sums[name].dtype).square())
+            n_batches += 1
+            if progress is not None:
+                progress(n_batches, None)
+    total = torch.tensor([float(n_batches)], dtype=torch.float64, device=device)
+    all_reduce_sum_([*sums.values(), total])
+    nb = round(total.item())
+    if nb == 0:
+        raise ValueError("the data gave no batches: cannot estimate a Fisher from empty data")
+    return {engine.canon[name]: s.div_(nb) for name, s in sums.items()}

@@ -1,0 +1,12 @@
+"""Stateful regularizers: thin modules over :mod:`clreg.functional`."""
+
+from .base import Regularizer
+from .compose import Compose
+from .ewc import EWC
+from .lwf import LwF
+from .mas import MAS
+from .online_ewc import OnlineEWC
+from .quadratic import QuadraticPenalty
+from .si import SI
+
+__all__ = ["EWC", "MAS", "SI", "Compose", "LwF", "OnlineEWC", "QuadraticPenalty", "Regularizer"]

@@ -1,0 +1,166 @@
+"""The ``Regularizer`` base class: parameter selection, checkpointable state, optimizer hooks."""
+
+from __future__ import annotations
+
+import abc
+import math
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from .._params import ParamSelector, ParamSet
+from ..spec import TaskSpec
+
+__all__ = ["FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
+
+FORMAT_VERSION = 1
+
+
+def check_range(name: str, value: float, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
+    """``value`` as a float, or a ValueError naming the range."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}") from err
+    ok = (v > low if low_open else v >= low) and v <= high
+    if not ok or math.isnan(v):
+        lo = "(" if low_open else "["
+        hi = "]" if high != math.inf else ")"
+        raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
+    return v
+
+
+def check_finite(kind: str, tensors: dict[str, Tensor]) -> None:
+    for name, t in tensors.items():
+        if not torch.isfinite(t).all():
+            bad = "NaN" if torch.isnan(t).any() else "inf"
+            raise ValueError(f"{kind} of parameter {name!r} contains {bad}: check the data, the loss and the model")
+
+
+class Regularizer(nn.Module, metaclass=abc.ABCMeta):
+    """Base of every clreg regularizer.
+
+    One calling convention, so regularizers compose:
+
+    * ``reg(model, inputs=..., outputs=...)`` returns a scalar tensor to add to the task loss (a zero
+      tensor before the first consolidation);
+    * ``reg.consolidate(model, data, spec)`` at the end of a task;
+    * ``reg.attach(optimizer)`` (optional) applies the penalty's gradient on the optimizer's steps.
+
+    State lives in buffers with a format version: ``state_dict()`` of one instance loads with
+    ``strict=True`` into a fresh instance built on the same model. The user's model is never held as
+    a submodule.
+    """
+
+    format_version: ClassVar[int] = FORMAT_VERSION
+
+    def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"expected the model (an nn.Module), got {type(model).__name__}")
+        self._pset = ParamSet(model, params)
+        self.register_buffer("n_tasks", torch.zeros((), dtype=torch.int64))
+        self._n_tasks_py = 0
+        self._handles: list[Any] = []
+        self.last_value: Tensor = torch.zeros(())
+
+    # -- parameters -------------------------------------------------------------------------------
+    @property
+    def param_names(self) -> list[str]:
+        """Canonical names of the parameters this regularizer acts on."""
+        return list(self._pset.names)
+
+    def _resolve(self, model: nn.Module) -> list[nn.Parameter]:
+        return self._pset.resolve(model)
+
+    def _device(self) -> torch.device:
+        return self.n_tasks.device
+
+    def _zero(self) -> Tensor:
+        return torch.zeros((), device=self._device())
+
+    def _bump_tasks(self) -> None:
+        self.n_tasks += 1
+        self._n_tasks_py = int(self.n_tasks)
+
+    # -- the interface ----------------------------------------------------------------------------
+    @abc.abstractmethod
+    def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
+        """The regularizer's value for the current parameters (a scalar tensor)."""
+
+    @abc.abstractmethod
+    def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
+        """End a task: update importances, anchors or the teacher from ``model`` and ``data``."""
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
+        """Apply this regularizer on ``optimizer``'s steps. Regularizers without a closed-form
+        gradient (LwF) cannot be attached."""
+        raise TypeError(f"{type(self).__name__} has no closed-form gradient and cannot be attached")
+
+    def detach(self) -> None:
+        """Remove the optimizer hooks added by :meth:`attach`."""
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+    @staticmethod
+    def _optimizer_mask(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[bool]:
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise TypeError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        mask = [id(p) in ids for p in params]
+        if not any(mask):
+            raise ValueError("the optimizer holds none of this regularizer's parameters")
+        return mask
+
+    # -- state ------------------------------------------------------------------------------------
+    def _config(self) -> dict[str, Any]:
+        """Hyperparameters saved with the state (plain data)."""
+        return {}
+
+    def _set_config(self, config: dict[str, Any]) -> None:
+        for k, v in config.items():
+            setattr(self, k, v)
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {
+            "format_version": self.format_version,
+            "type": type(self).__name__,
+            "params": list(self._pset.names),
+            "shapes": [list(s) for s in self._pset.shapes],
+            "config": self._config(),
+        }
+
+    def set_extra_state(self, state: Any) -> None:
+        if not isinstance(state, dict) or "format_version" not in state:
+            raise ValueError("not a clreg regularizer state: the format version is missing")
+        if state["format_version"] != self.format_version:
+            raise ValueError(
+                f"state has format version {state['format_version']}, this clreg reads version {self.format_version}"
+            )
+        if state.get("type") != type(self).__name__:
+            raise ValueError(f"state is of a {state.get('type')}, not of a {type(self).__name__}")
+        if list(state["params"]) != self._pset.names or [list(s) for s in self._pset.shapes] != [
+            list(s) for s in state["shapes"]
+        ]:
+            ours = {(n, tuple(s)) for n, s in zip(self._pset.names, self._pset.shapes)}
+            theirs = {(n, tuple(s)) for n, s in zip(state["params"], state["shapes"])}
+            diff = sorted(ours ^ theirs, key=str)[:4]
+            raise ValueError(f"state was saved for different parameters (names or shapes differ, e.g. {diff})")
+        self._set_config(dict(state.get("config", {})))
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        key = prefix + "n_tasks"
+        if key in state_dict:
+            self._n_tasks_py = int(state_dict[key])
+        self._state_loaded()
+
+    def _state_loaded(self) -> None:
+        """Hook for subclasses: drop caches derived from the state."""

@@ -1,0 +1,197 @@
+r"""Learning without Forgetting (Li & Hoiem, 2016).
+
+The teacher is the model at the last consolidation, run in eval mode without gradients through
+``torch.func.functional_call`` on its saved parameters and buffers (kept as this module's state, not
+a copy of the user's module). For each distilled output (an :class:`~clreg.OutputSpec`):
+
+.. math:: P = \alpha \sum_{\text{outputs}} \ell_{\text{kind}}(\text{student}, \text{teacher})
+
+with ℓ from :mod:`clreg.functional.distillation`: T²·KL at temperature T for softmax outputs
+(``t_squared=False`` drops the T²), binary KL for sigmoid outputs, L2 / L1 for regression outputs
+with an optional per-location weight. Each is summed over channels and averaged over locations and
+batch.
+
+The outputs distilled are those given at construction (``outputs=``) or, when none are given, the
+outputs of every task consolidated so far (from its :class:`~clreg.TaskSpec`).
+
+Example:
+    >>> import torch, clreg
+    >>> model = torch.nn.Linear(4, 3)
+    >>> lwf = clreg.LwF(model, temperature=2.0)
+    >>> lwf.consolidate(model)
+    >>> x = torch.randn(5, 4)
+    >>> lwf(model, inputs=x, outputs=model(x)).item()   # the student equals the teacher
+    0.0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from .._params import ParamSelector, canonical_name, unwrap_model
+from .._store import TensorStore
+from ..functional._per_sample import eval_mode
+from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
+from ..spec import OutputSpec, TaskSpec, select_output, select_tensor
+from .base import Regularizer, check_range
+
+__all__ = ["LwF"]
+
+
+class LwF(Regularizer):
+    """Distillation from the model at the last consolidation.
+
+    Args:
+        model: the model (DDP / compiled wrappers are looked through).
+        temperature: T > 0 for softmax outputs.
+        alpha: α ≥ 0, the weight of the distillation term.
+        t_squared: multiply softmax terms by T² (Hinton et al., 2015), keeping gradient scale.
+        outputs: the outputs to distil; default: those of the consolidated tasks' specs.
+        eps: the floor of Σw for weighted regression outputs.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        temperature: float = 2.0,
+        alpha: float = 1.0,
+        *,
+        t_squared: bool = True,
+        outputs: OutputSpec | Sequence[OutputSpec] | None = None,
+        eps: float = 1e-8,
+        params: ParamSelector = None,
+    ) -> None:
+        super().__init__(model, params)
+        self.temperature, self.alpha, self.t_squared, self.eps = temperature, alpha, bool(t_squared), eps
+        if isinstance(outputs, OutputSpec):
+            outputs = (outputs,)
+        self._fixed_outputs = tuple(outputs) if outputs is not None else None
+        self._task_outputs: list[OutputSpec] = []
+        inner = unwrap_model(model)
+        named_p = [(n, p) for n, p in inner.named_parameters()]
+        named_b = [(n, b) for n, b in inner.named_buffers()]
+        self._p_names = [n for n, _ in named_p]
+        self._b_names = [n for n, _ in named_b]
+        self.teacher_params = TensorStore(
+            [canonical_name(n) for n in self._p_names], [torch.zeros_like(p.detach()) for _, p in named_p]
+        )
+        self.teacher_buffers = TensorStore(
+            [canonical_name(n) for n in self._b_names], [torch.zeros_like(b) for _, b in named_b]
+        )
+        self.n_tasks = self.n_tasks.to(named_p[0][1].device)
+
+    @property
+    def temperature(self) -> float:
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = check_range("temperature", value, low_open=True)
+
+    @property
+    def alpha(self) -> float:
+        return self._alpha
+
+    @alpha.setter
+    def alpha(self, value: float) -> None:
+        self._alpha = check_range("alpha", value)
+
+    @property
+    def outputs(self) -> tuple[OutputSpec, ...]:
+        """The outputs distilled."""
+        if self._fixed_outputs is not None:
+            return self._fixed_outputs
+        return tuple(self._task_outputs) or (OutputSpec(),)
+
+    def _config(self) -> dict[str, Any]:
+        cfgs = [o.to_config() for o in self._task_outputs]
+        return {
+            "temperature": self._temperature,
+            "alpha": self._alpha,
+            "t_squared": self.t_squared,
+            "task_outputs": [c for c in cfgs if c is not None],
+            "task_outputs_callable": sum(c is None for c in cfgs),
+        }
+
+    def _set_config(self, config: dict[str, Any]) -> None:
+        self.temperature = config["temperature"]
+        self.alpha = config["alpha"]
+        self.t_squared = config["t_squared"]
+        if config.get("task_outputs_callable") and self._fixed_outputs is None:
+            raise ValueError(
+                "this LwF state distils outputs chosen by callables, which a checkpoint cannot hold: "
+                "build the LwF with outputs=[OutputSpec(...)] before loading it"
+            )
+        self._task_outputs = [OutputSpec.from_config(c) for c in config.get("task_outputs", [])]
+
+    # -- the teacher ------------------------------------------------------------------------------
+    def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
+        """The teacher becomes the current model; the task's outputs join those distilled."""
+        inner = unwrap_model(model)
+        params = dict(inner.named_parameters())
+        buffers = dict(inner.named_buffers())
+        if list(params) != self._p_names or list(buffers) != self._b_names:
+            raise ValueError(
+                "LwF.consolidate: the model's parameters or buffers differ from the model LwF was built on"
+            )
+        for name, dst in zip(self._p_names, self.teacher_params.tensors):
+            if params[name].shape != dst.shape:
+                raise ValueError(f"LwF.consolidate: parameter {name!r} changed shape")
+        with torch.no_grad():
+            self.teacher_params.set([params[n].detach() for n in self._p_names])
+            self.teacher_buffers.set([buffers[n] for n in self._b_names])
+        if spec is not None and self._fixed_outputs is None:
+            for o in spec.outputs:
+                if o not in self._task_outputs:
+                    self._task_outputs.append(o)
+        self._bump_tasks()
+
+    def teacher(self, model: nn.Module, inputs: Any) -> Any:
+        """The teacher's outputs on ``inputs`` (eval mode, no gradients)."""
+        inner = unwrap_model(model)
+        state = dict(zip(self._p_names, self.teacher_params.tensors))
+        state.update(zip(self._b_names, self.teacher_buffers.tensors))
+        with torch.no_grad(), eval_mode(inner):
+            return functional_call(inner, state, (inputs,), strict=True)
+
+    # -- the loss ---------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
+        """α Σ distillation(student, teacher) over the distilled outputs; needs ``inputs``."""
+        if self._n_tasks_py == 0:
+            value = self._zero()
+            self.last_value = value
+            return value
+        if inputs is None:
+            raise ValueError("LwF needs the batch's inputs: reg(model, inputs=x, outputs=out)")
+        if outputs is None:
+            outputs = model(inputs)
+        teacher_out = self.teacher(model, inputs)
+        total: Tensor | float = 0.0
+        for o in self.outputs:
+            s = select_tensor(outputs, o.select)
+            t = select_tensor(teacher_out, o.select)
+            total = total + self._term(o, s, t, teacher_out)
+        value = self._alpha * total
+        self.last_value = value.detach()
+        return value
+
+    def _term(self, o: OutputSpec, s: Tensor, t: Tensor, teacher_out: Any) -> Tensor:
+        if o.kind == "softmax":
+            return softmax_distillation(s, t, self._temperature, channels=o.channels, t_squared=self.t_squared)
+        if o.kind == "sigmoid":
+            return sigmoid_distillation(s, t, channels=o.channels)
+        weight = None
+        if o.weight is not None:
+            w = o.weight(teacher_out) if callable(o.weight) else select_output(teacher_out, o.weight)
+            if not isinstance(w, Tensor):
+                raise ValueError(f"LwF weight for output {o.select!r} must be a Tensor, got {type(w).__name__}")
+            weight = w
+        return regression_distillation(s, t, weight=weight, channels=o.channels, norm=o.norm, eps=self.eps)
+
+    def state_bytes(self) -> int:
+        return sum(b.numel() * b.element_size() for b in self.buffers())

@@ -1,0 +1,136 @@
+r"""``QuadraticPenalty``: the shared machinery of EWC, OnlineEWC, SI and MAS.
+
+.. math:: P(\theta) = s \left[ \sum_i A_i (\theta_i - m_i)^2 + C \right]
+
+with importance A, anchor m, offset C and a scale s set by the subclass (λ/2, c or λ). Two modes:
+
+* autograd (default): ``reg(model)`` returns a differentiable scalar whose backward is the closed form
+  ``grad_output · 2 s A (θ − m)``, so loss scaling, accumulation divisors, DDP and
+  ``torch.autograd.grad`` all see it;
+* attached: ``reg.attach(optimizer)`` adds 2 s (A θ − A m) to ``.grad`` in two fused passes from a
+  step pre-hook — after DDP's all-reduce, after GradScaler's unscale and after any clipping the user
+  does before ``step()`` (so clipping does not see the penalty's gradient) — once per optimizer step;
+  ``reg(model)`` then returns the value alone, detached, for logging (skip the call on steps you do
+  not log: it costs two passes over the state).
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._params import ParamSelector
+from .._store import TensorStore
+from ..functional.penalty import (
+    add_quadratic_penalty_grad_,
+    quadratic_penalty,
+    quadratic_penalty_grad,
+    quadratic_penalty_value,
+)
+from . import _ledger
+from .base import Regularizer
+
+__all__ = ["QuadraticPenalty"]
+
+
+class QuadraticPenalty(Regularizer):
+    """A penalty s [Σ A (θ − m)² + C] with buffers ``importance`` (A), ``anchor`` (m), ``offset`` (C)."""
+
+    def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
+        super().__init__(model, params)
+        names = self._pset.names
+        device = self._pset.last()[0].device
+        self.importance = TensorStore(names, self._pset.zeros(device))
+        self.anchor = TensorStore(names, self._pset.zeros(device))
+        self.register_buffer("offset", torch.zeros((), dtype=torch.float64, device=device))
+        self.n_tasks = self.n_tasks.to(device)
+        self._weighted_anchor: list[Tensor] | None = None
+
+    @property
+    @abc.abstractmethod
+    def scale(self) -> float:
+        """The factor s in front of the quadratic (λ/2 for EWC, c for SI, λ for MAS)."""
+
+    # -- caches -----------------------------------------------------------------------------------
+    def _state_loaded(self) -> None:
+        self._weighted_anchor = None
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)
+        self._weighted_anchor = None
+        return out
+
+    def _state_changed(self) -> None:
+        self._weighted_anchor = None
+
+    def weighted_anchor(self) -> list[Tensor]:
+        """A·m, cached for the attached path (not saved: derived from the state)."""
+        if self._weighted_anchor is None:
+            self._weighted_anchor = torch._foreach_mul(self.importance.tensors, self.anchor.tensors)
+        return self._weighted_anchor
+
+    # -- value ------------------------------------------------------------------------------------
+    def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
+        """The penalty at the model's current parameters (``inputs``/``outputs`` are not used)."""
+        if self._n_tasks_py == 0:
+            value = self._zero()
+        else:
+            params = self._resolve(model)
+            with torch.autocast(params[0].device.type, enabled=False):
+                if self.attached:
+                    value = quadratic_penalty_value(
+                        params, self.importance.tensors, self.anchor.tensors, self.scale, self.offset
+                    )
+                else:
+                    value = quadratic_penalty(
+                        params,
+                        self.importance.tensors,
+                        self.anchor.tensors,
+                        self.scale,
+                        self.offset.to(self.importance.tensors[0].dtype),
+                        recorder=_ledger.record_scaled if _ledger.recording() else None,
+                    )
+        self.last_value = value.detach()
+        return value
+
+    # -- attached mode ----------------------------------------------------------------------------
+    def attach(self, optimizer: torch.optim.Optimizer) -> QuadraticPenalty:
+        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``."""
+        if self.attached:
+            raise ValueError(f"{type(self).__name__} is already attached; call detach() first")
+        params = self._pset.last()
+        mask = self._optimizer_mask(optimizer, params)
+        self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kw: self._pre_step(mask)))
+        return self
+
+    def _pre_step(self, mask: list[bool]) -> None:
+        if self._n_tasks_py == 0:
+            return
+        params = self._pset.last()
+        idx = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.grad is not None]
+        if not idx:
+            return
+        ps = [params[i] for i in idx]
+        grads = [p.grad for p in ps]
+        imp, anc = self.importance.tensors, self.anchor.tensors
+        if _ledger.recording():
+            if len(idx) != len(params):
+                imp, anc = [imp[i] for i in idx], [anc[i] for i in idx]
+            added = quadratic_penalty_grad(ps, imp, anc, self.scale)
+            torch._foreach_add_(grads, added)
+            _ledger.record_unscaled(ps, added)
+            return
+        wa = self.weighted_anchor()
+        if len(idx) != len(params):
+            imp, wa = [imp[i] for i in idx], [wa[i] for i in idx]
+        add_quadratic_penalty_grad_(grads, ps, imp, wa, self.scale)
+
+    def state_bytes(self) -> int:
+        """Bytes of state held (saved buffers plus caches)."""
+        total = sum(b.numel() * b.element_size() for b in self.buffers())
+        if self._weighted_anchor is not None:
+            total += sum(t.numel() * t.element_size() for t in self._weighted_anchor)
+        return total

@@ -1,0 +1,211 @@
+r"""Synaptic Intelligence (Zenke et al., 2017).
+
+Path integral on every optimizer step, importance at each consolidation
+(:mod:`clreg.functional.si`), penalty
+
+.. math:: P(\theta) = c \sum_i \Omega_i (\theta_i - \theta^*_i)^2
+
+(no ½, as in the paper), θ* the parameters at the last consolidation. ξ > 0 and c ≥ 0 are explicit;
+``clamp`` is ``"cumulative"`` (default), ``"per_task"`` or ``None``.
+
+The path needs every step's gradient and parameter change. Three ways to give them:
+
+* ``si.attach(optimizer)``: the penalty's gradient from a step pre-hook and the path from a step
+  post-hook (the fast path);
+* autograd mode (``loss + si(model)``) with ``si.track(optimizer)``: the post-hook alone;
+* autograd mode with an explicit ``si.update(model)`` after each ``optimizer.step()``.
+
+The gradient in the path is, by default (``path_gradient="task"``), the gradient at hand minus exactly
+what clreg's quadratic penalties (EWC, OnlineEWC, MAS, SI) added to it; ``"total"`` keeps the total.
+With a GradScaler in autograd mode pass it (``track(optimizer, scaler=...)``) so the penalties'
+recorded gradients are unscaled like ``.grad``. A user's clipping of ``.grad`` is not undone, and LwF's
+gradient (not closed-form) is not subtracted.
+
+Example:
+    >>> import torch, clreg
+    >>> model = torch.nn.Linear(2, 1)
+    >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> si = clreg.SI(model, c=0.1).attach(opt)
+    >>> for _ in range(3):
+    ...     opt.zero_grad(); model(torch.ones(1, 2)).pow(2).sum().backward(); opt.step()
+    >>> si.consolidate(model)
+    >>> bool(si.importance.tensors[0].sum() > 0)
+    True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from .._params import ParamSelector
+from .._store import TensorStore
+from ..functional.si import CLAMPS, si_importance_
+from ..spec import TaskSpec
+from . import _ledger
+from .base import check_range
+from .quadratic import QuadraticPenalty
+
+__all__ = ["SI"]
+
+
+class SI(QuadraticPenalty):
+    """Synaptic Intelligence with explicit ξ, c and clamp.
+
+    Buffers: ``importance`` (Ω), ``anchor`` (θ* = θ_start), ``omega`` (the running path integral ω),
+    ``previous`` (θ after the last tracked step) and ``steps`` (tracked steps since consolidation).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        c: float = 0.1,
+        xi: float = 1e-3,
+        *,
+        clamp: str | None = "cumulative",
+        path_gradient: str = "task",
+        params: ParamSelector = None,
+    ) -> None:
+        super().__init__(model, params)
+        self.c, self.xi, self.clamp, self.path_gradient = c, xi, clamp, path_gradient
+        params_now = self._pset.last()
+        device = params_now[0].device
+        self.omega = TensorStore(self._pset.names, self._pset.zeros(device))
+        self.previous = TensorStore(
+            self._pset.names, [p.detach().to(a.dtype, copy=True) for p, a in zip(params_now, self.omega.tensors)]
+        )
+        self.anchor.set([p.detach() for p in params_now])
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self._tracking = False
+        self._scaler: Any = None
+
+    # -- hyperparameters --------------------------------------------------------------------------
+    @property
+    def c(self) -> float:
+        return self._c
+
+    @c.setter
+    def c(self, value: float) -> None:
+        self._c = check_range("c", value)
+
+    @property
+    def xi(self) -> float:
+        return self._xi
+
+    @xi.setter
+    def xi(self, value: float) -> None:
+        self._xi = check_range("xi", value, low_open=True)
+
+    @property
+    def clamp(self) -> str | None:
+        return self._clamp
+
+    @clamp.setter
+    def clamp(self, value: str | None) -> None:
+        if value not in CLAMPS:
+            raise ValueError(f"clamp must be one of {CLAMPS}, got {value!r}")
+        self._clamp = value
+
+    @property
+    def path_gradient(self) -> str:
+        return self._path_gradient
+
+    @path_gradient.setter
+    def path_gradient(self, value: str) -> None:
+        if value not in ("task", "total"):
+            raise ValueError(f"path_gradient must be 'task' or 'total', got {value!r}")
+        self._path_gradient = value
+        _ledger.want(self, value == "task")
+
+    @property
+    def scale(self) -> float:
+        return self._c
+
+    def _config(self) -> dict[str, Any]:
+        return {"c": self._c, "xi": self._xi, "clamp": self._clamp, "path_gradient": self._path_gradient}
+
+    # -- path tracking ----------------------------------------------------------------------------
+    def _start_tracking(self, scaler: Any) -> None:
+        if self._tracking:
+            raise ValueError("SI is already tracking an optimizer; call detach() first")
+        self._tracking = True
+        self._scaler = scaler
+        self.previous.set([p.detach() for p in self._pset.last()])
+        _ledger.clear(self._pset.last())
+
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
+        """Penalty gradient before each step and path tracking after it, on ``optimizer``."""
+        super().attach(optimizer)
+        return self._track(optimizer, scaler)
+
+    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
+        """Path tracking alone (a step post-hook), for the autograd mode."""
+        self._optimizer_mask(optimizer, self._pset.last())
+        return self._track(optimizer, scaler)
+
+    def _track(self, optimizer: torch.optim.Optimizer, scaler: Any) -> SI:
+        self._start_tracking(scaler)
+        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kw: self._after_step(None)))
+        return self
+
+    def detach(self) -> None:
+        super().detach()
+        self._tracking = False
+
+    def update(self, model: nn.Module, scaler: Any = None) -> None:
+        """Add the last optimizer step to the path; call it after each ``optimizer.step()`` (and, with
+        a GradScaler passed here, before ``scaler.update()``)."""
+        self._scaler = scaler
+        self._after_step(self._resolve(model))
+
+    def _loss_scale(self) -> float:
+        if self._scaler is None or not getattr(self._scaler, "is_enabled", lambda: False)():
+            return 1.0
+        return float(self._scaler.get_scale())
+
+    def _after_step(self, params: list[Tensor] | None) -> None:
+        params = self._pset.last() if params is None else params
+        idx = [i for i, p in enumerate(params) if p.grad is not None]
+        prev, omega = self.previous.tensors, self.omega.tensors
+        with torch.no_grad():
+            if idx:
+                ps = [params[i] for i in idx]
+                grads = [p.grad for p in ps]
+                pv = [prev[i] for i in idx] if len(idx) != len(params) else prev
+                om = [omega[i] for i in idx] if len(idx) != len(params) else omega
+                if self._path_gradient == "task":
+                    added = _ledger.take(ps, self._loss_scale())
+                    if any(a is not None for a in added):
+                        grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
+                if grads[0].dtype != pv[0].dtype or ps[0].dtype != pv[0].dtype:
+                    grads = [g.to(v.dtype) for g, v in zip(grads, pv)]
+                    ps_state = [p.detach().to(v.dtype) for p, v in zip(ps, pv)]
+                else:
+                    ps_state = [p.detach() for p in ps]
+                torch._foreach_sub_(pv, ps_state)  # previous ← θ_old − θ_new = −Δθ
+                torch._foreach_addcmul_(om, grads, pv)  # ω += g · (−Δθ)
+            self.previous.set([p.detach() for p in params])
+        self.steps += 1
+
+    # -- consolidation ----------------------------------------------------------------------------
+    def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
+        """Ω ← clamp(Ω + w·ω/(Δ² + ξ)), then ω ← 0 and θ* ← θ. ``data`` is not needed."""
+        if int(self.steps) == 0:
+            raise ValueError(
+                "SI has no path to consolidate: attach it (si.attach(optimizer)), track the optimizer "
+                "(si.track(optimizer)) or call si.update(model) after each optimizer.step()"
+            )
+        spec = spec or TaskSpec()
+        params = [p.detach() for p in self._resolve(model)]
+        with torch.no_grad():
+            delta = [p.to(a.dtype) - a for p, a in zip(params, self.anchor.tensors)]
+            si_importance_(self.importance.tensors, self.omega.tensors, delta, self._xi, self._clamp, spec.weight)
+            for w in self.omega.tensors:
+                w.zero_()
+            self.anchor.set(params)
+            self.previous.set(params)
+            self.steps.zero_()
+        self._bump_tasks()
+        self._state_changed()

@@ -1,0 +1,311 @@
+"""Fisher estimators checked against closed forms, per-sample loops and each other."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.utils.data import DataLoader, TensorDataset
+
+from clreg import OutputSpec, TaskSpec
+from clreg.functional import fisher_diagonal
+from models import MLP, MultiHead, PixelModel, per_sample_grads
+
+
+def close(a: dict, b: dict, rtol: float = 1e-5, atol: float = 1e-7) -> None:
+    assert set(a) == set(b)
+    for k in a:
+        torch.testing.assert_close(a[k].double(), b[k].double(), rtol=rtol, atol=atol, msg=k)
+
+
+def classification_data(n: int = 12, d: int = 4, c: int = 3, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, d, generator=g), torch.randint(0, c, (n,), generator=g))
+
+
+def dense_data(n: int = 6, size: int = 5, c: int = 4, seed: int = 0) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, c, (n, size, size), generator=g)
+    y[:, 0, :] = 255  # an ignored row
+    return TensorDataset(torch.randn(n, 3, size, size, generator=g), y)
+
+
+# -- closed forms and reference loops ---------------------------------------------------------------
+
+
+def test_exact_fisher_of_linear_softmax_equals_closed_form() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    data = classification_data()
+    x = data.tensors[0]
+    p = F.softmax(model(x), dim=1).detach()
+    # d log p_c / dW_jk = (δ_cj − p_j) x_k, so Σ_c p_c (·)² = p_j (1 − p_j) x_k²
+    expected_w = (p * (1 - p)).T @ x.square() / len(x)
+    expected_b = (p * (1 - p)).mean(0)
+    fisher = fisher_diagonal(model, data, estimator="exact")
+    torch.testing.assert_close(fisher["weight"], expected_w, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(fisher["bias"], expected_b, rtol=1e-5, atol=1e-7)
+
+
+def test_empirical_equals_per_sample_loop_classification() -> None:
+    torch.manual_seed(1)
+    model = MLP()
+    data = classification_data()
+    x, y = data.tensors
+    grads = per_sample_grads(model, lambda i: F.log_softmax(model(x[i : i + 1]), 1)[0, y[i]], len(x))
+    ref = {k: torch.stack([g[k].square() for g in grads]).mean(0) for k in grads[0]}
+    close(fisher_diagonal(model, data, estimator="empirical"), ref)
+    close(fisher_diagonal(model, data, estimator="empirical", vectorize=False), ref)
+
+
+def test_exact_vmapped_equals_loop() -> None:
+    torch.manual_seed(2)
+    model = MLP()
+    data = classification_data()
+    x = data.tensors[0]
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(len(x)):
+        logp = F.log_softmax(model(x[i : i + 1]), 1)[0]
+        for c in range(3):
+            g = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True)
+            for (k, _), gi in zip(model.named_parameters(), g):
+                ref[k] += logp[c].exp().detach() * gi.square() / len(x)
+    close(fisher_diagonal(model, data, estimator="exact"), ref)
+    close(fisher_diagonal(model, data, estimator="exact", vectorize=False), ref)
+
+
+def test_dense_empirical_equals_per_pixel_convention_loop() -> None:
+    torch.manual_seed(3)
+    model = MultiHead()
+    data = dense_data()
+    x, y = data.tensors
+    model.eval()
+
+    def sample_term(i: int) -> torch.Tensor:
+        logp = F.log_softmax(model(x[i : i + 1])["seg"], 1)[0]
+        valid = y[i] != 255
+        lp = logp.gather(0, y[i].clamp(max=3).unsqueeze(0))[0]
+        n = valid.sum()
+        return (lp * valid).sum() / n.sqrt()  # squared grad = n · (∇ mean log-lik)²
+
+    grads = per_sample_grads(model, sample_term, len(x))
+    ref = {k: torch.stack([g[k].square() for g in grads]).mean(0) for k in grads[0]}
+    model.train()
+    spec = OutputSpec(select="seg", ignore_index=255)
+    got = fisher_diagonal(model, data, outputs=spec, estimator="empirical")
+    close(got, ref, rtol=1e-4, atol=1e-8)
+    close(fisher_diagonal(model, data, outputs=spec, estimator="empirical", vectorize=False), ref, rtol=1e-4, atol=1e-8)
+    assert model.training and all(m.training for m in model.modules())
+
+
+def test_per_sample_loss_empirical_equals_loop() -> None:
+    torch.manual_seed(4)
+    model = MultiHead()
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 3, 6, 6, generator=g)
+    target = torch.rand(5, 2, 6, 6, generator=g)
+
+    def loss(out, tgt):
+        return F.binary_cross_entropy_with_logits(out["det"]["heatmap"], tgt, reduction="none").flatten(1).mean(1)
+
+    model.eval()
+    grads = per_sample_grads(model, lambda i: loss(model(x[i : i + 1]), target[i : i + 1])[0], 5)
+    ref = {k: torch.stack([gi[k].square() for gi in grads]).mean(0) for k in grads[0]}
+    got = fisher_diagonal(model, TensorDataset(x, target), spec=TaskSpec(per_sample_loss=loss))
+    close(got, ref, rtol=1e-4, atol=1e-9)
+    got_loop = fisher_diagonal(model, TensorDataset(x, target), per_sample_loss=loss, vectorize=False)
+    close(got_loop, ref, rtol=1e-4, atol=1e-9)
+
+
+def test_mc_vmapped_equals_loop_and_is_seeded() -> None:
+    torch.manual_seed(5)
+    model = MultiHead()
+    data = dense_data()
+    spec = [OutputSpec(select="seg", ignore_index=255), OutputSpec(select="cls", target=lambda t: t[:, 1, 1] % 3)]
+    a = fisher_diagonal(model, data, outputs=spec, estimator="mc", mc_samples=2, seed=3)
+    b = fisher_diagonal(model, data, outputs=spec, estimator="mc", mc_samples=2, seed=3, vectorize=False)
+    close(a, b, rtol=1e-4, atol=1e-9)
+    c = fisher_diagonal(model, data, outputs=spec, estimator="mc", mc_samples=2, seed=4)
+    assert any(not torch.allclose(a[k], c[k]) for k in a)
+
+
+def test_mc_mean_approaches_exact() -> None:
+    torch.manual_seed(6)
+    model = torch.nn.Linear(3, 4)
+    data = classification_data(n=4, d=3, c=4)
+    exact = fisher_diagonal(model, data, estimator="exact")
+    mc = fisher_diagonal(model, data, estimator="mc", mc_samples=4000, seed=1)
+    for k in exact:
+        rel = (mc[k] - exact[k]).norm() / exact[k].norm()
+        assert rel < 0.06, (k, float(rel))
+
+
+def test_dense_mc_fisher_does_not_depend_on_resolution() -> None:
+    torch.manual_seed(7)
+    model = PixelModel()
+    g = torch.Generator().manual_seed(0)
+    small = torch.randn(2, 2, 16, 16, generator=g)
+    big = F.interpolate(small, scale_factor=4, mode="nearest")  # the same pixel distribution at 64²
+    # one draw's relative spread does not shrink with the number of pixels: average many draws
+    f16 = fisher_diagonal(model, TensorDataset(small), estimator="mc", mc_samples=1024, seed=0)
+    f64 = fisher_diagonal(model, TensorDataset(big), estimator="mc", mc_samples=512, seed=0, chunk_size=1)
+    # reference: the mean per-pixel exact Fisher (each pixel is a (1, C) classification)
+    pix = small.permute(0, 2, 3, 1).reshape(-1, 2, 1, 1)
+    flat = OutputSpec(select=lambda out: out.flatten(1))
+    ref = fisher_diagonal(model, TensorDataset(pix), outputs=flat, estimator="exact")
+    for k in ref:
+        for got in (f16, f64):
+            rel = (got[k] - ref[k]).norm() / ref[k].norm()
+            assert rel < 0.1, (k, float(rel))
+        assert (f16[k] - f64[k]).norm() / ref[k].norm() < 0.12
+
+
+def test_batched_equals_mean_of_squared_batch_mean_gradients() -> None:
+    torch.manual_seed(8)
+    model = MLP()
+    data = classification_data(n=10)
+    loader = DataLoader(data, batch_size=4)
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    nb = 0
+    for x, y in loader:
+        g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+        for (k, _), gi in zip(model.named_parameters(), g):
+            ref[k] += gi.square()
+        nb += 1
+    ref = {k: v / nb for k, v in ref.items()}
+    close(fisher_diagonal(model, loader, estimator="batched"), ref)
+    close(fisher_diagonal(model, data, estimator="batched", batch_size=4), ref)
+
+
+def test_batched_bias_against_per_sample() -> None:
+    """In expectation batched = F/B + (1 − 1/B)(E g)²: with B = 1 it is the empirical Fisher."""
+    torch.manual_seed(9)
+    model = MLP()
+    data = classification_data(n=9)
+    emp = fisher_diagonal(model, data, estimator="empirical")
+    b1 = fisher_diagonal(model, data, estimator="batched", batch_size=1)
+    close(emp, b1, rtol=1e-4, atol=1e-8)
+    full = fisher_diagonal(model, data, estimator="batched", batch_size=9)
+    x, y = data.tensors
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
+    close(full, {k: gi.square() for (k, _), gi in zip(model.named_parameters(), g)})
+
+
+# -- invariance to batching (property) -------------------------------------------------------------
+
+
+@given(
+    chunk=st.integers(1, 7),
+    batch=st.integers(1, 7),
+    estimator=st.sampled_from(["exact", "empirical", "mc"]),
+    dtype=st.sampled_from([torch.float32, torch.float64]),
+    n=st.integers(1, 11),
+)
+def test_fisher_is_invariant_to_how_data_is_split(chunk: int, batch: int, estimator: str, dtype, n: int) -> None:
+    torch.manual_seed(10)
+    model = MLP().to(dtype)
+    data = classification_data(n=n)
+    data = TensorDataset(data.tensors[0].to(dtype), data.tensors[1])
+    ref = fisher_diagonal(model, data, estimator=estimator, chunk_size=n)
+    got = fisher_diagonal(model, data, estimator=estimator, chunk_size=chunk)
+    tol = 1e-4 if dtype == torch.float32 else 1e-10
+    close(got, ref, rtol=tol, atol=tol * 1e-2)
+    got_loader = fisher_diagonal(model, DataLoader(data, batch_size=batch), estimator=estimator, chunk_size=chunk)
+    close(got_loader, ref, rtol=tol, atol=tol * 1e-2)
+    for v in ref.values():
+        assert (v >= 0).all() and v.dtype == dtype
+
+
+# -- options and mode ------------------------------------------------------------------------------
+
+
+def test_max_samples_and_progress() -> None:
+    model = MLP()
+    data = classification_data(n=12)
+    seen = []
+    part = fisher_diagonal(
+        model, data, estimator="empirical", max_samples=5, chunk_size=2, progress=lambda d, t: seen.append(d)
+    )
+    ref = fisher_diagonal(model, TensorDataset(*(t[:5] for t in data.tensors)), estimator="empirical")
+    close(part, ref)
+    assert seen == [2, 4, 5]
+
+
+def test_batchnorm_statistics_untouched_and_modes_restored() -> None:
+    model = MultiHead()
+    model.train()
+    model.trunk[1].train(False)  # a mixed mode must be restored as it was
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fisher_diagonal(model, dense_data(), outputs=OutputSpec(select="seg", ignore_index=255))
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model.training and not model.trunk[1].training
+
+
+class Branchy(torch.nn.Module):
+    """Data-dependent control flow: cannot be vmapped."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.sum() > 0:
+            return self.lin(x)
+        return self.lin(-x)
+
+
+def test_fallback_loop_warns_and_matches() -> None:
+    torch.manual_seed(11)
+    model = Branchy()
+    data = classification_data()
+    with pytest.warns(RuntimeWarning, match="cannot be vmapped"):
+        got = fisher_diagonal(model, data, estimator="exact")
+    x = data.tensors[0]
+    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
+    for i in range(len(x)):
+        logp = F.log_softmax(model(x[i : i + 1]), 1)[0]
+        for c in range(3):
+            gr = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True)
+            for (k, _), gi in zip(model.named_parameters(), gr):
+                ref[k] += logp[c].exp().detach() * gi.square() / len(x)
+    close(got, ref)
+
+
+def test_params_selection_and_wrapped_model_names() -> None:
+    model = MultiHead()
+    got = fisher_diagonal(
+        model, dense_data(), outputs=OutputSpec(select="seg"), params=lambda n, p: not n.startswith("trunk.1")
+    )
+    assert "trunk.1.weight" not in got and "seg.weight" in got
+    compiled = torch.compile(model, backend="eager")
+    got2 = fisher_diagonal(
+        compiled, dense_data(), outputs=OutputSpec(select="seg"), params=["seg.weight", "_orig_mod.seg.bias"]
+    )
+    assert sorted(got2) == ["seg.bias", "seg.weight"]
+
+
+# -- errors ----------------------------------------------------------------------------------------
+
+
+def test_estimator_and_kind_errors() -> None:
+    model = MultiHead()
+    data = dense_data()
+    with pytest.raises(ValueError, match="exact Fisher is for \\(B, C\\) logits"):
+        fisher_diagonal(model, data, outputs=OutputSpec(select="seg"), estimator="exact")
+    with pytest.raises(ValueError, match="needs a likelihood"):
+        fisher_diagonal(model, data, per_sample_loss=lambda o, t: o["cls"].sum(1), estimator="mc")
+    with pytest.raises(ValueError, match="needs a per-sample loss"):
+        fisher_diagonal(model, data, outputs=OutputSpec(select="det.heatmap", kind="sigmoid"))
+    with pytest.raises(ValueError, match="estimator must be one of"):
+        fisher_diagonal(model, data, outputs=OutputSpec(select="seg"), estimator="fast")
+    with pytest.raises(ValueError, match="key 'segm' not found"):
+        fisher_diagonal(model, data, outputs=OutputSpec(select="segm"))
+    with pytest.raises(ValueError, match=r"empty data|no samples"):
+        fisher_diagonal(torch.nn.Linear(4, 3), TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)))
+    with pytest.raises(ValueError, match="needs targets"):
+        fisher_diagonal(torch.nn.Linear(4, 3), TensorDataset(torch.zeros(3, 4)), estimator="empirical")
+    with pytest.raises(TypeError, match="data must be"):
+        fisher_diagonal(torch.nn.Linear(4, 3), 5)
