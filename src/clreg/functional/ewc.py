@@ -53,9 +53,10 @@ def ewc_merge_(
             anc = anc.to(m_.dtype)
             s = a_ + b
             pos = s > 0
-            safe = torch.where(pos, s, torch.ones_like(s))
-            diff = m_ - anc
-            total += torch.where(pos, a_ * b / safe * diff.square(), torch.zeros_like(s)).sum().to(total.dtype)
-            m_.copy_(torch.where(pos, m_ + b / safe * (anc - m_), anc))
+            ratio = torch.where(pos, b / torch.where(pos, s, torch.ones_like(s)), torch.zeros_like(s))  # B/(A+B)
+            # A·B/(A+B) = A·ratio: no product of two importances, so nothing overflows
+            term = a_.to(total.dtype) * ratio.to(total.dtype) * (m_ - anc).to(total.dtype).square()
+            total += term.sum()
+            m_.copy_(torch.where(pos, m_ + ratio * (anc - m_), anc))
             a_.copy_(s)
     return total

@@ -55,6 +55,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import default_collate
 
 from .._params import ParamSelector, unwrap_model
 from ..data import Chunk, is_map_dataset, iter_chunks, stable_seed, tree_to
@@ -151,11 +152,21 @@ def _draws(seed: int, keys: Tensor, k: int, shape: torch.Size) -> Tensor:
 
 
 def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> list[torch.Size]:
-    first = next(iter_chunks(data, 1, 1), None)
-    if first is None:
-        raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
+    """The selected outputs' per-sample shapes, from one forward of the data's first sample (the
+    global first sample for a Dataset, so every rank agrees even when its own share is empty)."""
+    if is_map_dataset(data):
+        if len(data) == 0:
+            raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
+        item = data[0]
+        x = item[0] if isinstance(item, (tuple, list)) else item
+        x = default_collate([x])
+    else:
+        first = next(iter_chunks(data, 1), None)
+        if first is None:
+            raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
+        x = first.inputs
     with torch.no_grad(), eval_mode(model):
-        out = model(tree_to(first.inputs, model_device(model)))
+        out = model(tree_to(x, model_device(model)))
     return [_logits(out, s).shape[1:] for s in outs]
 
 

@@ -110,7 +110,6 @@ class _QuadraticPenaltyFn(torch.autograd.Function):
         grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
         if ctx.recorder is not None:
             ctx.recorder(ctx.params, grads)
-        ctx.ad = None
         return (None, None, None, None, None, *grads)
 
 

@@ -96,7 +96,10 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        """True in the attached mode (the penalty's gradient comes from an optimizer hook)."""
+        return self._attached
+
+    _attached = False
 
     def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
         """Apply this regularizer on ``optimizer``'s steps. Regularizers without a closed-form
@@ -108,6 +111,7 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._attached = False
 
     @staticmethod
     def _optimizer_mask(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[bool]:

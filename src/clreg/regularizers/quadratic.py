@@ -104,6 +104,7 @@ class QuadraticPenalty(Regularizer):
         params = self._pset.last()
         mask = self._optimizer_mask(optimizer, params)
         self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kw: self._pre_step(mask)))
+        self._attached = True
         return self
 
     def _pre_step(self, mask: list[bool]) -> None:

@@ -1,0 +1,171 @@
+"""SI's path integral and importance against a hand computation on a quadratic loss."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import clreg
+from clreg.functional import si_importance_
+
+THETA0 = [0.5, -1.0, 2.0]
+A = [1.0, 0.5, 2.0]
+TASKS = [([1.5, 0.0, 1.0], False), ([0.0, 1.0, 3.0], True)]  # (target, maximize): ascent makes ω negative
+LR, STEPS, C, XI = 0.1, 6, 0.7, 0.05
+
+
+class Quad(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.theta = torch.nn.Parameter(torch.tensor(THETA0))
+
+
+def quad_loss(model: Quad, target: list[float]) -> torch.Tensor:
+    return 0.5 * (torch.tensor(A) * (model.theta - torch.tensor(target)) ** 2).sum()
+
+
+def hand_si(clamp: str | None) -> list[float]:
+    """The reference, in plain Python floats."""
+    theta, big = list(THETA0), [0.0, 0.0, 0.0]
+    anchor = list(theta)
+    for task, (target, maximize) in enumerate(TASKS):
+        start, omega = list(theta), [0.0, 0.0, 0.0]
+        for _ in range(STEPS):
+            g = [a * (th - t) for a, th, t in zip(A, theta, target)]
+            pen = [2 * C * o * (th - an) for o, th, an in zip(big, theta, anchor)] if task else [0.0] * 3
+            sign = 1.0 if maximize else -1.0
+            new = [th + sign * LR * (gi + pi) for th, gi, pi in zip(theta, g, pen)]
+            omega = [w - gi * (n - th) for w, gi, n, th in zip(omega, g, new, theta)]
+            theta = new
+        for i in range(3):
+            term = omega[i] / ((theta[i] - start[i]) ** 2 + XI)
+            if clamp == "per_task":
+                term = max(term, 0.0)
+            big[i] += term
+            if clamp == "cumulative":
+                big[i] = max(big[i], 0.0)
+        anchor = list(theta)
+    return big
+
+
+def run_si(mode: str, variant: str, clamp: str | None) -> torch.Tensor:
+    model = Quad()
+    si = clreg.SI(model, c=C, xi=XI, clamp=clamp)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if variant == "scaler" else None
+    for target, maximize in TASKS:
+        opt = torch.optim.SGD(model.parameters(), lr=LR, maximize=maximize)
+        if mode == "attach":
+            si.attach(opt, scaler=scaler)
+        elif mode == "track":
+            si.track(opt, scaler=scaler)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            if variant == "accumulate":  # two half-weighted micro-batches with the same mean gradient
+                micro = [([t - 0.3 for t in target], 0.5), ([t + 0.3 for t in target], 0.5)]
+            else:
+                micro = [(target, 1.0)]
+            for tgt, w in micro:
+                loss = w * quad_loss(model, tgt)
+                if mode != "attach":
+                    loss = loss + w * si(model)
+                (scaler.scale(loss) if scaler else loss).backward()
+            if scaler:
+                scaler.step(opt)
+                if mode == "update":
+                    si.update(model, scaler=scaler)
+                scaler.update()
+            else:
+                opt.step()
+                if mode == "update":
+                    si.update(model)
+        si.consolidate(model)
+        si.detach()
+    return si.importance.tensors[0]
+
+
+@pytest.mark.parametrize(
+    ("mode", "variant", "clamp"),
+    list(
+        itertools.product(
+            ["attach", "track", "update"], ["plain", "accumulate", "scaler"], ["cumulative", "per_task", None]
+        )
+    ),
+)
+def test_si_importance_equals_hand_computation(mode: str, variant: str, clamp: str | None) -> None:
+    got = run_si(mode, variant, clamp)
+    torch.testing.assert_close(got, torch.tensor(hand_si(clamp)), rtol=2e-5, atol=1e-6)
+
+
+def test_the_clamps_differ_on_this_path() -> None:
+    values = {c: hand_si(c) for c in ("cumulative", "per_task", None)}
+    assert values["cumulative"] != values["per_task"] != values[None]
+    assert min(values[None]) < 0 <= min(values["cumulative"])
+
+
+def test_total_path_gradient_includes_the_penalty() -> None:
+    model = Quad()
+    si = clreg.SI(model, c=C, xi=XI, path_gradient="total")
+    task_only = clreg.SI(Quad(), c=C, xi=XI)
+    for target, maximize in TASKS:
+        opt = torch.optim.SGD(model.parameters(), lr=LR, maximize=maximize)
+        si.attach(opt)
+        for _ in range(STEPS):
+            opt.zero_grad()
+            quad_loss(model, target).backward()
+            opt.step()
+        si.consolidate(model)
+        si.detach()
+    del task_only
+    assert not torch.allclose(si.importance.tensors[0], torch.tensor(hand_si("cumulative")))
+
+
+def test_si_penalty_with_other_penalties_subtracts_only_what_clreg_added() -> None:
+    """EWC attached beside SI in the autograd mode: SI's path sees the task gradient alone."""
+    torch.manual_seed(0)
+    model = Quad()
+    ewc = clreg.EWC(model, lam=4.0)
+    ewc.importance.tensors[0].fill_(1.0)
+    ewc._bump_tasks()
+    si = clreg.SI(model, c=C, xi=XI)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    ewc.attach(opt)
+    si.track(opt)
+    theta = torch.tensor(THETA0, dtype=torch.float64)
+    omega = torch.zeros(3, dtype=torch.float64)
+    a, t = torch.tensor(A, dtype=torch.float64), torch.tensor(TASKS[0][0], dtype=torch.float64)
+    for _ in range(STEPS):
+        opt.zero_grad()
+        quad_loss(model, TASKS[0][0]).backward()
+        opt.step()
+        g = a * (theta - t)
+        new = theta - LR * (g + 4.0 * theta)  # EWC's gradient: λ·F·(θ − 0)
+        omega -= g * (new - theta)
+        theta = new
+    torch.testing.assert_close(si.omega.tensors[0].double(), omega, rtol=1e-5, atol=1e-7)
+
+
+def test_si_functional_importance() -> None:
+    big = [torch.tensor([1.0, 1.0, 1.0])]
+    si_importance_(big, [torch.tensor([-4.0, 2.0, -0.5])], [torch.tensor([1.0, 1.0, 0.0])], xi=1.0, clamp="cumulative")
+    torch.testing.assert_close(big[0], torch.tensor([0.0, 2.0, 0.5]))
+    big = [torch.tensor([1.0, 1.0])]
+    si_importance_(big, [torch.tensor([-4.0, 2.0])], [torch.tensor([1.0, 1.0])], xi=1.0, clamp="per_task")
+    torch.testing.assert_close(big[0], torch.tensor([1.0, 2.0]))
+
+
+def test_si_errors() -> None:
+    model = Quad()
+    si = clreg.SI(model)
+    with pytest.raises(ValueError, match="no path to consolidate"):
+        si.consolidate(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si.track(opt)
+    with pytest.raises(ValueError, match="already tracking"):
+        si.track(opt)
+    with pytest.raises(TypeError, match="Optimizer"):
+        clreg.SI(model).attach("sgd")
+    other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    with pytest.raises(ValueError, match="holds none"):
+        clreg.SI(model).attach(other)
