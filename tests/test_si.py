@@ -121,28 +121,44 @@ def test_total_path_gradient_includes_the_penalty() -> None:
     assert not torch.allclose(si.importance.tensors[0], torch.tensor(hand_si("cumulative")))
 
 
-def test_si_penalty_with_other_penalties_subtracts_only_what_clreg_added() -> None:
-    """EWC attached beside SI in the autograd mode: SI's path sees the task gradient alone."""
-    torch.manual_seed(0)
+@pytest.mark.parametrize("si_mode", ["track", "attach-first", "attach-last"])
+def test_si_path_excludes_every_clreg_penalty(si_mode: str) -> None:
+    """EWC attached and SI's own penalty beside SI: the path sees the task gradient alone,
+    whichever hook runs first."""
     model = Quad()
     ewc = clreg.EWC(model, lam=4.0)
-    ewc.importance.tensors[0].fill_(1.0)
+    ewc.importance.tensors[0].fill_(1.0)  # F = 1, anchor 0
     ewc._bump_tasks()
     si = clreg.SI(model, c=C, xi=XI)
+    si.importance.tensors[0].copy_(torch.tensor([0.5, 1.0, 2.0]))  # an active own penalty, anchor θ0
+    si._bump_tasks()
     opt = torch.optim.SGD(model.parameters(), lr=LR)
-    ewc.attach(opt)
-    si.track(opt)
+    if si_mode == "attach-first":
+        si.attach(opt)
+        ewc.attach(opt)
+    elif si_mode == "attach-last":
+        ewc.attach(opt)
+        si.attach(opt)
+    else:
+        ewc.attach(opt)
+        si.track(opt)
     theta = torch.tensor(THETA0, dtype=torch.float64)
     omega = torch.zeros(3, dtype=torch.float64)
     a, t = torch.tensor(A, dtype=torch.float64), torch.tensor(TASKS[0][0], dtype=torch.float64)
+    big = torch.tensor([0.5, 1.0, 2.0], dtype=torch.float64)
+    anchor = torch.tensor(THETA0, dtype=torch.float64)
     for _ in range(STEPS):
         opt.zero_grad()
-        quad_loss(model, TASKS[0][0]).backward()
+        loss = quad_loss(model, TASKS[0][0])
+        if si_mode == "track":
+            loss = loss + si(model)
+        loss.backward()
         opt.step()
         g = a * (theta - t)
-        new = theta - LR * (g + 4.0 * theta)  # EWC's gradient: λ·F·(θ − 0)
+        new = theta - LR * (g + 4.0 * theta + 2 * C * big * (theta - anchor))
         omega -= g * (new - theta)
         theta = new
+    torch.testing.assert_close(model.theta.detach().double(), theta, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(si.omega.tensors[0].double(), omega, rtol=1e-5, atol=1e-7)
 
 

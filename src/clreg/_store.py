@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from torch import Tensor, nn
 
 
@@ -37,8 +38,12 @@ class TensorStore(nn.Module):
 
     def set(self, tensors: Sequence[Tensor]) -> None:
         """Copy ``tensors`` in place (dtypes and devices kept)."""
-        for dst, src in zip(self.tensors, tensors):
-            dst.copy_(src)
+        tensors = list(tensors)
+        if len(tensors) != len(self.tensors):
+            raise ValueError(f"expected {len(self.tensors)} tensors, got {len(tensors)}")
+        if tensors:
+            with torch.no_grad():
+                torch._foreach_copy_(self.tensors, tensors)
 
     def __len__(self) -> int:
         return len(self.names)

@@ -40,8 +40,15 @@ def _as_state(params: Sequence[Tensor], like: Sequence[Tensor]) -> list[Tensor]:
     return [p.detach() if p.dtype == s.dtype else p.detach().to(s.dtype) for p, s in zip(params, like)]
 
 
-def _dot_sum(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return torch.stack([torch.dot(x.reshape(-1), y.reshape(-1)) for x, y in zip(a, b)]).sum()
+def _scaled_residual(params: Sequence[Tensor], anchor: Sequence[Tensor], root: Sequence[Tensor]) -> list[Tensor]:
+    """u = √A ⊙ (θ − m): exactly zero at the anchor."""
+    u = torch._foreach_sub(_as_state(params, anchor), anchor)
+    torch._foreach_mul_(u, root)
+    return u
+
+
+def _sum_squares(u: Sequence[Tensor]) -> Tensor:
+    return torch.stack(torch._foreach_norm(u)).square().sum()
 
 
 def quadratic_penalty_value(
@@ -50,11 +57,16 @@ def quadratic_penalty_value(
     anchor: Sequence[Tensor],
     scale: float,
     const: float | Tensor = 0.0,
+    *,
+    sqrt_importance: Sequence[Tensor] | None = None,
 ) -> Tensor:
-    """The penalty's value alone (no graph): s Σ A (θ − m)² + s C."""
+    """The penalty's value alone (no graph): s Σ A (θ − m)² + s C.
+
+    ``sqrt_importance`` = √A, when the caller keeps it across steps.
+    """
     with torch.no_grad():
-        d = torch._foreach_sub(_as_state(params, anchor), anchor)
-        value = _dot_sum(torch._foreach_mul(d, importance), d)
+        root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
+        value = _sum_squares(_scaled_residual(params, anchor, root))
         return value.mul(scale).add(torch.as_tensor(const, dtype=value.dtype, device=value.device) * scale)
 
 
@@ -92,22 +104,24 @@ def add_quadratic_penalty_grad_(
 
 
 class _QuadraticPenaltyFn(torch.autograd.Function):
-    """Value forward, closed-form backward: ``grad_output · 2 s A (θ − m)``."""
+    """Value forward, closed-form backward ``grad_output · 2 s A (θ − m) = grad_output · 2 s √A u``
+    with u = √A (θ − m). The first backward turns u into the gradient in place (no new tensor); a
+    second one (``retain_graph``) recomputes u."""
 
     @staticmethod
-    def forward(ctx, importance, anchor, scale, const, recorder, *params):
-        d = torch._foreach_sub(_as_state(params, anchor), anchor)
-        ad = torch._foreach_mul(d, importance)
-        value = _dot_sum(ad, d)
-        ctx.ad, ctx.scale, ctx.recorder = ad, scale, recorder
-        ctx.dtypes = [p.dtype for p in params]
-        ctx.params = params if recorder is not None else None
-        return value * scale + const * scale
+    def forward(ctx, root, anchor, scale, const, recorder, *params):
+        u = _scaled_residual(params, anchor, root)
+        ctx.u, ctx.root, ctx.anchor, ctx.params = u, root, anchor, params
+        ctx.scale, ctx.recorder = scale, recorder
+        return (_sum_squares(u) + const) * scale
 
     @staticmethod
     def backward(ctx, grad_output):
-        grads = torch._foreach_mul(ctx.ad, grad_output.to(ctx.ad[0].dtype) * (2.0 * ctx.scale))
-        grads = [g if g.dtype == dt else g.to(dt) for g, dt in zip(grads, ctx.dtypes)]
+        grads = ctx.u if ctx.u is not None else _scaled_residual(ctx.params, ctx.anchor, ctx.root)
+        ctx.u = None
+        torch._foreach_mul_(grads, ctx.root)
+        torch._foreach_mul_(grads, grad_output.to(grads[0].dtype) * (2.0 * ctx.scale))
+        grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, ctx.params)]
         if ctx.recorder is not None:
             ctx.recorder(ctx.params, grads)
         return (None, None, None, None, None, *grads)
@@ -120,13 +134,17 @@ def quadratic_penalty(
     scale: float,
     const: float | Tensor = 0.0,
     recorder: GradRecorder | None = None,
+    *,
+    sqrt_importance: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """The penalty as a differentiable scalar whose backward is the closed form.
 
     ``recorder(params, grads)``, if given, is called in backward with the gradients it returns
-    (scaled by ``grad_output``, as autograd accumulates them).
+    (scaled by ``grad_output``, as autograd accumulates them). ``sqrt_importance`` = √A, when the
+    caller keeps it across steps.
     """
     if not (len(params) == len(importance) == len(anchor)):
         raise ValueError("params, importance and anchor must have the same length")
+    root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
     const_t = torch.as_tensor(const, dtype=anchor[0].dtype, device=anchor[0].device)
-    return _QuadraticPenaltyFn.apply(importance, anchor, float(scale), const_t, recorder, *params)
+    return _QuadraticPenaltyFn.apply(root, anchor, float(scale), const_t, recorder, *params)

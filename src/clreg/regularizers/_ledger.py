@@ -19,17 +19,38 @@ _SCALED = "_clreg_added_scaled"
 _UNSCALED = "_clreg_added"
 
 
-def recording() -> bool:
-    """True while some SI instance that subtracts penalties exists."""
-    return len(_wanting) > 0
+_generation = [0]
 
 
 def want(owner: object, on: bool = True) -> None:
-    """Ask (or stop asking) penalties to record their gradients, for as long as ``owner`` lives."""
+    """Ask (or stop asking) penalties to record the gradients they add to ``owner.tracked_parameters()``,
+    for as long as ``owner`` lives."""
     if on:
         _wanting.add(owner)
     else:
         _wanting.discard(owner)
+    _generation[0] += 1
+
+
+class Switch:
+    """Whether a penalty over ``params`` must record: some live tracker shares a parameter with it.
+
+    Cached per (parameter list, tracker set), so the hot path pays one comparison.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple[int, int] | None = None
+        self._on = False
+
+    def __call__(self, params: Sequence[Tensor]) -> bool:
+        if not _wanting:
+            return False
+        key = (_generation[0], id(params))
+        if key != self._key:
+            tracked = {id(p) for owner in list(_wanting) for p in owner.tracked_parameters()}
+            self._on = any(id(p) in tracked for p in params)
+            self._key = key
+        return self._on
 
 
 def _add(params: Sequence[Tensor], grads: Sequence[Tensor], attr: str) -> None:

@@ -48,6 +48,8 @@ class QuadraticPenalty(Regularizer):
         self.register_buffer("offset", torch.zeros((), dtype=torch.float64, device=device))
         self.n_tasks = self.n_tasks.to(device)
         self._weighted_anchor: list[Tensor] | None = None
+        self._sqrt: list[Tensor] | None = None
+        self._recording = _ledger.Switch()
 
     @property
     @abc.abstractmethod
@@ -55,16 +57,24 @@ class QuadraticPenalty(Regularizer):
         """The factor s in front of the quadratic (λ/2 for EWC, c for SI, λ for MAS)."""
 
     # -- caches -----------------------------------------------------------------------------------
-    def _state_loaded(self) -> None:
+    def _state_changed(self) -> None:
+        """Drop the caches derived from the state (after a consolidation, a load or a move)."""
         self._weighted_anchor = None
+        self._sqrt = None
+
+    def _state_loaded(self) -> None:
+        self._state_changed()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        self._weighted_anchor = None
+        self._state_changed()
         return out
 
-    def _state_changed(self) -> None:
-        self._weighted_anchor = None
+    def sqrt_importance(self) -> list[Tensor]:
+        """√A, cached for the autograd path and the value (derived from the state, not saved)."""
+        if self._sqrt is None:
+            self._sqrt = torch._foreach_sqrt(self.importance.tensors)
+        return self._sqrt
 
     def weighted_anchor(self) -> list[Tensor]:
         """A·m, cached for the attached path (not saved: derived from the state)."""
@@ -82,7 +92,12 @@ class QuadraticPenalty(Regularizer):
             with torch.autocast(params[0].device.type, enabled=False):
                 if self.attached:
                     value = quadratic_penalty_value(
-                        params, self.importance.tensors, self.anchor.tensors, self.scale, self.offset
+                        params,
+                        self.importance.tensors,
+                        self.anchor.tensors,
+                        self.scale,
+                        self.offset,
+                        sqrt_importance=self.sqrt_importance(),
                     )
                 else:
                     value = quadratic_penalty(
@@ -91,7 +106,8 @@ class QuadraticPenalty(Regularizer):
                         self.anchor.tensors,
                         self.scale,
                         self.offset.to(self.importance.tensors[0].dtype),
-                        recorder=_ledger.record_scaled if _ledger.recording() else None,
+                        recorder=_ledger.record_scaled if self._recording(params) else None,
+                        sqrt_importance=self.sqrt_importance(),
                     )
         self.last_value = value.detach()
         return value
@@ -117,7 +133,7 @@ class QuadraticPenalty(Regularizer):
         ps = [params[i] for i in idx]
         grads = [p.grad for p in ps]
         imp, anc = self.importance.tensors, self.anchor.tensors
-        if _ledger.recording():
+        if self._recording(params):
             if len(idx) != len(params):
                 imp, anc = [imp[i] for i in idx], [anc[i] for i in idx]
             added = quadratic_penalty_grad(ps, imp, anc, self.scale)
@@ -132,6 +148,5 @@ class QuadraticPenalty(Regularizer):
     def state_bytes(self) -> int:
         """Bytes of state held (saved buffers plus caches)."""
         total = sum(b.numel() * b.element_size() for b in self.buffers())
-        if self._weighted_anchor is not None:
-            total += sum(t.numel() * t.element_size() for t in self._weighted_anchor)
-        return total
+        caches = [self._weighted_anchor or [], self._sqrt or []]
+        return total + sum(t.numel() * t.element_size() for c in caches for t in c)

@@ -42,6 +42,7 @@ from torch import Tensor, nn
 
 from .._params import ParamSelector
 from .._store import TensorStore
+from ..functional.penalty import add_quadratic_penalty_grad_
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
 from . import _ledger
@@ -123,6 +124,10 @@ class SI(QuadraticPenalty):
     def scale(self) -> float:
         return self._c
 
+    def tracked_parameters(self) -> list[Tensor]:
+        """The parameters whose path this SI integrates (penalties over them record what they add)."""
+        return self._pset.last()
+
     def _config(self) -> dict[str, Any]:
         return {"c": self._c, "xi": self._xi, "clamp": self._clamp, "path_gradient": self._path_gradient}
 
@@ -153,6 +158,7 @@ class SI(QuadraticPenalty):
     def detach(self) -> None:
         super().detach()
         self._tracking = False
+        self._snapshot = None
 
     def update(self, model: nn.Module, scaler: Any = None) -> None:
         """Add the last optimizer step to the path; call it after each ``optimizer.step()`` (and, with
@@ -165,29 +171,70 @@ class SI(QuadraticPenalty):
             return 1.0
         return float(self._scaler.get_scale())
 
+    _snapshot: list[Tensor] | None = None
+    _snapshot_idx: list[int] | None = None
+
+    def _pre_step(self, mask: list[bool]) -> None:
+        """Attached: keep the path's gradient (the task gradient), then add SI's own penalty."""
+        if self._n_tasks_py == 0:
+            self._snapshot_idx = None  # no own penalty yet: the post-hook reads .grad
+            return
+        if self._path_gradient == "total":  # the path takes .grad as the optimizer saw it
+            self._snapshot_idx = None
+            super()._pre_step(mask)
+            return
+        params = self._pset.last()
+        idx = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.grad is not None]
+        self._snapshot_idx = idx
+        if not idx:
+            return
+        if self._snapshot is None:
+            self._snapshot = [torch.empty_like(w) for w in self.omega.tensors]
+        full = len(idx) == len(params)
+        ps = params if full else [params[i] for i in idx]
+        grads = [p.grad for p in ps]
+        snap = self._snapshot if full else [self._snapshot[i] for i in idx]
+        with torch.no_grad():
+            torch._foreach_copy_(snap, grads)
+            for g, a in zip(snap, _ledger.take(ps, self._loss_scale())):  # added before this hook ran
+                if a is not None:
+                    g.sub_(a.to(g.dtype))
+            imp, wa = self.importance.tensors, self.weighted_anchor()
+            if not full:
+                imp, wa = [imp[i] for i in idx], [wa[i] for i in idx]
+            add_quadratic_penalty_grad_(grads, ps, imp, wa, self.scale)
+
     def _after_step(self, params: list[Tensor] | None) -> None:
+        from_snapshot = params is None and self.attached and self._snapshot_idx is not None
         params = self._pset.last() if params is None else params
-        idx = [i for i, p in enumerate(params) if p.grad is not None]
+        idx = self._snapshot_idx if from_snapshot else [i for i, p in enumerate(params) if p.grad is not None]
         prev, omega = self.previous.tensors, self.omega.tensors
         with torch.no_grad():
             if idx:
-                ps = [params[i] for i in idx]
-                grads = [p.grad for p in ps]
-                pv = [prev[i] for i in idx] if len(idx) != len(params) else prev
-                om = [omega[i] for i in idx] if len(idx) != len(params) else omega
-                if self._path_gradient == "task":
-                    added = _ledger.take(ps, self._loss_scale())
-                    if any(a is not None for a in added):
-                        grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
-                if grads[0].dtype != pv[0].dtype or ps[0].dtype != pv[0].dtype:
-                    grads = [g.to(v.dtype) for g, v in zip(grads, pv)]
-                    ps_state = [p.detach().to(v.dtype) for p, v in zip(ps, pv)]
+                full = len(idx) == len(params)
+                ps = params if full else [params[i] for i in idx]
+                pv = prev if full else [prev[i] for i in idx]
+                om = omega if full else [omega[i] for i in idx]
+                if from_snapshot:
+                    grads = self._snapshot if full else [self._snapshot[i] for i in idx]
+                    _ledger.clear(ps)  # added after the snapshot: not in it
                 else:
-                    ps_state = [p.detach() for p in ps]
+                    grads = [p.grad for p in ps]
+                    if self._path_gradient == "task":
+                        added = _ledger.take(ps, self._loss_scale())
+                        if any(a is not None for a in added):
+                            grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
+                if grads[0].dtype != pv[0].dtype:
+                    grads = [g.to(v.dtype) for g, v in zip(grads, pv)]
+                ps_state = [p.detach() if p.dtype == v.dtype else p.detach().to(v.dtype) for p, v in zip(ps, pv)]
                 torch._foreach_sub_(pv, ps_state)  # previous ← θ_old − θ_new = −Δθ
                 torch._foreach_addcmul_(om, grads, pv)  # ω += g · (−Δθ)
             self.previous.set([p.detach() for p in params])
         self.steps += 1
+
+    def state_bytes(self) -> int:
+        extra = sum(t.numel() * t.element_size() for t in self._snapshot) if self._snapshot is not None else 0
+        return super().state_bytes() + extra
 
     # -- consolidation ----------------------------------------------------------------------------
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:

@@ -1,0 +1,140 @@
+"""The fixed measurement protocol shared by the overhead script and the pytest-benchmark suite.
+
+A MobileNetV3-small backbone (timm, random weights) with a small conv head, about 2 M parameters;
+batch 16 at 128×128; SGD with momentum; 2 threads; CPU. Each variant has its own model, optimizer
+and regularizer (identical initial weights), consolidated once on a few samples so its penalty is
+active.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import TensorDataset
+
+import clreg
+
+BATCH, SIZE, CLASSES, THREADS = 16, 128, 10, 2
+
+
+class Net(nn.Module):
+    """MobileNetV3-small features + a conv head (conv-BN-ReLU, 1×1 classifier), ~2 M parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        import timm
+
+        backbone = timm.create_model("mobilenetv3_small_100", pretrained=False)
+        backbone.reset_classifier(0)
+        backbone.conv_head = nn.Identity()  # the features alone: forward_features gives (B, 576, h, w)
+        self.backbone = backbone
+        c = backbone.num_features
+        self.head = nn.Sequential(
+            nn.Conv2d(c, 192, 3, padding=1, bias=False), nn.BatchNorm2d(192), nn.ReLU(), nn.Conv2d(192, CLASSES, 1)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone.forward_features(x)).mean(dim=(2, 3))
+
+
+def make_batch(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(BATCH, 3, SIZE, SIZE, generator=g), torch.randint(0, CLASSES, (BATCH,), generator=g)
+
+
+@dataclass
+class Variant:
+    name: str
+    step: Callable[[], None]
+    reg: nn.Module | None
+    model: nn.Module
+
+
+def _consolidate(
+    reg: nn.Module, model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, tasks: int
+) -> None:
+    data = TensorDataset(x[:4], y[:4])
+    for _ in range(tasks):
+        if isinstance(reg, clreg.SI):
+            for _ in range(2):
+                opt.zero_grad()
+                F.cross_entropy(model(x), y).backward()
+                opt.step()
+        reg.consolidate(model, data, clreg.TaskSpec())
+
+
+def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
+    """``name`` is ``plain`` or ``<reg>-<mode>`` with reg in ewc, ewc5, online_ewc, mas, si, lwf and
+    mode autograd, attached or attached+value (the value computed for logging each step)."""
+    model = Net()
+    model.load_state_dict(state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    reg = None
+    mode = "autograd"
+    if name != "plain":
+        kind, mode = name.split("-", 1)
+        reg = {
+            "ewc": lambda: clreg.EWC(model, lam=1.0, max_samples=4),
+            "ewc5": lambda: clreg.EWC(model, lam=1.0, max_samples=4),
+            "online_ewc": lambda: clreg.OnlineEWC(model, lam=1.0, gamma=0.9, max_samples=4),
+            "mas": lambda: clreg.MAS(model, lam=1.0, max_samples=4),
+            "si": lambda: clreg.SI(model, c=0.1),
+            "lwf": lambda: clreg.LwF(model, temperature=2.0),
+        }[kind]()
+        if isinstance(reg, clreg.SI):
+            reg.attach(opt) if mode.startswith("attached") else reg.track(opt)
+        _consolidate(reg, model, opt, x, y, 5 if kind == "ewc5" else 1)
+        if mode.startswith("attached") and not isinstance(reg, clreg.SI):
+            reg.attach(opt)
+    with_value = mode == "attached+value"
+    attached = mode.startswith("attached")
+
+    def step() -> None:
+        out = model(x)
+        loss = F.cross_entropy(out, y)
+        if reg is not None:
+            if not attached:
+                loss = loss + reg(model, inputs=x, outputs=out)
+            elif with_value:
+                reg(model)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    return Variant(name, step, reg, model)
+
+
+VARIANTS = [
+    "plain",
+    "ewc-autograd",
+    "ewc-attached",
+    "ewc-attached+value",
+    "ewc5-attached",
+    "online_ewc-autograd",
+    "online_ewc-attached",
+    "mas-autograd",
+    "mas-attached",
+    "si-autograd",
+    "si-attached",
+    "lwf-autograd",
+]
+
+
+def build_all(names: list[str] = VARIANTS) -> list[Variant]:
+    torch.set_num_threads(THREADS)
+    torch.manual_seed(0)
+    state = Net().state_dict()
+    x, y = make_batch()
+    return [make_variant(n, state, x, y) for n in names]
+
+
+def timed(fn: Callable[[], None]) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t

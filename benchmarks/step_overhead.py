@@ -1,0 +1,133 @@
+"""Training-step overhead of each regularizer, state memory, and Fisher throughput, in one run.
+
+    python benchmarks/step_overhead.py [--steps 40] [--fisher-samples 16] [--json out.json]
+
+Protocol (fixed in benchmarks/protocol.py): MobileNetV3-small + small conv head (~2 M parameters),
+batch 16 at 128×128, SGD with momentum, 2 threads, CPU. After a warm-up, the variants are run
+interleaved (a random order each round); a variant's ratio is the median over rounds of its step time
+over the plain step's in the same round, with a 95 % bootstrap interval (resampling rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+import clreg
+import protocol
+from clreg.functional import fisher_diagonal
+
+
+def paired_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """The median over rounds of a[r] / b[r] (same round, so slow drifts of the machine cancel) and
+    its 95 % bootstrap interval (resampling rounds)."""
+    ratios = [x / y for x, y in zip(a, b)]
+    rng = random.Random(seed)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(n))
+    return statistics.median(ratios), meds[int(0.025 * n)], meds[int(0.975 * n)]
+
+
+def step_overhead(steps: int, warmup: int) -> dict:
+    variants = protocol.build_all()
+    times: dict[str, list[float]] = {v.name: [] for v in variants}
+    for _ in range(warmup):
+        for v in variants:
+            v.step()
+    rng = random.Random(0)
+    for r in range(steps):
+        order = list(variants)
+        rng.shuffle(order)
+        for v in order:
+            times[v.name].append(protocol.timed(v.step))
+        print(f"\rround {r + 1}/{steps}", end="", file=sys.stderr, flush=True)
+    print(file=sys.stderr)
+    plain = times["plain"]
+    n_params = sum(p.numel() for p in variants[0].model.parameters())
+    rows = {}
+    for v in variants:
+        med = statistics.median(times[v.name])
+        ratio, lo, hi = paired_ratio(times[v.name], plain)
+        held = v.reg.state_bytes() if v.reg is not None else 0
+        rows[v.name] = {
+            "median_ms": med * 1e3,
+            "ratio": ratio,
+            "ratio_ci95": [lo, hi],
+            "state_bytes_per_param": held / n_params,
+        }
+    return {"n_params": n_params, "steps": steps, "variants": rows}
+
+
+def fisher_throughput(samples: int) -> dict:
+    torch.set_num_threads(protocol.THREADS)
+    torch.manual_seed(0)
+    model = protocol.Net()
+    g = torch.Generator().manual_seed(1)
+    data = torch.utils.data.TensorDataset(
+        torch.randn(samples, 3, protocol.SIZE, protocol.SIZE, generator=g),
+        torch.randint(0, protocol.CLASSES, (samples,), generator=g),
+    )
+    out = {}
+    for est in ("empirical", "mc", "exact"):
+        for path, kw in (("vmap", {"vectorize": True, "chunk_size": 8}), ("loop", {"vectorize": False})):
+            cold = time.perf_counter()
+            fisher_diagonal(model, data, estimator=est, **kw)
+            cold = time.perf_counter() - cold
+            warm = time.perf_counter()
+            fisher_diagonal(model, data, estimator=est, **kw)
+            warm = time.perf_counter() - warm
+            out[f"{est}/{path}"] = {"cold_samples_per_s": samples / cold, "warm_samples_per_s": samples / warm}
+    for bs in (1, 8, 16):
+        t = time.perf_counter()
+        fisher_diagonal(model, data, estimator="batched", batch_size=bs)
+        t = time.perf_counter() - t
+        out[f"batched/B={bs}"] = {"warm_samples_per_s": samples / t}
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=60, help="timed rounds (>= 30 for the reported figures)")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--fisher-samples", type=int, default=16)
+    p.add_argument("--skip-fisher", action="store_true")
+    p.add_argument("--json", type=Path, default=None, help="also write the results here")
+    args = p.parse_args()
+    res = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": protocol.THREADS,
+            "torch": torch.__version__,
+        },
+        "clreg": clreg.__version__,
+        "step": step_overhead(args.steps, args.warmup),
+    }
+    print(
+        f"\nTraining step, {res['step']['n_params'] / 1e6:.2f} M parameters, median of {args.steps} interleaved rounds"
+    )
+    print(f"{'variant':22s} {'ms':>8s} {'ratio':>7s} {'95% interval':>16s} {'state B/param':>14s}")
+    for name, r in res["step"]["variants"].items():
+        lo, hi = r["ratio_ci95"]
+        print(
+            f"{name:22s} {r['median_ms']:8.1f} {r['ratio']:7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16s} {r['state_bytes_per_param']:14.1f}"
+        )
+    if not args.skip_fisher:
+        res["fisher"] = fisher_throughput(args.fisher_samples)
+        print(f"\nFisher throughput ({args.fisher_samples} samples), samples/s")
+        for name, r in res["fisher"].items():
+            cold = r.get("cold_samples_per_s")
+            print(f"{name:20s} warm {r['warm_samples_per_s']:8.1f}" + (f"   cold {cold:8.1f}" if cold else ""))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=2))
+
+
+if __name__ == "__main__":
+    main()
