@@ -77,7 +77,7 @@ def fisher_throughput(samples: int) -> dict:
     )
     out = {}
     for est in ("empirical", "mc", "exact"):
-        for path, kw in (("vmap", {"vectorize": True, "chunk_size": 8}), ("loop", {"vectorize": False})):
+        for path, kw in (("vmap", {"vectorize": True}), ("loop", {"vectorize": False})):
             cold = time.perf_counter()
             fisher_diagonal(model, data, estimator=est, **kw)
             cold = time.perf_counter() - cold

@@ -262,7 +262,7 @@ def test_fallback_loop_warns_and_matches() -> None:
     model = Branchy()
     data = classification_data()
     with pytest.warns(RuntimeWarning, match="cannot be vmapped"):
-        got = fisher_diagonal(model, data, estimator="exact")
+        got = fisher_diagonal(model, data, estimator="exact", vectorize=True)
     x = data.tensors[0]
     ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     for i in range(len(x)):
