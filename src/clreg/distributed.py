@@ -6,6 +6,8 @@ after ``consolidate`` because sums and counts are all-reduced before they are di
 
 from __future__ import annotations
 
+import ctypes
+import io
 from collections.abc import Sequence
 from typing import Any
 
@@ -45,12 +47,37 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
             offset += n
 
 
+def _backend_device() -> torch.device:
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def all_gather_objects(obj: Any) -> list[Any]:
-    """Every rank's ``obj`` in rank order (``[obj]`` in a single process)."""
+    """Every rank's ``obj`` (tensors and plain data) in rank order; ``[obj]`` in a single process.
+
+    Serialised with ``torch.save`` and read back with ``weights_only=True`` (no NumPy needed, unlike
+    ``torch.distributed.all_gather_object``).
+    """
     if not is_distributed():
         return [obj]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    payload = torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)
+    device = _backend_device()
+    size = torch.tensor([payload.numel()], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros(longest, dtype=torch.uint8, device=device)
+    padded[: payload.numel()] = payload.to(device)
+    gathered = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(gathered, padded)
+    out = []
+    for t, n in zip(gathered, sizes):
+        raw = t[: int(n.item())].cpu().contiguous()
+        data = ctypes.string_at(raw.data_ptr(), raw.numel())
+        out.append(torch.load(io.BytesIO(data), weights_only=True))
     return out
 
 

@@ -46,7 +46,7 @@ from ..functional.penalty import add_quadratic_penalty_grad_
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
 from . import _ledger
-from .base import check_range
+from .base import check_finite, check_range
 from .quadratic import QuadraticPenalty
 
 __all__ = ["SI"]
@@ -246,6 +246,7 @@ class SI(QuadraticPenalty):
             )
         spec = spec or TaskSpec()
         params = [p.detach() for p in self._resolve(model)]
+        check_finite("SI path integral", dict(zip(self._pset.names, self.omega.tensors)))
         with torch.no_grad():
             delta = [p.to(a.dtype) - a for p, a in zip(params, self.anchor.tensors)]
             si_importance_(self.importance.tensors, self.omega.tensors, delta, self._xi, self._clamp, spec.weight)
