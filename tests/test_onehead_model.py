@@ -1,0 +1,152 @@
+"""The one-head model, its detection targets and decoding, its losses and checkpoints."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("timm", reason="the one-head benchmark needs the benchmark extra")
+
+import torch
+from torch.func import grad, vmap
+from torchvision.ops import box_iou
+
+from clreg.onehead import (
+    DetectionEncoder,
+    UnifiedOneHead,
+    classification_loss,
+    decode_detections,
+    detection_loss,
+    load_checkpoint,
+    save_checkpoint,
+    segmentation_loss,
+)
+from clreg.onehead.model import cpu_latency
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return UnifiedOneHead(det_classes=10, seg_classes=21, cls_classes=10, width=32)
+
+
+def test_outputs_are_slices_of_the_one_head_tensor(model) -> None:
+    x = torch.randn(2, 3, 64, 96)
+    out = model(x)
+    t = model.head_tensor(x)
+    sl = model.slices()
+    assert out["seg"].shape == (2, 21, 64, 96)
+    assert out["det"]["heatmap"].shape == (2, 10, 8, 12) and out["det"]["box"].shape == (2, 4, 8, 12)
+    assert out["cls"].shape == (2, 10)
+    torch.testing.assert_close(out["det"]["heatmap"], t[:, sl["heatmap"]])
+    torch.testing.assert_close(out["cls"], t[:, sl["cls"]].mean((2, 3)))
+    # every output depends on the head's last layer: its gradient reaches each slice of it
+    for key in ("seg", "cls"):
+        model.zero_grad()
+        out = model(x)
+        out[key].sum().backward()
+        g = model.head[-1].weight.grad.abs().sum(dim=(1, 2, 3))
+        assert (g[sl[key]] > 0).all() and (g[sl["heatmap"]] == 0).all()
+
+
+def test_architecture_check_counts_layers_and_parameters() -> None:
+    m = UnifiedOneHead()
+    r = m.check_architecture()
+    assert r["parameters"] < 8_000_000 and r["neck_layers"] == 2 and r["head_layers"] == 2
+    assert r["parameters"] == sum(p.numel() for p in m.parameters())
+    m.head.append(torch.nn.Conv2d(m.out_channels, m.out_channels, 1))
+    m.head.append(torch.nn.Conv2d(m.out_channels, m.out_channels, 1))
+    with pytest.raises(ValueError, match="learnable layers"):
+        m.check_architecture()
+    assert UnifiedOneHead(cls_classes=30).cls_classes == 30
+
+
+def test_backbone_weights_errors_and_loading(tmp_path) -> None:
+    with pytest.raises(FileNotFoundError, match="backbone weights file not found"):
+        UnifiedOneHead(backbone_weights=tmp_path / "none.pth")
+    bad = tmp_path / "bad.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, bad)
+    with pytest.raises(ValueError, match="does not fit"):
+        UnifiedOneHead(backbone_weights=bad)
+    src = UnifiedOneHead(width=16)
+    good = tmp_path / "good.pth"
+    torch.save(src.backbone.state_dict(), good)
+    dst = UnifiedOneHead(width=16, backbone_weights=good)
+    for (k, a), b in zip(src.backbone.state_dict().items(), dst.backbone.state_dict().values()):
+        assert torch.equal(a, b), k
+
+
+def test_checkpoint_round_trip(tmp_path, model) -> None:
+    path = tmp_path / "m.pt"
+    names = {
+        "det": [f"d{i}" for i in range(10)],
+        "seg": [f"s{i}" for i in range(21)],
+        "cls": [f"c{i}" for i in range(10)],
+    }
+    save_checkpoint(model, path, class_names=names, category_map={"d0": 1}, input_size=64)
+    loaded, meta = load_checkpoint(path)
+    assert meta["class_names"] == names and meta["input_size"] == 64 and meta["category_map"] == {"d0": 1}
+    x = torch.randn(1, 3, 64, 64)
+    model.eval()
+    torch.testing.assert_close(loaded(x)["cls"], model(x)["cls"])
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="cannot read checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_encode_decode_round_trip_recovers_boxes() -> None:
+    enc = DetectionEncoder(num_classes=4, size=128, stride=8)
+    boxes = torch.tensor([[10.0, 12.0, 60.0, 50.0], [70.0, 64.0, 120.0, 126.0], [30.0, 80.0, 46.0, 96.0]])
+    labels = torch.tensor([0, 3, 1])
+    t = enc.encode(boxes, labels)
+    assert int(t["num_objects"]) == 3 and t["box_weight"].sum() >= 3
+    logits = torch.logit(t["heatmap"].clamp(1e-4, 1 - 1e-4))[None]
+    det = decode_detections(logits, t["box"][None], stride=8)[0]
+    ious = box_iou(det["boxes"], boxes)
+    best = ious.max(0)
+    assert (best.values > 0.999).all()
+    assert det["labels"][best.indices].tolist() == labels.tolist()
+    with pytest.raises(ValueError, match="labels must be in"):
+        enc.encode(boxes, torch.tensor([0, 4, 1]))
+
+
+def test_losses_are_per_sample_and_vmap_safe(model) -> None:
+    enc = DetectionEncoder(num_classes=10, size=64, stride=8)
+    targets = [
+        enc.encode(torch.tensor([[4.0, 4.0, 30.0, 40.0]]), torch.tensor([2])),
+        enc.encode(torch.zeros(0, 4), torch.zeros(0)),
+    ]
+    det_t = {k: torch.stack([t[k] for t in targets]) for k in targets[0]}
+    x = torch.randn(2, 3, 64, 64)
+    out = model(x)
+    seg_t = torch.randint(0, 21, (2, 64, 64))
+    seg_t[:, :8] = 255
+    for loss, tgt in ((segmentation_loss, seg_t), (detection_loss, det_t), (classification_loss, torch.tensor([1, 2]))):
+        per = loss(out, tgt)
+        assert per.shape == (2,) and torch.isfinite(per).all()
+        # per-sample: the loss of a batch equals the losses of its samples
+        one = loss(
+            {k: (v[:1] if torch.is_tensor(v) else {kk: vv[:1] for kk, vv in v.items()}) for k, v in out.items()},
+            tgt[:1] if torch.is_tensor(tgt) else {k: v[:1] for k, v in tgt.items()},
+        )
+        torch.testing.assert_close(one, per[:1])
+    # a perfect heatmap and box prediction gives a near-zero detection loss
+    perfect = {"det": {"heatmap": torch.logit(det_t["heatmap"].clamp(1e-6, 1 - 1e-6)), "box": det_t["box"]}}
+    assert detection_loss(perfect, det_t).max() < 0.05
+    # vmap over samples with B = 1 inside (the form the Fisher uses)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = dict(model.named_buffers())
+    model.eval()
+
+    def f(p, xi, ti):
+        o = torch.func.functional_call(model, (p, buffers), (xi[None],))
+        return detection_loss(o, {k: v[None] for k, v in ti.items()})[0]
+
+    g = vmap(grad(f), in_dims=(None, 0, 0))(params, x, det_t)
+    assert g["head.2.weight"].shape[0] == 2
+
+
+def test_cpu_latency_reports_head_share(model) -> None:
+    lat = cpu_latency(model, size=64, repeats=2, warmup=1)
+    assert 0 < lat["head_ms"] < lat["model_ms"] and 0 < lat["head_share"] < 1
