@@ -69,7 +69,7 @@ class UnifiedOneHead(nn.Module):
         det_classes: int = 10,
         seg_classes: int = 21,
         cls_classes: int = 10,
-        width: int = 128,
+        width: int = 96,
         backbone_weights: str | os.PathLike | None = None,
         pretrained: bool = False,
     ) -> None:

@@ -1,0 +1,212 @@
+"""The three tasks as data + loss + evaluation, and a plain training loop for one task.
+
+A :class:`Task` bundles what a stage needs: train / eval data sets, the per-sample loss, the
+:class:`~clreg.TaskSpec` the regularizers consolidate with, and an ``evaluate(model)`` that returns a
+metric object (with ``value()`` and bootstrap ``scores``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from ..spec import OutputSpec, TaskSpec
+from .data import COCO_DEFAULT_CATEGORIES, ClassificationData, DetectionData, SegmentationData
+from .losses import IGNORE_INDEX, classification_loss, detection_loss, segmentation_loss
+from .metrics import ClassificationMetric, DetectionMetric, SegmentationMetric
+from .targets import decode_detections
+
+__all__ = ["METRIC_NAMES", "TASK_NAMES", "Task", "evaluate", "make_tasks", "train_task"]
+
+TASK_NAMES = ("seg", "det", "cls")
+METRIC_NAMES = {"seg": "mIoU", "det": "mAP@0.5", "cls": "Top-1"}
+FOLDERS = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
+
+
+def _objectness(teacher_out: Any) -> Tensor:
+    return torch.sigmoid(teacher_out["det"]["heatmap"]).amax(1)
+
+
+@dataclass
+class Task:
+    name: str
+    train_data: Dataset
+    eval_data: Dataset
+    loss: Callable[[Any, Any], Tensor]
+    spec: TaskSpec
+    num_classes: int
+    class_names: list[str]
+
+    @property
+    def metric_name(self) -> str:
+        return METRIC_NAMES[self.name]
+
+
+def make_tasks(
+    root: str | Path,
+    eval_split: str = "test",
+    size: int = 160,
+    seed: int = 0,
+    categories: list[str] | None = None,
+    class_names: dict[str, list[str]] | None = None,
+) -> dict[str, Task]:
+    """The three tasks on a data root holding ``mini_voc_seg``, ``mini_coco_det`` and ``imagenette_160``.
+    ``class_names`` (e.g. a synthetic manifest's) names the detection categories and classes."""
+    root = Path(root)
+    manifest = root / "manifest.json"
+    if class_names is None and manifest.is_file():
+        class_names = json.loads(manifest.read_text())["class_names"]
+    cats = categories or (class_names or {}).get("det") or list(COCO_DEFAULT_CATEGORIES)
+    seg_names = (class_names or {}).get("seg")
+    seg_train = SegmentationData(root / FOLDERS["seg"], "train", size, train=True, seed=seed)
+    seg_eval = SegmentationData(root / FOLDERS["seg"], eval_split, size)
+    det_train = DetectionData(root / FOLDERS["det"], "train", size, cats, train=True, seed=seed)
+    det_eval = DetectionData(root / FOLDERS["det"], eval_split, size, cats)
+    cls_classes = (class_names or {}).get("cls")
+    cls_train = ClassificationData(root / FOLDERS["cls"], "train", size, train=True, seed=seed, classes=cls_classes)
+    cls_eval = ClassificationData(root / FOLDERS["cls"], eval_split, size, classes=cls_train.classes)
+    n_seg = len(seg_names) if seg_names else 21
+    return {
+        "seg": Task(
+            "seg",
+            seg_train,
+            seg_eval,
+            segmentation_loss,
+            TaskSpec(outputs=[OutputSpec(select="seg", kind="softmax", ignore_index=IGNORE_INDEX)]),
+            n_seg,
+            list(seg_names or [str(i) for i in range(n_seg)]),
+        ),
+        "det": Task(
+            "det",
+            det_train,
+            det_eval,
+            detection_loss,
+            TaskSpec(
+                outputs=[
+                    OutputSpec(select="det.heatmap", kind="sigmoid"),
+                    OutputSpec(select="det.box", kind="regression", weight=_objectness),
+                ],
+                per_sample_loss=detection_loss,
+            ),
+            len(cats),
+            list(cats),
+        ),
+        "cls": Task(
+            "cls",
+            cls_train,
+            cls_eval,
+            classification_loss,
+            TaskSpec(outputs=[OutputSpec(select="cls", kind="softmax")]),
+            len(cls_train.classes),
+            list(cls_train.classes),
+        ),
+    }
+
+
+def _collate(batch: list) -> tuple[Tensor, Any]:
+    xs = torch.stack([b[0] for b in batch])
+    ys = [b[1] for b in batch]
+    if isinstance(ys[0], dict):
+        return xs, {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
+    return xs, torch.stack(ys)
+
+
+def loader(data: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
+    g = torch.Generator().manual_seed(seed)
+    return DataLoader(
+        data, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=_collate, drop_last=drop_last
+    )
+
+
+def train_task(
+    model: nn.Module,
+    task: Task,
+    steps: int,
+    *,
+    lr: float = 2e-3,
+    weight_decay: float = 1e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+    regularizer: Any = None,
+    log: Callable[[str], None] | None = None,
+    device: str | torch.device = "cpu",
+) -> dict[str, float]:
+    """AdamW with a cosine schedule for ``steps`` optimizer steps on one task's loss (+ regularizer)."""
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    step, epoch, t0, running = 0, 0, time.perf_counter(), 0.0
+    while step < steps:
+        if hasattr(task.train_data, "set_epoch"):
+            task.train_data.set_epoch(epoch)
+        for x, y in loader(task.train_data, batch_size, True, seed + epoch, drop_last=True):
+            x = x.to(device)
+            y = {k: v.to(device) for k, v in y.items()} if isinstance(y, dict) else y.to(device)
+            out = model(x)
+            loss = task.loss(out, y).mean()
+            if regularizer is not None:
+                loss = loss + regularizer(model, inputs=x, outputs=out)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
+            step += 1
+            if log is not None and step % 100 == 0:
+                log(f"{task.name} step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
+            if step >= steps:
+                break
+        epoch += 1
+    return {"steps": step, "seconds": time.perf_counter() - t0, "loss": running}
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, task: Task, batch_size: int = 32, device: str | torch.device = "cpu") -> Any:
+    """The task's metric object on its eval data (mIoU at the masks' original size; boxes mapped back to
+    the original image size for COCOeval)."""
+    was = model.training
+    model.eval()
+    data = task.eval_data
+    if task.name == "seg":
+        metric = SegmentationMetric(task.num_classes)
+    elif task.name == "det":
+        metric = DetectionMetric(data.coco_gt)
+    else:
+        metric = ClassificationMetric(task.num_classes)
+    index = 0
+    for x, y in loader(data, batch_size, False):
+        out = model(x.to(device))
+        n = x.shape[0]
+        if task.name == "seg":
+            for i in range(n):
+                true = data.original_mask(index + i)
+                logits = out["seg"][i : i + 1]
+                if tuple(true.shape) != tuple(logits.shape[-2:]):
+                    logits = F.interpolate(logits, size=tuple(true.shape), mode="bilinear", align_corners=False)
+                metric.update(logits.argmax(1).cpu(), true[None], ids=[index + i])
+        elif task.name == "det":
+            dets = decode_detections(out["det"]["heatmap"], out["det"]["box"], stride=model.stride)
+            for i, d in enumerate(dets):
+                info = data.image_info(index + i)
+                scale = (
+                    torch.tensor([info["width"], info["height"], info["width"], info["height"]], dtype=torch.float64)
+                    / data.size
+                )
+                boxes = d["boxes"].double().cpu() * scale
+                cats = [data.category_id(int(label)) for label in d["labels"]]
+                metric.update(info["id"], boxes, d["scores"].cpu(), cats)
+        else:
+            metric.update(out["cls"].cpu(), y, ids=list(range(index, index + n)))
+        index += n
+    model.train(was)
+    return metric
