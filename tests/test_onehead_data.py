@@ -157,7 +157,7 @@ def test_coco_bad_annotations(syn, tmp_path) -> None:
     root = _coco_with(
         tmp_path, syn, lambda d: d["images"].append({"id": 999, "file_name": "gone.jpg", "width": 64, "height": 64})
     )
-    with pytest.raises(DataFormatError, match="names image gone.jpg"):
+    with pytest.raises(DataFormatError, match=r"names image gone\.jpg"):
         DetectionData(root, "train", size=64, categories=SHAPES)
     shutil.rmtree(root)
     root = _coco_with(
