@@ -281,3 +281,27 @@ def test_colour_alone_predicts_near_chance(tmp_path) -> None:
     m.update((predict(xq[fgq]) + 1)[None, None], yq[fgq][None, None])
     print(f"per-pixel colour mIoU over the object classes {m.value():.3f}")
     assert m.value() < 0.12, m.value()  # chance among 20 classes: about 0.03–0.05
+
+
+def test_tasks_train_and_evaluate_end_to_end(syn) -> None:
+    from clreg.onehead.model import UnifiedOneHead
+    from clreg.onehead.tasks import evaluate, make_tasks, train_task
+
+    tasks = make_tasks(syn, "test", size=64)
+    assert [t.metric_name for t in tasks.values()] == ["mIoU", "mAP@0.5", "Top-1"]
+    torch.manual_seed(0)
+    model = UnifiedOneHead(det_classes=10, seg_classes=21, cls_classes=10, width=16)
+    for task in tasks.values():
+        stats = train_task(model, task, steps=2, batch_size=2)
+        assert stats["steps"] == 2
+        metric = evaluate(model, task)
+        assert metric.n == 3 and 0.0 <= metric.value() <= 1.0
+
+
+def test_subset_keeps_the_chosen_items(syn) -> None:
+    ds = DetectionData(syn / "mini_coco_det", "train", size=64, categories=SHAPES)
+    sub = ds.subset([4, 1])
+    assert len(sub) == 2 and sub.image_info(0) == ds.image_info(4)
+    assert torch.equal(sub[1][1]["heatmap"], ds[1][1]["heatmap"])
+    seg = SegmentationData(syn / "mini_voc_seg", "train", size=64).subset([2])
+    assert len(seg) == 1 and seg.pairs[0][0].name.endswith("00002.jpg")

@@ -27,6 +27,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import os
@@ -201,6 +202,18 @@ class _Base(Dataset):
     def _crop(self, index: int, w: int, h: int) -> Crop:
         return Crop.random(w, h, self._generator(index)) if self.train else Crop.full(w, h)
 
+    _items_attr = "items"
+
+    def subset(self, indices: Sequence[int]):
+        """A copy holding only ``indices`` (in that order), e.g. the first 32 images."""
+        out = copy.copy(self)
+        items = getattr(self, self._items_attr)
+        setattr(out, self._items_attr, [items[i] for i in indices])
+        out._images = {}
+        if hasattr(out, "_masks"):
+            out._masks = {}
+        return out
+
 
 # -- segmentation ------------------------------------------------------------------------------------
 
@@ -243,6 +256,8 @@ def _existing(p: Path) -> Path:
 
 class SegmentationData(_Base):
     """(normalised image (3, S, S), mask (S, S) int64 with 255 = ignore)."""
+
+    _items_attr = "pairs"
 
     def __init__(
         self,
@@ -319,6 +334,8 @@ class DetectionData(_Base):
     A degenerate box (non-positive size or wholly outside its image) is skipped with a warning
     (``strict=True``: an error); one that overhangs the border is clipped.
     """
+
+    _items_attr = "images"
 
     def __init__(
         self,
@@ -435,6 +452,8 @@ class DetectionData(_Base):
 class ClassificationData(_Base):
     """(normalised image (3, S, S), label) from class folders; classes sorted by folder name, or in
     the order ``classes`` gives."""
+
+    _items_attr = "samples"
 
     def __init__(
         self,

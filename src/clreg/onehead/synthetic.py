@@ -313,8 +313,6 @@ def _write_det(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
 def _write_cls(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
     rng = random.Random(cfg.seed * 1000 + SPLIT_SEEDS[split] * 10 + 3)
     names = _scene_names()
-    for c in names:
-        (root / "imagenette_160" / split / c).mkdir(parents=True, exist_ok=True)
     for i in range(n):
         c = i % len(SHAPES)
         major = rng.randint(2, 3)
@@ -322,7 +320,9 @@ def _write_cls(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
         kinds = [c] * major + [rng.choice(others) for _ in range(rng.randint(0, major - 1))]
         rng.shuffle(kinds)
         img, _, _ = render(rng, cfg.size, kinds)
-        img.save(root / "imagenette_160" / split / names[c] / f"cls_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
+        folder = root / "imagenette_160" / split / names[c]
+        folder.mkdir(parents=True, exist_ok=True)
+        img.save(folder / f"cls_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
 
 
 def generate(

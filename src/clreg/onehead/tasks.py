@@ -21,7 +21,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..spec import OutputSpec, TaskSpec
-from .data import COCO_DEFAULT_CATEGORIES, ClassificationData, DetectionData, SegmentationData
+from .data import COCO_DEFAULT_CATEGORIES, ClassificationData, DetectionData, SegmentationData, check_split_overlap
 from .losses import IGNORE_INDEX, classification_loss, detection_loss, segmentation_loss
 from .metrics import ClassificationMetric, DetectionMetric, SegmentationMetric
 from .targets import decode_detections
@@ -76,6 +76,11 @@ def make_tasks(
     cls_train = ClassificationData(root / FOLDERS["cls"], "train", size, train=True, seed=seed, classes=cls_classes)
     cls_eval = ClassificationData(root / FOLDERS["cls"], eval_split, size, classes=cls_train.classes)
     n_seg = len(seg_names) if seg_names else 21
+    check_split_overlap([p for p, _ in seg_train.pairs], [p for p, _ in seg_eval.pairs], "segmentation")
+    check_split_overlap(
+        [i["file_name"] for i in det_train.images], [i["file_name"] for i in det_eval.images], "detection"
+    )
+    check_split_overlap([p for p, _ in cls_train.samples], [p for p, _ in cls_eval.samples], "classification")
     return {
         "seg": Task(
             "seg",
