@@ -1,9 +1,9 @@
 """The embedded default data: a deterministic generator of three task data sets on disk.
 
 The world: 10 shape kinds (circle, square, triangle, diamond, hexagon, star, cross, ring, crescent,
-arrow), each drawn solid or striped, at random sizes (14–60 px at 160 px), rotations and positions,
-in random colours (colour carries no class information), on textured backgrounds shared by every
-class, overlapping (occlusion). The tasks:
+arrow), each drawn solid or striped, at random sizes (18–45 % of the image side by default),
+rotations and positions, in random colours (colour carries no class information), on textured
+backgrounds shared by every class, overlapping (occlusion, limited to box IoU < 0.25). The tasks:
 
 * segmentation (``mini_voc_seg``): 20 classes = shape × fill, + background; VOC layout
   ``{split}/<id>.jpg`` + palette ``{split}/<id>.png`` (255 = ignore on a thin band around objects);
@@ -39,7 +39,7 @@ from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["FILLS", "GENERATOR_VERSION", "SHAPES", "SyntheticConfig", "default_cache_dir", "generate", "voc_palette"]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ring", "crescent", "arrow")
 FILLS = ("solid", "striped")
 
@@ -52,10 +52,13 @@ class SyntheticConfig:
     val: int = 300
     test: int = 600
     size: int = 160
-    cls_train: int = 240  # classification may use more unique training images (budgets are in steps)
+    cls_train: int = 2400  # classification uses more unique training images (budgets are in steps)
     seed: int = 0
     min_objects: int = 1
-    max_objects: int = 4
+    max_objects: int = 3
+    min_scale: float = 0.18  # object side as a fraction of the image side
+    max_scale: float = 0.45
+    background_lines: int = 0  # thin distractor lines on the background (harder when > 0)
     jpeg_quality: int = 92
 
     def key(self) -> str:
@@ -172,7 +175,7 @@ def _texture(rng: random.Random, size: int, striped: bool) -> Image.Image:
         while sum(abs(x - y) for x, y in zip(a, b)) < 150:
             b = _rand_colour(rng)
         d = ImageDraw.Draw(img)
-        period = rng.uniform(4, 8)
+        period = rng.uniform(6, 10)
         ang = rng.uniform(0, math.pi)
         ca, sa = math.cos(ang), math.sin(ang)
         span = size * 1.5
@@ -187,8 +190,8 @@ def _texture(rng: random.Random, size: int, striped: bool) -> Image.Image:
     return img
 
 
-def _background(rng: random.Random, size: int) -> Image.Image:
-    """A textured background: a colour gradient, blotches and thin lines, all random colours."""
+def _background(rng: random.Random, size: int, lines: int = 0) -> Image.Image:
+    """A textured background: blurred blotches (and ``lines`` thin lines), all in random colours."""
     img = Image.new("RGB", (size, size), _rand_colour(rng))
     d = ImageDraw.Draw(img)
     for _ in range(rng.randint(3, 7)):
@@ -197,7 +200,7 @@ def _background(rng: random.Random, size: int) -> Image.Image:
         d.ellipse([x - r, y - r, x + r, y + r], fill=_rand_colour(rng))
     img = img.filter(ImageFilter.GaussianBlur(radius=size / 16))
     d = ImageDraw.Draw(img)
-    for _ in range(rng.randint(2, 6)):
+    for _ in range(lines):
         d.line(
             [(rng.uniform(0, size), rng.uniform(0, size)), (rng.uniform(0, size), rng.uniform(0, size))],
             fill=_rand_colour(rng),
@@ -213,15 +216,17 @@ class Placed:
     box: tuple[float, float, float, float]
 
 
-def render(rng: random.Random, size: int, kinds: list[int]) -> tuple[Image.Image, Image.Image, list[Placed]]:
+def render(
+    rng: random.Random, size: int, kinds: list[int], scale: tuple[float, float] = (0.18, 0.45), lines: int = 0
+) -> tuple[Image.Image, Image.Image, list[Placed]]:
     """An image, its segmentation mask (0 background, 1 + 2·kind + fill; 255 on object borders) and
     the placed objects' boxes (the visible extent)."""
-    img = _background(rng, size)
+    img = _background(rng, size, lines)
     mask = Image.new("L", (size, size), 0)
     placed: list[tuple[Placed, Image.Image]] = []
     for kind in kinds:
         for _ in range(20):  # rejection: limit the overlap with what is already there
-            s = int(rng.uniform(0.09, 0.38) * size)
+            s = max(8, int(rng.uniform(*scale) * size))
             x, y = rng.randint(0, size - s), rng.randint(0, size - s)
             box = (x, y, x + s, y + s)
             if all(_iou(box, p.box) < 0.25 for p, _ in placed):
@@ -275,7 +280,7 @@ def _write_seg(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
     pal = voc_palette()
     for i in range(n):
         kinds = [rng.randrange(len(SHAPES)) for _ in range(rng.randint(cfg.min_objects, cfg.max_objects))]
-        img, mask, _ = render(rng, cfg.size, kinds)
+        img, mask, _ = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines)
         img.save(d / f"seg_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
         mask.putpalette(pal)
         mask.convert("P").save(d / f"seg_{split}_{i:05d}.png") if mask.mode != "P" else mask.save(
@@ -290,7 +295,7 @@ def _write_det(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
     images, anns = [], []
     for i in range(n):
         kinds = [rng.randrange(len(SHAPES)) for _ in range(rng.randint(cfg.min_objects, cfg.max_objects))]
-        img, _, placed = render(rng, cfg.size, kinds)
+        img, _, placed = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines)
         name = f"det_{split}_{i:05d}.jpg"
         img.save(d / "data" / name, quality=cfg.jpeg_quality)
         images.append({"id": i + 1, "file_name": name, "width": cfg.size, "height": cfg.size})
@@ -317,9 +322,10 @@ def _write_cls(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
         c = i % len(SHAPES)
         major = rng.randint(2, 3)
         others = [k for k in range(len(SHAPES)) if k != c]
-        kinds = [c] * major + [rng.choice(others) for _ in range(rng.randint(0, major - 1))]
+        kinds = [c] * major + [rng.choice(others) for _ in range(rng.randint(0, major - 2))]
         rng.shuffle(kinds)
-        img, _, _ = render(rng, cfg.size, kinds)
+        scale = (cfg.min_scale * 0.8, cfg.max_scale * 0.75)  # more objects per scene: a little smaller
+        img, _, _ = render(rng, cfg.size, kinds, scale, cfg.background_lines)
         folder = root / "imagenette_160" / split / names[c]
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"cls_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
