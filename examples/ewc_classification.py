@@ -10,30 +10,15 @@ import argparse
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader
+from toy_tasks import accuracy, make_task, mlp
 
 import clreg
 
 
-def make_task(seed: int, n: int = 2000, d: int = 20, classes: int = 4) -> tuple[TensorDataset, TensorDataset]:
-    """Gaussian clusters; each task has its own cluster centres (a domain shift on shared labels)."""
-    g = torch.Generator().manual_seed(seed)
-    centres = torch.randn(classes, d, generator=g) * 1.5
-    y = torch.randint(0, classes, (n,), generator=g)
-    x = centres[y] + torch.randn(n, d, generator=g)
-    split = n * 4 // 5
-    return TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])
-
-
-def accuracy(model: torch.nn.Module, data: TensorDataset) -> float:
-    x, y = data.tensors
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
-
-
 def run(lam: float, epochs: int, tasks: list, seed: int = 0) -> list[float]:
     torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(20, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    model = mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     ewc = clreg.EWC(model, lam=lam)
     for train, _ in tasks:

@@ -1,0 +1,51 @@
+"""Each example runs with --smoke (a few steps) and prints what it promises."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def run(*args: str, timeout: int = 120) -> str:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES.parent)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stdout
+
+
+@pytest.mark.parametrize(
+    ("script", "expect"),
+    [
+        ("ewc_classification.py", ["naive fine-tuning: task 1", "EWC (lam=", "task 1 kept"]),
+        ("si_attached.py", ["naive fine-tuning: task 1", "SI (c="]),
+        ("lwf_multi_output.py", ["naive fine-tuning: head a", "LwF (alpha="]),
+        ("replay_compose.py", ["last values: {'ewc':", "EWC + LwF + replay:     task 1"]),
+        ("checkpoint_resume.py", ["restored exactly: True"]),
+    ],
+)
+def test_example_smoke(script: str, expect: list[str]) -> None:
+    out = run(sys.executable, str(EXAMPLES / script), "--smoke")
+    for line in expect:
+        assert line in out, out
+
+
+def test_torchrun_example_with_two_processes() -> None:
+    out = run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_port",
+        "29531",
+        str(EXAMPLES / "torchrun_ddp.py"),
+        "--smoke",
+        timeout=180,
+    )
+    assert "world size 2" in out and "importance identical on every rank: True" in out, out
