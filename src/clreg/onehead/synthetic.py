@@ -1,7 +1,7 @@
 """The embedded default data: a deterministic generator of three task data sets on disk.
 
-The world: 10 shape kinds (circle, square, triangle, diamond, hexagon, star, cross, ring, crescent,
-arrow), each drawn solid or striped, at random sizes (18–45 % of the image side by default),
+The world: 10 shape kinds (circle, square, triangle, bowtie, L-shape, star, cross, ring, crescent,
+arrow), each drawn solid or striped, at random sizes (30–55 % of the image side by default),
 rotations and positions, in random colours (colour carries no class information), on textured
 backgrounds shared by every class, overlapping (occlusion, limited to box IoU < 0.25). The tasks:
 
@@ -39,8 +39,8 @@ from PIL import Image, ImageDraw, ImageFilter
 
 __all__ = ["FILLS", "GENERATOR_VERSION", "SHAPES", "SyntheticConfig", "default_cache_dir", "generate", "voc_palette"]
 
-GENERATOR_VERSION = 2
-SHAPES = ("circle", "square", "triangle", "diamond", "hexagon", "star", "cross", "ring", "crescent", "arrow")
+GENERATOR_VERSION = 3
+SHAPES = ("circle", "square", "triangle", "bowtie", "lshape", "star", "cross", "ring", "crescent", "arrow")
 FILLS = ("solid", "striped")
 
 
@@ -55,9 +55,9 @@ class SyntheticConfig:
     cls_train: int = 2400  # classification uses more unique training images (budgets are in steps)
     seed: int = 0
     min_objects: int = 1
-    max_objects: int = 3
-    min_scale: float = 0.18  # object side as a fraction of the image side
-    max_scale: float = 0.45
+    max_objects: int = 2
+    min_scale: float = 0.3  # object side as a fraction of the image side
+    max_scale: float = 0.55
     background_lines: int = 0  # thin distractor lines on the background (harder when > 0)
     jpeg_quality: int = 92
 
@@ -117,21 +117,15 @@ def shape_mask(kind: str, size: int, rot: float) -> Image.Image:
         d.polygon(_polygon(4, r, rot + math.pi / 4, c, c), fill=255)
     elif kind == "triangle":
         d.polygon(_polygon(3, r, rot, c, c), fill=255)
-    elif kind == "diamond":
-        pts = [
-            (c + r * 0.6 * math.cos(rot + a) - 0, c + r * math.sin(rot + a))
-            for a in (0, math.pi / 2, math.pi, 3 * math.pi / 2)
-        ]
-        pts = [
-            (
-                c + (x - c) * math.cos(rot) - (y - c) * math.sin(rot),
-                c + (x - c) * math.sin(rot) + (y - c) * math.cos(rot),
-            )
-            for x, y in [(c + 0.55 * r, c), (c, c + r), (c - 0.55 * r, c), (c, c - r)]
-        ]
-        d.polygon(pts, fill=255)
-    elif kind == "hexagon":
-        d.polygon(_polygon(6, r, rot, c, c), fill=255)
+    elif kind == "bowtie":
+        ca, sa = math.cos(rot), math.sin(rot)
+        pts0 = [(-r, -0.8 * r), (r, 0.8 * r), (r, -0.8 * r), (-r, 0.8 * r)]
+        d.polygon([(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in pts0], fill=255)
+    elif kind == "lshape":
+        ca, sa = math.cos(rot), math.sin(rot)
+        w = 0.45 * r
+        pts0 = [(-r, -r), (-r + w, -r), (-r + w, r - w), (r, r - w), (r, r), (-r, r)]
+        d.polygon([(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in pts0], fill=255)
     elif kind == "star":
         d.polygon(_polygon(5, r, rot, c, c, inner=0.45), fill=255)
     elif kind == "cross":
