@@ -97,7 +97,7 @@ def regression_distillation(
     norm: str = "l2",
     eps: float = 1e-8,
 ) -> Tensor:
-    """Σ_c (s − t)² (or |s − t|) per location; mean over locations, or Σ wℓ / max(Σw, ε)."""
+    """Σ_c (s − t)² (or abs(s − t)) per location; mean over locations, or Σ wℓ / max(Σw, ε)."""
     _check(student, teacher)
     if norm not in ("l2", "l1"):
         raise ValueError(f"norm must be 'l2' or 'l1', got {norm!r}")

@@ -10,14 +10,14 @@ of that sample's log-likelihood, so a penalty's λ does not depend on the batch 
 
 Output kinds and estimators (a pair outside this table is a ``ValueError``):
 
-============  =================  ========================  ==================
-estimator     (B, C) logits      dense logits (B, C, ...)  per-sample loss
-============  =================  ========================  ==================
-``exact``     Σ_c p_c g_c²       no                        no
-``mc``        k sampled labels   labels drawn per pixel    no
-``empirical`` true labels        true labels (biased)      yes
-``batched``   yes                yes                       yes
-============  =================  ========================  ==================
+=============  =================  ========================  ==================
+estimator      (B, C) logits      dense logits (B, C, ...)  per-sample loss
+=============  =================  ========================  ==================
+``exact``      Σ_c p_c g_c²       no                        no
+``mc``         k sampled labels   labels drawn per pixel    no
+``empirical``  true labels        true labels (biased)      yes
+``batched``    yes                yes                       yes
+=============  =================  ========================  ==================
 
 Dense logits are a categorical per location with an optional ignore index. Their Fisher is the mean
 over the n valid locations of the per-location Fisher — the expected Hessian of the location-averaged

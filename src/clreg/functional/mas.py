@@ -43,7 +43,7 @@ def mas_importance(
     vectorize: bool = True,
     progress: ProgressFn | None = None,
 ) -> dict[str, Tensor]:
-    """The mean over samples of |∂‖f(x)‖²/∂θ|, as a dict of parameter name → tensor."""
+    """The mean over samples of abs(∂‖f(x)‖²/∂θ), as a dict of parameter name → tensor."""
     if outputs is None:
         outs: tuple[OutputSpec, ...] = (OutputSpec(kind="regression"),)
     elif isinstance(outputs, OutputSpec):
