@@ -112,7 +112,9 @@ def test_lwf_module_on_several_outputs_matches_hand_sum() -> None:
     assert got.item() > 0
     g = torch.autograd.grad(got, list(model.parameters()), allow_unused=True)
     assert any(gi is not None and gi.abs().sum() > 0 for gi in g)
-    assert not model.training  # restored
+    model.train()  # the teacher runs in eval mode and puts every module back as it was
+    lwf(model, inputs=x, outputs=model(x))
+    assert all(m.training for m in model.modules())
 
 
 def test_lwf_teacher_is_model_at_consolidation_in_eval_mode() -> None:

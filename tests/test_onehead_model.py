@@ -57,7 +57,7 @@ def test_architecture_check_counts_layers_and_parameters() -> None:
     m.head.append(torch.nn.Conv2d(m.out_channels, m.out_channels, 1))
     with pytest.raises(ValueError, match="learnable layers"):
         m.check_architecture()
-    assert UnifiedOneHead(cls_classes=30).cls_classes == 30
+    assert UnifiedOneHead(cls_classes=30, width=16).eval()(torch.randn(1, 3, 64, 64))["cls"].shape == (1, 30)
 
 
 def test_backbone_weights_errors_and_loading(tmp_path) -> None:

@@ -109,7 +109,8 @@ def batch_size_of(tree: Any) -> int:
     raise TypeError(f"cannot find the batch size of {type(tree).__name__}")
 
 
-def _split(item: Any) -> tuple[Any, Any]:
+def split_item(item: Any) -> tuple[Any, Any]:
+    """``(input, target)`` of an item or batch given as ``(x, y)``, ``(x,)`` or ``x``."""
     if isinstance(item, (tuple, list)) and len(item) == 2:
         return item[0], item[1]
     if isinstance(item, (tuple, list)) and len(item) == 1:
@@ -144,7 +145,7 @@ def iter_chunks(data: Any, chunk_size: int, max_samples: int | None = None) -> I
         idx = list(shard(n))
         for start in range(0, len(idx), chunk_size):
             keys = idx[start : start + chunk_size]
-            items = [_split(data[i]) for i in keys]
+            items = [split_item(data[i]) for i in keys]
             inputs = default_collate([x for x, _ in items])
             targets = None if items[0][1] is None else default_collate([y for _, y in items])
             yield Chunk(inputs, targets, torch.tensor(keys, dtype=torch.int64))
@@ -159,7 +160,7 @@ def iter_chunks(data: Any, chunk_size: int, max_samples: int | None = None) -> I
         limit = max_samples // world + (1 if rank < max_samples % world else 0)
     seen = 0
     for batch in data:
-        x, y = _split(batch)
+        x, y = split_item(batch)
         b = batch_size_of(x)
         for start in range(0, b, chunk_size):
             take = min(chunk_size, b - start)

@@ -58,7 +58,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .._params import ParamSelector, unwrap_model
-from ..data import Chunk, is_map_dataset, iter_chunks, stable_seed, tree_to
+from ..data import Chunk, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
 from ._per_sample import PerSampleEngine, ProgressFn, eval_mode, model_device
@@ -157,9 +157,7 @@ def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> li
     if is_map_dataset(data):
         if len(data) == 0:
             raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
-        item = data[0]
-        x = item[0] if isinstance(item, (tuple, list)) else item
-        x = default_collate([x])
+        x = default_collate([split_item(data[0])[0]])
     else:
         first = next(iter_chunks(data, 1), None)
         if first is None:

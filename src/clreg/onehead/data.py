@@ -124,6 +124,11 @@ def _to_tensor(img: Image.Image) -> Tensor:
     return data.view(img.size[1], img.size[0], 3).permute(2, 0, 1).contiguous()
 
 
+def _mask_tensor(mask: Image.Image) -> Tensor:
+    """A label image ("P" or "L") as int64 (H, W)."""
+    return torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).view(mask.size[1], mask.size[0]).long()
+
+
 def normalize(x: Tensor, mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD) -> Tensor:
     """uint8 (3, H, W) → normalised float."""
     m = torch.tensor(mean).view(3, 1, 1)
@@ -294,16 +299,13 @@ class SegmentationData(_Base):
 
     def original_mask(self, index: int) -> Tensor:
         """The mask at the image's original size (for evaluation there)."""
-        m = self.mask(index)
-        return torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(m.size[1], m.size[0]).long()
+        return _mask_tensor(self.mask(index))
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
         img = self._image(index, self.pairs[index][0])
         crop = self._crop(index, *img.size)
         x = normalize(_to_tensor(crop.image(img, self.size)))
-        m = crop.image(self.mask(index), self.size, resample=Image.NEAREST)
-        y = torch.frombuffer(bytearray(m.tobytes()), dtype=torch.uint8).view(self.size, self.size).long()
-        return x, y
+        return x, _mask_tensor(crop.image(self.mask(index), self.size, resample=Image.NEAREST))
 
 
 # -- detection ---------------------------------------------------------------------------------------

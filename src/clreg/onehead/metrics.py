@@ -193,9 +193,6 @@ class ClassificationMetric:
             raise ValueError("no images were scored")
         return float(self._tm.compute())
 
-    def per_class_accuracy(self) -> list[float]:
-        return []
-
     def scores(self, counts: Tensor) -> Tensor:
         correct = torch.cat(self._correct)
         return counts @ correct / counts.sum(1)
@@ -290,23 +287,16 @@ class DetectionMetric:
                 ignored.append(torch.as_tensor(e["dtIgnore"][:, :max_det]).bool().reshape(len(p.iouThrs), d))
                 img_of_det.append(torch.full((d,), pos[e["image_id"]], dtype=torch.long))
                 gt_per_img[pos[e["image_id"]]] = float((torch.as_tensor(e["gtIgnore"]) == 0).sum())
-            if scores:
-                s = torch.cat(scores)
-                order = torch.as_tensor(_mergesort_desc(s.tolist()))
-                rec = {
-                    "tp": torch.cat(matched, 1)[:, order] & ~torch.cat(ignored, 1)[:, order],
-                    "fp": ~torch.cat(matched, 1)[:, order] & ~torch.cat(ignored, 1)[:, order],
-                    "img": torch.cat(img_of_det)[order],
-                }
-            else:
-                rec = {
-                    "tp": torch.zeros(len(p.iouThrs), 0, dtype=torch.bool),
-                    "fp": None,
-                    "img": torch.zeros(0, dtype=torch.long),
-                }
-                rec["fp"] = rec["tp"].clone()
-            rec["gt"] = gt_per_img
-            records.append(rec)
+            n_thr = len(p.iouThrs)
+            m = torch.cat(matched, 1) if matched else torch.zeros(n_thr, 0, dtype=torch.bool)
+            ig = torch.cat(ignored, 1) if ignored else torch.zeros(n_thr, 0, dtype=torch.bool)
+            s = torch.cat(scores) if scores else torch.zeros(0, dtype=torch.float64)
+            img = torch.cat(img_of_det) if img_of_det else torch.zeros(0, dtype=torch.long)
+            order = torch.as_tensor(_mergesort_desc(s.tolist()), dtype=torch.long)
+            counted = ~ig[:, order]  # detections matched to ignored (crowd) boxes count neither way
+            records.append(
+                {"tp": m[:, order] & counted, "fp": ~m[:, order] & counted, "img": img[order], "gt": gt_per_img}
+            )
         # map image positions in COCOeval's order to this metric's order
         self._order = torch.as_tensor([pos[i] for i in self._ids])
         return records

@@ -102,14 +102,18 @@ class UnifiedOneHead(nn.Module):
             "cls": slice(k + 4 + s, k + 4 + s + self.cls_classes),
         }
 
-    def head_tensor(self, x: Tensor) -> Tensor:
-        """The one tensor every output is sliced from: (B, K+4+S+N, H/8, W/8)."""
+    def neck_features(self, x: Tensor) -> Tensor:
+        """Backbone maps upsampled to stride 8, concatenated, through the neck: (B, width, H/8, W/8)."""
         feats = self.backbone(x)
         size = feats[0].shape[-2:]
         fused = torch.cat(
             [feats[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False) for f in feats[1:]], 1
         )
-        return self.head(self.neck(fused))
+        return self.neck(fused)
+
+    def head_tensor(self, x: Tensor) -> Tensor:
+        """The one tensor every output is sliced from: (B, K+4+S+N, H/8, W/8)."""
+        return self.head(self.neck_features(x))
 
     def split(self, t: Tensor, size: Sequence[int]) -> dict[str, Any]:
         """The outputs as parameter-free operations on the head tensor ``t``."""
@@ -270,13 +274,7 @@ def cpu_latency(model: UnifiedOneHead, size: int = 512, repeats: int = 20, warmu
     """Median CPU latency of one ``size``×``size`` image, in ms: whole model, head alone, head share."""
     model = model.eval()
     x = torch.randn(1, 3, size, size)
-    feats = model.backbone(x)
-    fused = torch.cat(
-        [feats[0]]
-        + [F.interpolate(f, size=feats[0].shape[-2:], mode="bilinear", align_corners=False) for f in feats[1:]],
-        1,
-    )
-    neck = model.neck(fused)
+    neck = model.neck_features(x)
 
     def median(fn) -> float:
         for _ in range(warmup):

@@ -32,6 +32,7 @@ import json
 import math
 import os
 import random
+import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -105,6 +106,12 @@ def _polygon(
     return pts
 
 
+def _rotated(points: list[tuple[float, float]], rot: float, c: float) -> list[tuple[float, float]]:
+    """``points`` (around the origin) rotated by ``rot`` radians and moved to (c, c)."""
+    ca, sa = math.cos(rot), math.sin(rot)
+    return [(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in points]
+
+
 def shape_mask(kind: str, size: int, rot: float) -> Image.Image:
     """An 'L' mask (size × size) of one shape, rotated by ``rot`` radians."""
     m = Image.new("L", (size, size), 0)
@@ -118,22 +125,16 @@ def shape_mask(kind: str, size: int, rot: float) -> Image.Image:
     elif kind == "triangle":
         d.polygon(_polygon(3, r, rot, c, c), fill=255)
     elif kind == "bowtie":
-        ca, sa = math.cos(rot), math.sin(rot)
-        pts0 = [(-r, -0.8 * r), (r, 0.8 * r), (r, -0.8 * r), (-r, 0.8 * r)]
-        d.polygon([(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in pts0], fill=255)
+        d.polygon(_rotated([(-r, -0.8 * r), (r, 0.8 * r), (r, -0.8 * r), (-r, 0.8 * r)], rot, c), fill=255)
     elif kind == "lshape":
-        ca, sa = math.cos(rot), math.sin(rot)
         w = 0.45 * r
-        pts0 = [(-r, -r), (-r + w, -r), (-r + w, r - w), (r, r - w), (r, r), (-r, r)]
-        d.polygon([(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in pts0], fill=255)
+        d.polygon(_rotated([(-r, -r), (-r + w, -r), (-r + w, r - w), (r, r - w), (r, r), (-r, r)], rot, c), fill=255)
     elif kind == "star":
         d.polygon(_polygon(5, r, rot, c, c, inner=0.45), fill=255)
     elif kind == "cross":
         w = 0.32 * r
         for a in (rot, rot + math.pi / 2):
-            ca, sa = math.cos(a), math.sin(a)
-            pts = [(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in ((-r, -w), (r, -w), (r, w), (-r, w))]
-            d.polygon(pts, fill=255)
+            d.polygon(_rotated([(-r, -w), (r, -w), (r, w), (-r, w)], a, c), fill=255)
     elif kind == "ring":
         d.ellipse([c - r, c - r, c + r, c + r], fill=255)
         q = 0.55 * r
@@ -154,8 +155,7 @@ def shape_mask(kind: str, size: int, rot: float) -> Image.Image:
             (0.1 * r, 0.22 * r),
             (-r, 0.22 * r),
         ]
-        ca, sa = math.cos(rot), math.sin(rot)
-        d.polygon([(c + x * ca - y * sa, c + x * sa + y * ca) for x, y in pts0], fill=255)
+        d.polygon(_rotated(pts0, rot, c), fill=255)
     else:  # pragma: no cover - the kinds are fixed
         raise ValueError(kind)
     return m
@@ -277,9 +277,7 @@ def _write_seg(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
         img, mask, _ = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines)
         img.save(d / f"seg_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
         mask.putpalette(pal)
-        mask.convert("P").save(d / f"seg_{split}_{i:05d}.png") if mask.mode != "P" else mask.save(
-            d / f"seg_{split}_{i:05d}.png"
-        )
+        mask.save(d / f"seg_{split}_{i:05d}.png")  # a palette ("P") PNG after putpalette
 
 
 def _write_det(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
@@ -335,8 +333,6 @@ def generate(
         return root
     tmp = base / (cfg.key() + f".tmp{os.getpid()}")
     if tmp.exists():
-        import shutil
-
         shutil.rmtree(tmp)
     counts = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
     for split, n in counts.items():
@@ -355,7 +351,5 @@ def generate(
     try:
         os.replace(tmp, root)
     except OSError:  # another process finished first
-        import shutil
-
         shutil.rmtree(tmp, ignore_errors=True)
     return root

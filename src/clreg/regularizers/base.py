@@ -164,7 +164,8 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         key = prefix + "n_tasks"
         if key in state_dict:
             self._n_tasks_py = int(state_dict[key])
-        self._state_loaded()
+        self._state_changed()
 
-    def _state_loaded(self) -> None:
-        """Hook for subclasses: drop caches derived from the state."""
+    def _state_changed(self) -> None:
+        """Hook for subclasses: drop caches derived from the state (after a consolidation, a load or a
+        move)."""

@@ -58,12 +58,8 @@ class QuadraticPenalty(Regularizer):
 
     # -- caches -----------------------------------------------------------------------------------
     def _state_changed(self) -> None:
-        """Drop the caches derived from the state (after a consolidation, a load or a move)."""
         self._weighted_anchor = None
         self._sqrt = None
-
-    def _state_loaded(self) -> None:
-        self._state_changed()
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -123,27 +119,34 @@ class QuadraticPenalty(Regularizer):
         self._attached = True
         return self
 
-    def _pre_step(self, mask: list[bool]) -> None:
-        if self._n_tasks_py == 0:
-            return
+    def _step_targets(self, mask: list[bool]) -> tuple[list[int], list[Tensor], list[Tensor]] | None:
+        """(indices, parameters, grads) this step acts on: in the optimizer, with a gradient."""
         params = self._pset.last()
         idx = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.grad is not None]
         if not idx:
-            return
-        ps = [params[i] for i in idx]
-        grads = [p.grad for p in ps]
-        imp, anc = self.importance.tensors, self.anchor.tensors
-        if self._recording(params):
-            if len(idx) != len(params):
-                imp, anc = [imp[i] for i in idx], [anc[i] for i in idx]
-            added = quadratic_penalty_grad(ps, imp, anc, self.scale)
+            return None
+        ps = params if len(idx) == len(params) else [params[i] for i in idx]
+        return idx, ps, [p.grad for p in ps]
+
+    def _subset(self, tensors: list[Tensor], idx: list[int]) -> list[Tensor]:
+        return tensors if len(idx) == len(tensors) else [tensors[i] for i in idx]
+
+    def _add_penalty_grad(self, idx: list[int], ps: list[Tensor], grads: list[Tensor], record: bool) -> None:
+        """grads += 2 s A (θ − m); with ``record``, what is added also goes to the ledger for SI."""
+        imp = self._subset(self.importance.tensors, idx)
+        if record:
+            added = quadratic_penalty_grad(ps, imp, self._subset(self.anchor.tensors, idx), self.scale)
             torch._foreach_add_(grads, added)
             _ledger.record_unscaled(ps, added)
+        else:
+            add_quadratic_penalty_grad_(grads, ps, imp, self._subset(self.weighted_anchor(), idx), self.scale)
+
+    def _pre_step(self, mask: list[bool]) -> None:
+        if self._n_tasks_py == 0:
             return
-        wa = self.weighted_anchor()
-        if len(idx) != len(params):
-            imp, wa = [imp[i] for i in idx], [wa[i] for i in idx]
-        add_quadratic_penalty_grad_(grads, ps, imp, wa, self.scale)
+        targets = self._step_targets(mask)
+        if targets is not None:
+            self._add_penalty_grad(*targets, record=self._recording(self._pset.last()))
 
     def state_bytes(self) -> int:
         """Bytes of state held (saved buffers plus caches)."""

@@ -42,7 +42,6 @@ from torch import Tensor, nn
 
 from .._params import ParamSelector
 from .._store import TensorStore
-from ..functional.penalty import add_quadratic_penalty_grad_
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
 from . import _ledger
@@ -183,26 +182,20 @@ class SI(QuadraticPenalty):
             self._snapshot_idx = None
             super()._pre_step(mask)
             return
-        params = self._pset.last()
-        idx = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.grad is not None]
-        self._snapshot_idx = idx
-        if not idx:
+        targets = self._step_targets(mask)
+        self._snapshot_idx = None if targets is None else targets[0]
+        if targets is None:
             return
+        idx, ps, grads = targets
         if self._snapshot is None:
             self._snapshot = [torch.empty_like(w) for w in self.omega.tensors]
-        full = len(idx) == len(params)
-        ps = params if full else [params[i] for i in idx]
-        grads = [p.grad for p in ps]
-        snap = self._snapshot if full else [self._snapshot[i] for i in idx]
+        snap = self._subset(self._snapshot, idx)
         with torch.no_grad():
             torch._foreach_copy_(snap, grads)
             for g, a in zip(snap, _ledger.take(ps, self._loss_scale())):  # added before this hook ran
                 if a is not None:
                     g.sub_(a.to(g.dtype))
-            imp, wa = self.importance.tensors, self.weighted_anchor()
-            if not full:
-                imp, wa = [imp[i] for i in idx], [wa[i] for i in idx]
-            add_quadratic_penalty_grad_(grads, ps, imp, wa, self.scale)
+            self._add_penalty_grad(idx, ps, grads, record=False)
 
     def _after_step(self, params: list[Tensor] | None) -> None:
         from_snapshot = params is None and self.attached and self._snapshot_idx is not None
@@ -211,12 +204,9 @@ class SI(QuadraticPenalty):
         prev, omega = self.previous.tensors, self.omega.tensors
         with torch.no_grad():
             if idx:
-                full = len(idx) == len(params)
-                ps = params if full else [params[i] for i in idx]
-                pv = prev if full else [prev[i] for i in idx]
-                om = omega if full else [omega[i] for i in idx]
+                ps, pv, om = (self._subset(t, idx) for t in (params, prev, omega))
                 if from_snapshot:
-                    grads = self._snapshot if full else [self._snapshot[i] for i in idx]
+                    grads = self._subset(self._snapshot, idx)
                     _ledger.clear(ps)  # added after the snapshot: not in it
                 else:
                     grads = [p.grad for p in ps]
