@@ -9,7 +9,8 @@
       └ head (2 learnable layers, one branch): 3×3 conv → ReLU → 1×1 conv → T (B, K+4+S+N, S/8, S/8)
     outputs, all parameter-free slices of T:
       "det": {"heatmap": T[:, :K]            (B, K, h, w)   class centre logits (sigmoid)
-              "box":     T[:, K:K+4]         (B, 4, h, w)   log(l, t, r, b / stride)}
+              "box":     T[:, K:K+4]         (B, 4, h, w)   log(l, t, r, b / stride)
+              "objectness": max over K of sigmoid(heatmap)  (B, h, w)  (a distillation weight)}
       "seg": upsample(T[:, K+4:K+4+S])       (B, S_cls, H, W) segmentation logits
       "cls": mean over (h, w) of T[:, -N:]   (B, N)         classification logits
 
@@ -120,7 +121,11 @@ class UnifiedOneHead(nn.Module):
         sl = self.slices()
         return {
             "seg": F.interpolate(t[:, sl["seg"]], size=tuple(size), mode="bilinear", align_corners=False),
-            "det": {"heatmap": t[:, sl["heatmap"]], "box": t[:, sl["box"]]},
+            "det": {
+                "heatmap": t[:, sl["heatmap"]],
+                "box": t[:, sl["box"]],
+                "objectness": torch.sigmoid(t[:, sl["heatmap"]]).amax(1),
+            },
             "cls": t[:, sl["cls"]].mean(dim=(2, 3)),
         }
 

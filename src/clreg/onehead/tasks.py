@@ -33,10 +33,6 @@ METRIC_NAMES = {"seg": "mIoU", "det": "mAP@0.5", "cls": "Top-1"}
 FOLDERS = {"seg": "mini_voc_seg", "det": "mini_coco_det", "cls": "imagenette_160"}
 
 
-def _objectness(teacher_out: Any) -> Tensor:
-    return torch.sigmoid(teacher_out["det"]["heatmap"]).amax(1)
-
-
 @dataclass
 class Task:
     name: str
@@ -46,6 +42,8 @@ class Task:
     spec: TaskSpec
     num_classes: int
     class_names: list[str]
+    fit_data: Dataset | None = None  # the training images with the evaluation transform (for consolidate)
+    chance: float = 0.0  # the metric's value for a model that has learned nothing
 
     @property
     def metric_name(self) -> str:
@@ -75,6 +73,9 @@ def make_tasks(
     cls_classes = (class_names or {}).get("cls")
     cls_train = ClassificationData(root / FOLDERS["cls"], "train", size, train=True, seed=seed, classes=cls_classes)
     cls_eval = ClassificationData(root / FOLDERS["cls"], eval_split, size, classes=cls_train.classes)
+    seg_fit = SegmentationData(root / FOLDERS["seg"], "train", size)
+    det_fit = DetectionData(root / FOLDERS["det"], "train", size, cats)
+    cls_fit = ClassificationData(root / FOLDERS["cls"], "train", size, classes=cls_train.classes)
     n_seg = len(seg_names) if seg_names else 21
     check_split_overlap([p for p, _ in seg_train.pairs], [p for p, _ in seg_eval.pairs], "segmentation")
     check_split_overlap(
@@ -90,6 +91,7 @@ def make_tasks(
             TaskSpec(outputs=[OutputSpec(select="seg", kind="softmax", ignore_index=IGNORE_INDEX)]),
             n_seg,
             list(seg_names or [str(i) for i in range(n_seg)]),
+            fit_data=seg_fit,
         ),
         "det": Task(
             "det",
@@ -99,12 +101,13 @@ def make_tasks(
             TaskSpec(
                 outputs=[
                     OutputSpec(select="det.heatmap", kind="sigmoid"),
-                    OutputSpec(select="det.box", kind="regression", weight=_objectness),
+                    OutputSpec(select="det.box", kind="regression", weight="det.objectness"),
                 ],
                 per_sample_loss=detection_loss,
             ),
             len(cats),
             list(cats),
+            fit_data=det_fit,
         ),
         "cls": Task(
             "cls",
@@ -114,6 +117,8 @@ def make_tasks(
             TaskSpec(outputs=[OutputSpec(select="cls", kind="softmax")]),
             len(cls_train.classes),
             list(cls_train.classes),
+            fit_data=cls_fit,
+            chance=1.0 / len(cls_train.classes),
         ),
     }
 

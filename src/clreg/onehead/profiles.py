@@ -1,0 +1,122 @@
+"""The benchmark's profiles: ``quick`` (the default), ``tiny`` (for tests) and ``original``.
+
+Each profile fixes the data, the input size, the model width, the backbone, the per-stage budgets in
+optimizer steps, the methods and their settings. ``--set name=value`` overrides a setting; the
+resolved configuration is written to ``results.json``.
+
+The quick profile's method settings come from :data:`QUICK_SETTINGS`, whose provenance
+(:data:`QUICK_SETTINGS_PROVENANCE`) says which ``--tune`` run chose them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .synthetic import SyntheticConfig
+
+__all__ = ["PROFILES", "QUICK_SETTINGS", "QUICK_SETTINGS_PROVENANCE", "Profile", "get_profile"]
+
+ALL_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,ewc+lwf+replay"
+
+QUICK_SETTINGS: dict[str, float] = {
+    "lr": 2e-3,
+    "ewc.lam": 100.0,
+    "online_ewc.lam": 100.0,
+    "online_ewc.gamma": 1.0,
+    "si.c": 1.0,
+    "lwf.alpha": 1.0,
+    "mas.lam": 10.0,
+    "replay.per_step": 8,
+}
+QUICK_SETTINGS_PROVENANCE = "set by hand before any --tune run (not tuned)"
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    synthetic: SyntheticConfig
+    size: int
+    width: int
+    steps: tuple[int, ...]  # per stage, in optimizer steps
+    batch_size: int
+    methods: str
+    backbone: str  # "pretext" (the shipped backbone), "random" or "pretrained" (timm's hub)
+    settings: dict[str, float] = field(default_factory=dict)
+    stage_settings: tuple[dict[str, float], ...] = ((), (), ())  # type: ignore[assignment]
+    stage_lr: tuple[float | None, ...] = (None, None, None)
+    resamples: int = 1000
+    latency: bool = True
+    tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+
+    def to_config(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["steps"] = list(self.steps)
+        d["stage_settings"] = [dict(s) for s in self.stage_settings]
+        d["stage_lr"] = list(self.stage_lr)
+        d["tune_grid"] = {k: list(v) for k, v in self.tune_grid.items()}
+        return d
+
+
+_TUNE_GRID = {
+    "lr": (1e-3, 2e-3, 4e-3),
+    "ewc.lam": (10.0, 100.0, 1000.0, 10000.0),
+    "online_ewc.lam": (10.0, 100.0, 1000.0, 10000.0),
+    "si.c": (0.1, 1.0, 10.0),
+    "lwf.alpha": (0.3, 1.0, 3.0),
+    "mas.lam": (1.0, 10.0, 100.0),
+    "replay.per_step": (4.0, 8.0),
+}
+
+PROFILES: dict[str, Profile] = {
+    "quick": Profile(
+        name="quick",
+        synthetic=SyntheticConfig(),
+        size=160,
+        width=96,
+        steps=(220, 220, 220),
+        batch_size=16,
+        methods=ALL_METHODS,
+        backbone="pretext",
+        settings=dict(QUICK_SETTINGS),
+        stage_settings=({}, {}, {}),
+        tune_grid=_TUNE_GRID,
+    ),
+    "tiny": Profile(
+        name="tiny",
+        synthetic=SyntheticConfig(train=12, val=8, test=8, size=64, cls_train=12),
+        size=64,
+        width=16,
+        steps=(3, 3, 3),
+        batch_size=4,
+        methods="naive,ewc",
+        backbone="random",
+        settings={"ewc.lam": 10.0},
+        stage_settings=({}, {}, {}),
+        resamples=50,
+        latency=False,
+        tune_grid={"ewc.lam": (1.0, 10.0)},
+    ),
+    # The original write-up's schedule: 30/30/15 epochs of 240 images at batch 16, learning rates
+    # 5e-4/5e-4/1e-4, EWC λ 3.0 in stage 2 and 5.0 in stage 3 (read nominally in clreg's convention:
+    # λ/2 Σ F (θ − θ*)², F the per-sample mean Fisher), 512 px. For a GPU.
+    "original": Profile(
+        name="original",
+        synthetic=SyntheticConfig(size=512),
+        size=512,
+        width=96,
+        steps=(30 * 15, 30 * 15, 15 * 15),
+        batch_size=16,
+        methods="naive,ewc",
+        backbone="pretext",
+        settings={"ewc.lam": 3.0},
+        stage_settings=({}, {"ewc.lam": 3.0}, {"ewc.lam": 5.0}),
+        stage_lr=(5e-4, 5e-4, 1e-4),
+    ),
+}
+
+
+def get_profile(name: str, **changes: Any) -> Profile:
+    if name not in PROFILES:
+        raise ValueError(f"unknown profile {name!r}; choose from {', '.join(PROFILES)}")
+    return replace(PROFILES[name], **changes)

@@ -1,0 +1,297 @@
+"""The three-stage benchmark: the tiny profile end to end, resume after a kill, the report's
+measures against hand computations, the generic harness on another model, and bad inputs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("pycocotools")
+
+from clreg import TaskSpec
+from clreg.onehead.benchmark import main
+from clreg.onehead.harness import HarnessTask, Runner, RunSettings, Stage, evaluation_record
+from clreg.onehead.methods import Method, parse_methods
+from clreg.onehead.metrics import ClassificationMetric
+from clreg.onehead.report import judge, sequence_measures
+
+TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
+
+
+def _strip(tree):
+    """results.json without what legitimately differs between two runs (timings, memory, dates)."""
+    if isinstance(tree, dict):
+        return {k: _strip(v) for k, v in tree.items() if k not in TIMING_KEYS}
+    if isinstance(tree, list):
+        return [_strip(v) for v in tree]
+    return tree
+
+
+@pytest.fixture(scope="module")
+def cache_env(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("cache")
+    old = os.environ.get("XDG_CACHE_HOME")
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    yield cache
+    if old is None:
+        del os.environ["XDG_CACHE_HOME"]
+    else:
+        os.environ["XDG_CACHE_HOME"] = old
+
+
+@pytest.fixture(scope="module")
+def tiny_run(cache_env, tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny")
+    assert main(["--profile", "tiny", "--out", str(out), "--quiet"]) == 0
+    return out
+
+
+def test_tiny_run_writes_a_complete_report(tiny_run):
+    res = json.loads((tiny_run / "results.json").read_text())
+    assert res["schema_version"] == 1
+    assert set(res["summary"]["methods"]) == {"naive", "ewc"}
+    for m in ("naive", "ewc"):
+        r = res["summary"]["methods"][m]
+        assert len(r["R"]) == 3 and all(len(row) == 3 for row in r["R"])
+        assert all(0.0 <= v <= 1.0 for row in r["R"] for v in row)
+        for t in ("seg", "det", "cls"):
+            f = r["final"][t]
+            assert f["interval"][0] <= f["mean"] + 1e-9 <= f["interval"][1] + 2e-9
+            assert f["five_percent_rule"]["verdict"] in ("pass", "fail", "inconclusive", "not judged")
+        # the measures are those of the stored matrix against the stored baselines
+        base = [res["summary"]["baselines"][t]["mean"] for t in ("seg", "det", "cls")]
+        want = sequence_measures(r["R"], base)
+        assert r["measures"]["forgetting"]["mean"] == pytest.approx(want["forgetting"])
+        assert r["measures"]["average_final"]["mean"] == pytest.approx(want["average_final"])
+    # stage 1 is shared: every method's first row is the same
+    assert res["summary"]["methods"]["naive"]["R"][0] == res["summary"]["methods"]["ewc"]["R"][0]
+    assert res["summary"]["methods"]["ewc"]["regularizer_bytes"] > 0
+    assert res["summary"]["methods"]["naive"]["regularizer_bytes"] == 0
+    prov = res["provenance"]
+    assert prov["versions"]["torch"] and prov["threads"] >= 1 and prov["cpu"]
+    assert res["config"]["data"]["hash"] and res["config"]["eval_split"] == "test"
+    assert res["within_rules"] == {"naive": True, "ewc": True}
+    report = (tiny_run / "report.md").read_text()
+    assert "| naive | yes |" in report and "R[stage][task]" in report
+    assert (tiny_run / "accuracy_matrices.png").stat().st_size > 0
+    # every unit's state loads with weights_only
+    for p in (tiny_run / "state" / "seed0").glob("*.pt"):
+        state = torch.load(p, weights_only=True)
+        assert "evals" in state and isinstance(state["rng"], torch.Tensor)
+
+
+def test_a_finished_run_is_not_repeated(tiny_run, cache_env):
+    before = {p: p.stat().st_mtime_ns for p in (tiny_run / "state" / "seed0").glob("*.pt")}
+    first = json.loads((tiny_run / "results.json").read_text())
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--quiet"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (tiny_run / "state" / "seed0").glob("*.pt")}
+    assert before == after
+    assert _strip(json.loads((tiny_run / "results.json").read_text())) == _strip(first)
+
+
+def test_killed_run_resumes_to_the_same_results(tiny_run, cache_env, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_env)}
+    cmd = [sys.executable, "-m", "clreg.onehead", "--profile", "tiny", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    target = out / "state" / "seed0" / "single__det.pt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
+    assert not (out / "results.json").exists()
+    done_before = sorted(p.name for p in (out / "state" / "seed0").glob("*.pt"))
+    assert "stage1.pt" in done_before and not any(".tmp" in n for n in done_before)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "results.json").read_text())
+    want = json.loads((tiny_run / "results.json").read_text())
+    got["config"].pop("data"), want["config"].pop("data")
+    assert _strip(got) == _strip(want)
+
+
+def test_evaluate_reads_a_saved_model(tiny_run, cache_env, capsys):
+    root = Path(json.loads((tiny_run / "results.json").read_text())["config"]["data"]["synthetic"]["key"])
+    data_root = Path(os.environ["XDG_CACHE_HOME"]) / "clreg" / "synthetic" / root
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "models" / "ewc.pt"), "--data-root", str(data_root),
+                 "--split", "test"]) == 0  # fmt: skip
+    line = capsys.readouterr().out
+    res = json.loads((tiny_run / "results.json").read_text())["summary"]["methods"]["ewc"]["final"]
+    got = dict(zip(line.split()[::2], map(float, line.split()[1::2])))
+    assert got["mIoU"] == pytest.approx(res["seg"]["mean"], abs=1e-4)
+    assert got["Top-1"] == pytest.approx(res["cls"]["mean"], abs=1e-4)
+    assert got["mAP@0.5"] == pytest.approx(res["det"]["mean"], abs=1e-4)
+
+
+def test_two_processes_on_gloo_give_a_valid_run(cache_env, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_env), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "clreg.onehead"]
+    cmd += ["--profile", "tiny", "--methods", "ewc+replay", "--no-joint", "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    m = res["summary"]["methods"]["ewc+replay"]
+    assert len(m["R"]) == 3 and all(0.0 <= v <= 1.0 for row in m["R"] for v in row)
+    # the replay buffer holds each past task's 10 picks once (gathered from both ranks, no duplicates)
+    state = torch.load(out / "state" / "seed0" / "ewc+replay__stage3.pt", weights_only=True)
+    buf = clreg_replay_from_state(state["buffer"])
+    assert sorted(buf.tasks) == ["det", "seg"] and all(len(buf.samples(t)) == 10 for t in buf.tasks)
+    xs = torch.stack([x for x, _ in buf.samples("seg")])
+    assert len({tuple(x.flatten()[:64].tolist()) for x in xs}) == 10
+
+
+def clreg_replay_from_state(state):
+    from clreg import ReplayBuffer
+
+    buf = ReplayBuffer(10)
+    buf.load_state_dict(state)
+    return buf
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--methods", "naive,foo"], "unknown method part"),
+        (["--methods", "naive+ewc"], "cannot be combined"),
+        (["--set", "ewc.lam"], "NAME=VALUE"),
+        (["--set", "bogus=1"], "unknown setting"),
+        (["--set", "ewc.lam=abc"], "not a number"),
+        (["--seeds", "0"], "--seeds"),
+        (["--data-root", "/nonexistent/data"], "no such folder"),
+        (["--backbone-weights", "/nonexistent/w.pt"], "no such file"),
+        (["evaluate", "--checkpoint", "/nonexistent.pt", "--data-root", "."], "checkpoint not found"),
+    ],
+)
+def test_bad_inputs_give_a_message_and_exit_2(argv, message, capsys, tmp_path):
+    argv = argv if argv[0] == "evaluate" else ["--profile", "tiny", "--out", str(tmp_path / "o"), *argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_bad_data_root_and_unreadable_checkpoint(tmp_path, capsys):
+    (tmp_path / "mini_voc_seg").mkdir()
+    assert main(["--profile", "tiny", "--data-root", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    assert "lacks" in capsys.readouterr().err
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    assert main(["evaluate", "--checkpoint", str(bad), "--data-root", str(tmp_path)]) == 2
+    assert "cannot read checkpoint" in capsys.readouterr().err
+
+
+def test_a_changed_configuration_is_refused(tiny_run, capsys):
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--set", "ewc.lam=3", "--quiet"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+
+
+# -- the report's measures by hand ----------------------------------------------------------------
+
+
+def test_sequence_measures_by_hand():
+    R = [[0.8, 0.1, 0.0], [0.5, 0.9, 0.1], [0.4, 0.6, 0.7]]
+    base = [0.8, 1.0, 0.7]
+    m = sequence_measures(R, base)
+    assert m["average_final"] == pytest.approx((0.4 + 0.6 + 0.7) / 3)
+    assert m["backward_transfer"] == pytest.approx(((0.4 - 0.8) + (0.6 - 0.9)) / 2)
+    assert m["forgetting"] == pytest.approx(((0.8 - 0.4) + (0.9 - 0.6)) / 2)
+    assert m["intransigence"] == pytest.approx((0.0 + 0.1 + 0.0) / 3)
+    assert m["forgetting_normalised"] == pytest.approx(((0.8 - 0.4) / 0.8 + (0.9 - 0.6) / 1.0) / 2)
+    assert m["average_final_normalised"] == pytest.approx((0.4 / 0.8 + 0.6 + 1.0) / 3)
+
+
+def test_judge_pass_fail_inconclusive_and_near_chance():
+    g = torch.Generator().manual_seed(0)
+    base = [0.8 + 0.01 * torch.randn(500, generator=g, dtype=torch.float64)]
+    assert judge([base[0] * 0.99], base, 0.8, 0.1)["verdict"] == "pass"
+    assert judge([base[0] * 0.90], base, 0.8, 0.1)["verdict"] == "fail"
+    noisy = [base[0] * (0.95 + 0.05 * torch.randn(500, generator=g, dtype=torch.float64))]
+    assert judge(noisy, base, 0.8, 0.1)["verdict"] == "inconclusive"
+    assert judge([base[0]], base, 0.15, 0.1)["verdict"] == "not judged"
+    # two seeds: judged on the ratio of the seed means per resample
+    v = judge([base[0] * 0.99, base[0] * 0.89], [base[0], base[0]], 0.8, 0.1)
+    assert v["ratio_lo"] == pytest.approx(0.94, abs=1e-9) and v["verdict"] == "fail"
+
+
+def test_methods_parse_and_rules():
+    assert parse_methods("naive, ewc ,ewc+lwf+replay") == ["naive", "ewc", "ewc+lwf+replay"]
+    assert not Method.parse("si").within_rules and not Method.parse("ewc+mas").within_rules
+    assert Method.parse("lwf+replay").within_rules
+    with pytest.raises(ValueError, match="repeats"):
+        Method.parse("ewc+ewc")
+
+
+# -- the harness is generic: another model, another task list ----------------------------------------
+
+
+class _Toy(torch.utils.data.Dataset):
+    def __init__(self, w: torch.Tensor, n: int, seed: int) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, 6, generator=g)
+        self.y = (self.x @ w).argmax(1)
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+
+def test_harness_runs_another_model_and_task_list(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(6, 3, generator=g) for _ in range(2)]
+
+    def make_task(name: str, w: torch.Tensor, k: int) -> HarnessTask:
+        train, test = _Toy(w, 64, 10 + k), _Toy(w, 200, 20 + k)
+
+        def loss(out, y):
+            return torch.nn.functional.cross_entropy(out[name], y, reduction="none")
+
+        def evaluate(model):
+            metric = ClassificationMetric(3)
+            with torch.no_grad():
+                metric.update(model(test.x)[name], test.y, ids=list(range(len(test))))
+            return metric
+
+        return HarnessTask(name, train, loss, TaskSpec(outputs=[]), evaluate, "Top-1", chance=1 / 3)
+
+    class TwoHead(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.body = torch.nn.Linear(6, 16)
+            self.a, self.b = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = torch.relu(self.body(x))
+            return {"a": self.a(h), "b": self.b(h)}
+
+    from clreg import OutputSpec
+
+    tasks = {n: make_task(n, w, k) for k, (n, w) in enumerate(zip("ab", ws))}
+    for n in "ab":
+        tasks[n].spec = TaskSpec(outputs=[OutputSpec(select=n, kind="softmax")])
+    stages = [Stage("a", 60, 0.02), Stage("b", 60, 0.02)]
+    runner = Runner(TwoHead, tasks, stages, RunSettings(batch_size=16, resamples=100, progress=False), tmp_path,
+                    log_line=lambda s: None)  # fmt: skip
+    naive = runner.method(Method.parse("naive"))
+    lwf = runner.method(Method.parse("lwf", {"lwf.alpha": 10.0}))
+    assert naive[0]["evals"]["a"]["value"] > 0.7  # task a learned in stage 1
+    # both runs start stage 2 from the same stage-1 state; LwF keeps more of task a
+    assert lwf[1]["evals"]["a"]["value"] >= naive[1]["evals"]["a"]["value"]
+    rec = evaluation_record(tasks["a"].evaluate(TwoHead()), 100)
+    assert rec["boot"].shape == (100,) and rec["lo"] <= rec["value"] <= rec["hi"] + 1e-12
+    assert math.isfinite(rec["value"])
