@@ -199,6 +199,20 @@ def test_a_changed_configuration_is_refused(tiny_run, capsys):
     assert "another configuration" in capsys.readouterr().err
 
 
+def test_tune_writes_its_grid_scores_and_choice(cache_env, tmp_path):
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--out", str(out), "--quiet", "--no-joint"]) == 0
+    tune = json.loads((out / "tune.json").read_text())
+    assert tune["split"] == "val" and tune["grid"] == {"ewc.lam": [1.0, 10.0]}
+    trials = tune["methods"]["ewc"]["trials"]
+    assert [t["settings"]["ewc.lam"] for t in trials] == [1.0, 10.0]
+    best = max(trials, key=lambda t: t["score"])
+    assert tune["methods"]["ewc"]["chosen"]["ewc.lam"] == best["settings"]["ewc.lam"]
+    for t in trials:  # the score is the mean over tasks of final / baseline on val
+        assert t["score"] == pytest.approx(sum(t["final"].values()) / 3)
+    assert (out / "ewc_lambda_sensitivity.png").stat().st_size > 0
+
+
 # -- the report's measures by hand ----------------------------------------------------------------
 
 
@@ -295,3 +309,24 @@ def test_harness_runs_another_model_and_task_list(tmp_path):
     rec = evaluation_record(tasks["a"].evaluate(TwoHead()), 100)
     assert rec["boot"].shape == (100,) and rec["lo"] <= rec["value"] <= rec["hi"] + 1e-12
     assert math.isfinite(rec["value"])
+
+
+def test_backbone_learning_rate_scale_applies_to_backbone_parameters_only():
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.backbone, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+        def forward(self, x):
+            return {"a": self.head(torch.relu(self.backbone(x)))}
+
+    from clreg.onehead.harness import train_steps
+
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = HarnessTask("a", _Toy(torch.randn(6, 3), 32, 0), lambda o, y: torch.nn.functional.cross_entropy(
+        o["a"], y, reduction="none"), TaskSpec(), lambda m: None)  # fmt: skip
+    train_steps(net, [task], 5, 0.1, RunSettings(batch_size=8, progress=False, backbone_lr_scale=0.0), 0)
+    after = net.state_dict()
+    assert torch.equal(before["backbone.weight"], after["backbone.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])

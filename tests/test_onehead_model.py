@@ -150,3 +150,20 @@ def test_losses_are_per_sample_and_vmap_safe(model) -> None:
 def test_cpu_latency_reports_head_share(model) -> None:
     lat = cpu_latency(model, size=64, repeats=2, warmup=1)
     assert 0 < lat["head_ms"] < lat["model_ms"] and 0 < lat["head_share"] < 1
+
+
+def test_reset_task_outputs_puts_one_task_at_its_prior_and_leaves_the_others():
+    torch.manual_seed(0)
+    model = UnifiedOneHead(det_classes=3, seg_classes=5, cls_classes=4, width=16).eval()
+    x = torch.randn(2, 3, 64, 64)
+    before = model(x)
+    model.reset_task_outputs("det")
+    after = model(x)
+    torch.testing.assert_close(after["det"]["heatmap"], torch.full_like(after["det"]["heatmap"], -2.19))
+    torch.testing.assert_close(after["det"]["box"], torch.zeros_like(after["det"]["box"]))
+    torch.testing.assert_close(after["seg"], before["seg"])
+    torch.testing.assert_close(after["cls"], before["cls"])
+    model.reset_task_outputs("cls")
+    torch.testing.assert_close(model(x)["cls"], torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="task must be one of"):
+        model.reset_task_outputs("depth")

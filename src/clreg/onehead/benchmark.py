@@ -25,6 +25,7 @@ import platform
 import subprocess
 import sys
 import time
+import warnings
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,9 @@ from .tasks import FOLDERS, METRIC_NAMES, TASK_NAMES, Task, evaluate, make_tasks
 __all__ = ["build_parser", "main", "run_benchmark"]
 
 SEQUENCE = ("seg", "det", "cls")
+# not compared when resuming: where it runs, how many seeds (each seed's units are separate), which
+# methods (each method's units are separate) and whether the joint reference is run
+IGNORED_ON_RESUME = ("device", "seeds", "methods", "within_rules", "joint")
 
 
 class UsageError(ValueError):
@@ -79,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a method setting")
     p.add_argument("--no-joint", action="store_true", help="skip the joint-training reference")
     p.add_argument("--tune", action="store_true", help="search the profile's grid on the validation split")
+    p.add_argument("--baselines-only", action="store_true", help="train and evaluate the single-task baselines only")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
 
@@ -185,6 +190,7 @@ def _to_harness(task: Task, device: str) -> HarnessTask:
         fit_data=task.fit_data,
         chance=task.chance,
         extras=extras,
+        prepare=lambda model: model.reset_task_outputs(task.name),
     )
 
 
@@ -285,10 +291,10 @@ def _load_data(prof: Profile, config: dict[str, Any], log_line) -> tuple[Path, s
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
     saved = out / "config.json"
-    comparable = {k: v for k, v in config.items() if k not in ("device",)}
+    comparable = {k: v for k, v in config.items() if k not in IGNORED_ON_RESUME}
     if saved.is_file():
         old = json.loads(saved.read_text())
-        old = {k: v for k, v in old.items() if k not in ("device",)}
+        old = {k: v for k, v in old.items() if k not in IGNORED_ON_RESUME}
         if json.loads(json.dumps(comparable)) != old:
             diff = sorted(
                 k for k in set(old) | set(comparable) if old.get(k) != json.loads(json.dumps(comparable)).get(k)
@@ -345,6 +351,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     wrap = _ddp_wrap if rank_and_world()[1] > 1 else None
     if args.tune:
         return _tune(prof, config, make_model, htasks, stages, run, out, wrap, log_line)
+    if args.baselines_only:
+        return _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line)
     seeds = []
     for seed in config["seeds"]:
         runner = Runner(make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line)
@@ -384,6 +392,27 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
     results = write_report(results, out)
     log_line(f"report: {out / 'report.md'}")
     return results
+
+
+def _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line) -> dict[str, Any]:
+    """Only the single-task baselines (each task alone, its stage's budget): ``baselines.json``."""
+    res: dict[str, Any] = {"steps": config["steps"], "split": config["eval_split"], "seeds": {}}
+    for seed in config["seeds"]:
+        runner = Runner(make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line)
+        res["seeds"][seed] = {}
+        for i, st in enumerate(stages):
+            state = runner.single(i)
+            rec = state["evals"][st.task]
+            res["seeds"][seed][st.task] = {
+                "value": rec["value"],
+                "interval": [rec["lo"], rec["hi"]],
+                "train_seconds": state["train"]["seconds"],
+                **({"map_50_95": rec["map_50_95"]} if "map_50_95" in rec else {}),
+            }
+    if rank_and_world()[0] == 0:
+        (out / "baselines.json").write_text(json.dumps(res, indent=1))
+        log_line(f"baselines: {out / 'baselines.json'}")
+    return res
 
 
 def _save_models(seed0: dict[str, Any], make_model, tasks: dict[str, Task], prof: Profile, out: Path) -> None:
@@ -510,6 +539,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
         if args.quiet:
             logging.getLogger("clreg").setLevel(logging.ERROR)
+            warnings.simplefilter("ignore")
         _init_distributed()
         run_benchmark(args)
         return 0

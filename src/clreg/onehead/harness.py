@@ -56,6 +56,8 @@ class HarnessTask:
     fit_data: Dataset | None = None  # training images with the evaluation transform, for consolidate
     chance: float = 0.0
     extras: Callable[[Any], dict[str, Any]] | None = None  # more figures from a metric (per-class, …)
+    # called on the model when the task's stage starts after another stage (the same for every method)
+    prepare: Callable[[nn.Module], None] | None = None
 
 
 @dataclass
@@ -76,6 +78,7 @@ class RunSettings:
     device: str = "cpu"
     amp: bool = False
     progress: bool = True
+    backbone_lr_scale: float = 1.0  # the learning rate of parameters named "backbone.*", relative
 
     def __post_init__(self) -> None:
         if self.bn not in ("train", "freeze"):
@@ -244,7 +247,12 @@ def train_steps(
     stored samples, all in one forward pass; the loss is the sum of the tasks' mean losses
     (replayed tasks weighted by ``replay_weight``) plus the regularizer."""
     device = torch.device(run.device)
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=run.weight_decay)
+    named = [(n.removeprefix("module."), p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for n, p in named if not n.startswith("backbone.")], "lr": lr},
+        {"params": [p for n, p in named if n.startswith("backbone.")], "lr": lr * run.backbone_lr_scale},
+    ]
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=run.weight_decay)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if reg is not None:
         reg.attach(opt)
@@ -455,6 +463,8 @@ class Runner:
         stage, prev_task = self.stages[i], self.tasks[self.stages[i - 1].task]
         model = self._fresh_model(f"{method.name}/stage{i + 1}")
         model.load_state_dict(prev["model"])
+        if self.tasks[stage.task].prepare is not None:  # before consolidating: anchors = the stage's start
+            self.tasks[stage.task].prepare(model)
         reg = method.regularizer(model, seed=self.seed)
         buffer = method.replay_buffer(seed=self.seed)
         if reg is not None:

@@ -103,6 +103,22 @@ class UnifiedOneHead(nn.Module):
             "cls": slice(k + 4 + s, k + 4 + s + self.cls_classes),
         }
 
+    @torch.no_grad()
+    def reset_task_outputs(self, task: str) -> None:
+        """Zero the output layer's rows of one task (``"det"``: heatmap and boxes, ``"seg"``, ``"cls"``),
+        the heatmap's bias back at its prior. A task that starts after another one begins from its
+        prior rather than from large random logits on the hidden features the earlier task scaled up."""
+        sl = self.slices()
+        rows = {"det": [sl["heatmap"], sl["box"]], "seg": [sl["seg"]], "cls": [sl["cls"]]}
+        if task not in rows:
+            raise ValueError(f"task must be one of {sorted(rows)}, got {task!r}")
+        out = self.head[-1]
+        for r in rows[task]:
+            out.weight[r].zero_()
+            out.bias[r].zero_()
+        if task == "det":
+            out.bias[sl["heatmap"]].fill_(-2.19)
+
     def neck_features(self, x: Tensor) -> Tensor:
         """Backbone maps upsampled to stride 8, concatenated, through the neck: (B, width, H/8, W/8)."""
         feats = self.backbone(x)
