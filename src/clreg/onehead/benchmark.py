@@ -277,10 +277,10 @@ def _logger(quiet: bool):
     return log_line
 
 
-def _load_data(prof: Profile, config: dict[str, Any], log_line) -> tuple[Path, str]:
+def _load_data(prof: Profile, config: dict[str, Any], log_line, quiet: bool) -> tuple[Path, str]:
     if config["data"]["kind"] == "synthetic":
         t0 = time.perf_counter()
-        root = generate(prof.synthetic, progress=False)
+        root = generate(prof.synthetic, progress=not quiet)
         log_line(f"synthetic data: {root} ({time.perf_counter() - t0:.0f} s)")
     else:
         root = Path(config["data"]["root"])
@@ -318,7 +318,7 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
         raise UsageError(f"--device {config['device']!r} is not a device torch knows") from None
     if config["device"].startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available here")
-    root, eval_split = _load_data(prof, config, log_line)
+    root, eval_split = _load_data(prof, config, log_line, args.quiet)
     config["eval_split"] = eval_split
     config["data"]["hash"] = _data_hash(root)
     _check_config(out, config)
