@@ -148,7 +148,8 @@ def test_two_processes_on_gloo_give_a_valid_run(cache_env, tmp_path):
     m = res["summary"]["methods"]["ewc+replay"]
     assert len(m["R"]) == 3 and all(0.0 <= v <= 1.0 for row in m["R"] for v in row)
     # the replay buffer holds each past task's 10 picks once (gathered from both ranks, no duplicates)
-    state = torch.load(out / "state" / "seed0" / "ewc+replay__stage3.pt", weights_only=True)
+    (path,) = (out / "state" / "seed0").glob("ewc+replay@*__stage3.pt")
+    state = torch.load(path, weights_only=True)
     buf = clreg_replay_from_state(state["buffer"])
     assert sorted(buf.tasks) == ["det", "seg"] and all(len(buf.samples(t)) == 10 for t in buf.tasks)
     xs = torch.stack([x for x, _ in buf.samples("seg")])
@@ -195,8 +196,23 @@ def test_bad_data_root_and_unreadable_checkpoint(tmp_path, capsys):
 
 
 def test_a_changed_configuration_is_refused(tiny_run, capsys):
-    assert main(["--profile", "tiny", "--out", str(tiny_run), "--set", "ewc.lam=3", "--quiet"]) == 2
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--bn", "freeze", "--quiet"]) == 2
     assert "another configuration" in capsys.readouterr().err
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--set", "lr=0.01", "--quiet"]) == 2
+
+
+def test_new_method_settings_reuse_stage_one_and_the_baselines(tiny_run, cache_env, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    state = out / "state" / "seed0"
+    shared = {p.name: p.stat().st_mtime_ns for p in state.glob("*.pt") if "@" not in p.name}
+    assert main(["--profile", "tiny", "--out", str(out), "--set", "ewc.lam=3", "--quiet"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in state.glob("*.pt") if "@" not in p.name} == shared
+    assert len(list(state.glob("ewc@*__stage3.pt"))) == 2 and len(list(state.glob("naive@*__stage3.pt"))) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["settings"]["ewc.lam"] == 3.0
 
 
 def test_tune_writes_its_grid_scores_and_choice(cache_env, tmp_path):

@@ -48,8 +48,9 @@ __all__ = ["build_parser", "main", "run_benchmark"]
 
 SEQUENCE = ("seg", "det", "cls")
 # not compared when resuming: where it runs, how many seeds (each seed's units are separate), which
-# methods (each method's units are separate) and whether the joint reference is run
-IGNORED_ON_RESUME = ("device", "seeds", "methods", "within_rules", "joint")
+# methods and their settings (a method's units are keyed by its name and settings; the baselines'
+# learning rate is compared as "baseline_lr") and whether the joint reference is run
+IGNORED_ON_RESUME = ("device", "seeds", "methods", "within_rules", "joint", "settings", "settings_provenance")
 
 
 class UsageError(ValueError):
@@ -209,7 +210,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         methods = parse_methods(args.methods or prof.methods)
     except ValueError as err:
         raise UsageError(f"--methods: {err}") from None
-    settings = {**prof.settings, **_parse_sets(args.set)}
+    settings = {**DEFAULT_SETTINGS, **prof.settings, **_parse_sets(args.set)}
     if args.backbone_weights:
         if not Path(args.backbone_weights).is_file():
             raise UsageError(f"--backbone-weights: no such file {args.backbone_weights}")
@@ -248,6 +249,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         "methods": methods,
         "within_rules": {m: Method.parse(m).within_rules for m in methods},
         "settings": settings,
+        "baseline_lr": settings["lr"],
         "settings_provenance": provenance,
         "stage_settings": [dict(s) for s in prof.stage_settings],
         "stage_lr": list(prof.stage_lr),
@@ -353,9 +355,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
         return _tune(prof, config, make_model, htasks, stages, run, out, wrap, log_line)
     if args.baselines_only:
         return _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line)
+    settings_lr = config["baseline_lr"]
     seeds = []
     for seed in config["seeds"]:
-        runner = Runner(make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line)
+        runner = Runner(make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line, lr=settings_lr)
         entry: dict[str, Any] = {"single": {}, "methods": {}}
         for i, st in enumerate(stages):
             entry["single"][st.task] = runner.single(i)
@@ -398,7 +401,9 @@ def _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line
     """Only the single-task baselines (each task alone, its stage's budget): ``baselines.json``."""
     res: dict[str, Any] = {"steps": config["steps"], "split": config["eval_split"], "seeds": {}}
     for seed in config["seeds"]:
-        runner = Runner(make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line)
+        runner = Runner(
+            make_model, htasks, stages, run, out, seed=seed, wrap=wrap, log_line=log_line, lr=config["baseline_lr"]
+        )
         res["seeds"][seed] = {}
         for i, st in enumerate(stages):
             state = runner.single(i)
@@ -439,7 +444,9 @@ def _ddp_wrap(model: torch.nn.Module) -> torch.nn.Module:
 def _tune(prof, config, make_model, htasks, stages, run, out, wrap, log_line) -> dict[str, Any]:
     """Coordinate search over the profile's grid, on the validation split, one setting at a time per
     method (its learning rate first); scored by the mean over tasks of final / single-task baseline."""
-    runner = Runner(make_model, htasks, stages, run, out, seed=0, wrap=wrap, log_line=log_line)
+    runner = Runner(
+        make_model, htasks, stages, run, out, seed=0, wrap=wrap, log_line=log_line, lr=config["baseline_lr"]
+    )
     base = {st.task: runner.single(i)["evals"][st.task]["value"] for i, st in enumerate(stages)}
     report: dict[str, Any] = {"grid": prof.tune_grid, "baselines": base, "methods": {}, "split": "val"}
     for name in config["methods"]:
@@ -451,8 +458,7 @@ def _tune(prof, config, make_model, htasks, stages, run, out, wrap, log_line) ->
             best = None
             for value in prof.tune_grid[key]:
                 trial = {**chosen, key: value}
-                tag = ",".join(f"{k}={trial[k]:g}" for k in sorted(trial))
-                m = Method(f"{name}@{tag}", method.parts, {**method.settings, **trial})
+                m = Method(name, method.parts, {**method.settings, **trial})  # units keyed by settings
                 states = runner.method(m)
                 finals = [states[-1]["evals"][t]["value"] / max(base[t], 1e-9) for t in base]
                 score = sum(finals) / len(finals)

@@ -18,6 +18,8 @@ its own randomness from (seed, unit), so a resumed run gives the numbers of an u
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import math
 import os
@@ -332,6 +334,7 @@ class Runner:
         seed: int = 0,
         wrap: Callable[[nn.Module], nn.Module] | None = None,
         log_line: Callable[[str], None] = print,
+        lr: float = 2e-3,
     ) -> None:
         unknown = [s.task for s in stages if s.task not in tasks]
         if unknown:
@@ -344,6 +347,7 @@ class Runner:
         self.wrap = wrap or (lambda m: m)
         self.log_line = log_line
         self.rank = rank_and_world()[0]
+        self.default_lr = lr
 
     # -- units --------------------------------------------------------------------------------------
     def _path(self, unit: str) -> Path:
@@ -389,9 +393,9 @@ class Runner:
     def _lr(self, stage: Stage, method: Method | None) -> float:
         if stage.lr is not None:
             return stage.lr
-        return (method.settings if method else {}).get("lr", 2e-3)
+        return method.settings["lr"] if method is not None else self.default_lr
 
-    def stage_one(self, si_settings: Method | None = None) -> dict[str, Any]:
+    def stage_one(self) -> dict[str, Any]:
         """Stage 1 (no regularizer), with SI's path tracking on, shared by every method; its model is
         also the first task's single-task baseline."""
         s = self.stages[0]
@@ -400,7 +404,7 @@ class Runner:
             model = self._fresh_model("stage1")
             si = SI(model)
             res = train_steps(
-                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, si_settings), self.run,
+                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, None), self.run,
                 stable_seed(self.seed, "stage1"), si_track=si, desc=f"stage 1 ({s.task})",
             )  # fmt: skip
             return {
@@ -451,7 +455,7 @@ class Runner:
         state (stage 1's shared one first)."""
         states = [self.stage_one()]
         for i in range(1, len(self.stages)):
-            unit = f"{method.name}/stage{i + 1}"
+            unit = f"{self.method_key(method)}/stage{i + 1}"
             if self.done(unit):
                 states.append(self.load(unit))
                 continue
@@ -459,9 +463,15 @@ class Runner:
             states.append(self._unit(unit, lambda i=i, prev=prev: self._method_stage(method, i, prev)))
         return states
 
+    def method_key(self, method: Method) -> str:
+        """The method's name and a digest of the settings it reads (and the per-stage overrides), so
+        units of other settings never mix and changing one method's settings reuses everything else."""
+        blob = json.dumps([method.relevant_settings(), [s.settings for s in self.stages]], sort_keys=True)
+        return f"{method.name}@{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
     def _method_stage(self, method: Method, i: int, prev: dict[str, Any]) -> dict[str, Any]:
         stage, prev_task = self.stages[i], self.tasks[self.stages[i - 1].task]
-        model = self._fresh_model(f"{method.name}/stage{i + 1}")
+        model = self._fresh_model(f"{method.name}/stage{i + 1}")  # the same init for every setting
         model.load_state_dict(prev["model"])
         if self.tasks[stage.task].prepare is not None:  # before consolidating: anchors = the stage's start
             self.tasks[stage.task].prepare(model)
