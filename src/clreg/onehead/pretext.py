@@ -47,15 +47,15 @@ def shipped_backbone() -> Path:
 
 
 def pretext_batch(index: int, n: int, size: int = 160) -> tuple[Tensor, Tensor]:
-    """Images ``index … index + n − 1`` of the pretext: (n, 3, S, S) uint8 and (n, S, S) kind maps
-    (0 background, 1 + kind, 255 on object borders)."""
+    """Images ``index … index + n − 1`` of the pretext: (n, 3, S, S) uint8 and (n, S, S) uint8 kind
+    maps (0 background, 1 + kind, 255 on object borders)."""
     images, maps = [], []
     for i in range(index, index + n):
         rng = random.Random(PRETEXT_SEED_OFFSET + i)
         kinds = [rng.randrange(len(SHAPES)) for _ in range(rng.randint(1, 4))]
         img, mask, _ = render(rng, size, kinds, (0.2, 0.55))
         m = torch.frombuffer(bytearray(mask.tobytes()), dtype=torch.uint8).reshape(size, size).long()
-        kind = torch.where((m > 0) & (m < 255), (m - 1) // 2 + 1, m)
+        kind = torch.where((m > 0) & (m < 255), (m - 1) // 2 + 1, m).to(torch.uint8)
         images.append(torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).reshape(size, size, 3))
         maps.append(kind)
     return torch.stack(images).permute(0, 3, 1, 2).contiguous(), torch.stack(maps)
@@ -89,7 +89,7 @@ def pretrain(
     running = 0.0
     for step in range(steps):
         idx = torch.randint(0, images, (batch_size,), generator=g)
-        x, y = x_all[idx].float() / 255.0, y_all[idx]
+        x, y = x_all[idx].float() / 255.0, y_all[idx].long()
         flip = torch.rand(batch_size, generator=g) < 0.5
         x[flip], y[flip] = x[flip].flip(-1), y[flip].flip(-1)
         loss = segmentation_loss(model(normalize(x)), y).mean()
