@@ -293,14 +293,12 @@ def _load_data(prof: Profile, config: dict[str, Any], log_line, quiet: bool) -> 
 
 def _check_config(out: Path, config: dict[str, Any]) -> None:
     saved = out / "config.json"
-    comparable = {k: v for k, v in config.items() if k not in IGNORED_ON_RESUME}
+    # the JSON round trip makes tuples lists, as they are in the saved file
+    comparable = json.loads(json.dumps({k: v for k, v in config.items() if k not in IGNORED_ON_RESUME}))
     if saved.is_file():
-        old = json.loads(saved.read_text())
-        old = {k: v for k, v in old.items() if k not in IGNORED_ON_RESUME}
-        if json.loads(json.dumps(comparable)) != old:
-            diff = sorted(
-                k for k in set(old) | set(comparable) if old.get(k) != json.loads(json.dumps(comparable)).get(k)
-            )
+        old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in IGNORED_ON_RESUME}
+        if comparable != old:
+            diff = sorted(k for k in set(old) | set(comparable) if old.get(k) != comparable.get(k))
             raise UsageError(
                 f"{out} holds a run with another configuration (differs in {diff}); choose another --out or remove it"
             )

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ..data import stable_seed, tree_slice, tree_to
-from ..distributed import all_reduce_sum_, rank_and_world
+from ..distributed import rank_and_world
 from ..regularizers.si import SI
 from .methods import Method
 from .metrics import _interval, resample_counts
@@ -154,7 +154,8 @@ def _regularizer_bytes(reg: nn.Module | None, buffer: nn.Module | None) -> int:
 # -- training ----------------------------------------------------------------------------------------
 
 
-def _collate(batch: list) -> tuple[Tensor, Any]:
+def collate(batch: list) -> tuple[Tensor, Any]:
+    """Stack ``(input, target)`` items; a dict target is stacked per key."""
     xs = torch.stack([b[0] for b in batch])
     ys = [b[1] for b in batch]
     if isinstance(ys[0], dict):
@@ -173,10 +174,10 @@ def _batches(data: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Tensor
         if world > 1:
             sampler = torch.utils.data.DistributedSampler(data, world, rank, shuffle=True, seed=seed, drop_last=True)
             sampler.set_epoch(epoch)
-            dl = DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=_collate, drop_last=True)
+            dl = DataLoader(data, batch_size=batch_size, sampler=sampler, collate_fn=collate, drop_last=True)
         else:
             g = torch.Generator().manual_seed(stable_seed(seed, epoch))
-            dl = DataLoader(data, batch_size=batch_size, shuffle=True, generator=g, collate_fn=_collate, drop_last=True)
+            dl = DataLoader(data, batch_size=batch_size, shuffle=True, generator=g, collate_fn=collate, drop_last=True)
         n = 0
         for batch in dl:
             n += 1
@@ -190,20 +191,6 @@ def _freeze_batchnorm(model: nn.Module) -> None:
     for m in model.modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-
-
-def _batch_len(tree: Any) -> int:
-    if isinstance(tree, Tensor):
-        return tree.shape[0]
-    if isinstance(tree, dict):
-        return _batch_len(next(iter(tree.values())))
-    return _batch_len(tree[0])
-
-
-def _cat(trees: list[Any]) -> Any:
-    if isinstance(trees[0], Tensor):
-        return torch.cat(trees)
-    return {k: _cat([t[k] for t in trees]) for k in trees[0]}
 
 
 class _Progress:
@@ -289,13 +276,14 @@ def train_steps(
                 start += n
             if reg is not None:
                 loss = loss + reg(model, inputs=xs, outputs=out)
-            if not torch.isfinite(loss):
-                raise FloatingPointError(f"{desc}: the loss became {loss.item()} at step {step}")
+            value = loss.item()
+            if not math.isfinite(value):
+                raise FloatingPointError(f"{desc}: the loss became {value} at step {step}")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             sched.step()
-            running = 0.95 * running + 0.05 * loss.item() if step else loss.item()
+            running = 0.95 * running + 0.05 * value if step else value
             bar.update(running)
     finally:
         bar.close()
@@ -477,6 +465,7 @@ class Runner:
             self.tasks[stage.task].prepare(model)
         reg = method.regularizer(model, seed=self.seed)
         buffer = method.replay_buffer(seed=self.seed)
+        fit_data = prev_task.fit_data if prev_task.fit_data is not None else prev_task.train_data
         if reg is not None:
             if "reg" in prev:
                 reg.load_state_dict(prev["reg"])
@@ -485,19 +474,17 @@ class Runner:
                 _si_member(reg).c = method.settings["si.c"]
             reg.to(self.run.device)
             t0 = time.perf_counter()
-            data = prev_task.fit_data if prev_task.fit_data is not None else prev_task.train_data
-            reg.consolidate(model, data, prev_task.spec)
+            reg.consolidate(model, fit_data, prev_task.spec)
             consolidate_s = time.perf_counter() - t0
         else:
             consolidate_s = 0.0
         if buffer is not None:
             if "buffer" in prev:
                 buffer.load_state_dict(prev["buffer"])
-            data = prev_task.fit_data if prev_task.fit_data is not None else prev_task.train_data
             g = torch.Generator().manual_seed(stable_seed(self.seed, "replay-pick", prev_task.name))
-            idx = torch.randperm(len(data), generator=g)[: buffer.capacity_per_task].tolist()
+            idx = torch.randperm(len(fit_data), generator=g)[: buffer.capacity_per_task].tolist()
             rank, world = rank_and_world()  # each rank offers its share; the buffer gathers them
-            buffer.add(prev_task.name, [data[j] for j in idx[rank::world]])
+            buffer.add(prev_task.name, [fit_data[j] for j in idx[rank::world]])
         method.apply(reg, stage.settings)
         res = train_steps(
             self.wrap(model), [self.tasks[stage.task]], stage.steps, self._lr(stage, method), self.run,
@@ -532,5 +519,4 @@ def _drop_opt(res: dict[str, Any]) -> dict[str, Any]:
 
 def _barrier() -> None:
     if torch.distributed.is_available() and torch.distributed.is_initialized():
-        t = torch.zeros(1)
-        all_reduce_sum_([t])
+        torch.distributed.barrier()

@@ -41,6 +41,7 @@ __all__ = ["ARCHITECTURE_LIMITS", "CHECKPOINT_VERSION", "UnifiedOneHead", "load_
 ARCHITECTURE_LIMITS = {"max_parameters": 8_000_000, "max_neck_layers": 2, "head_layers": (2, 3)}
 BACKBONE = "mobilenetv3_small_100"
 CHECKPOINT_VERSION = 1
+HEATMAP_PRIOR_LOGIT = -2.19  # sigmoid = 0.1: the focal-loss prior of an object at a cell
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -88,7 +89,7 @@ class UnifiedOneHead(nn.Module):
             nn.Conv2d(width, width, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(width, self.out_channels, 1)
         )
         with torch.no_grad():  # a low initial objectness (focal-loss prior)
-            self.head[-1].bias[:det_classes].fill_(-2.19)
+            self.head[-1].bias[:det_classes].fill_(HEATMAP_PRIOR_LOGIT)
 
     @property
     def out_channels(self) -> int:
@@ -117,7 +118,7 @@ class UnifiedOneHead(nn.Module):
             out.weight[r].zero_()
             out.bias[r].zero_()
         if task == "det":
-            out.bias[sl["heatmap"]].fill_(-2.19)
+            out.bias[sl["heatmap"]].fill_(HEATMAP_PRIOR_LOGIT)
 
     def neck_features(self, x: Tensor) -> Tensor:
         """Backbone maps upsampled to stride 8, concatenated, through the neck: (B, width, H/8, W/8)."""

@@ -8,8 +8,6 @@ metric object (with ``value()`` and bootstrap ``scores``).
 from __future__ import annotations
 
 import json
-import math
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..spec import OutputSpec, TaskSpec
 from .data import COCO_DEFAULT_CATEGORIES, ClassificationData, DetectionData, SegmentationData, check_split_overlap
+from .harness import RunSettings, collate, train_steps
 from .losses import IGNORE_INDEX, classification_loss, detection_loss, segmentation_loss
 from .metrics import ClassificationMetric, DetectionMetric, SegmentationMetric
 from .targets import decode_detections
@@ -123,18 +122,10 @@ def make_tasks(
     }
 
 
-def _collate(batch: list) -> tuple[Tensor, Any]:
-    xs = torch.stack([b[0] for b in batch])
-    ys = [b[1] for b in batch]
-    if isinstance(ys[0], dict):
-        return xs, {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
-    return xs, torch.stack(ys)
-
-
 def loader(data: Dataset, batch_size: int, shuffle: bool, seed: int = 0, drop_last: bool = False) -> DataLoader:
     g = torch.Generator().manual_seed(seed)
     return DataLoader(
-        data, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=_collate, drop_last=drop_last
+        data, batch_size=batch_size, shuffle=shuffle, generator=g, collate_fn=collate, drop_last=drop_last
     )
 
 
@@ -151,33 +142,15 @@ def train_task(
     log: Callable[[str], None] | None = None,
     device: str | torch.device = "cpu",
 ) -> dict[str, float]:
-    """AdamW with a cosine schedule for ``steps`` optimizer steps on one task's loss (+ regularizer)."""
-    model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    step, epoch, t0, running = 0, 0, time.perf_counter(), 0.0
-    while step < steps:
-        if hasattr(task.train_data, "set_epoch"):
-            task.train_data.set_epoch(epoch)
-        for x, y in loader(task.train_data, batch_size, True, seed + epoch, drop_last=True):
-            x = x.to(device)
-            y = {k: v.to(device) for k, v in y.items()} if isinstance(y, dict) else y.to(device)
-            out = model(x)
-            loss = task.loss(out, y).mean()
-            if regularizer is not None:
-                loss = loss + regularizer(model, inputs=x, outputs=out)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            running = 0.98 * running + 0.02 * loss.item() if step else loss.item()
-            step += 1
-            if log is not None and step % 100 == 0:
-                log(f"{task.name} step {step}/{steps} loss {running:.4f} ({time.perf_counter() - t0:.0f} s)")
-            if step >= steps:
-                break
-        epoch += 1
-    return {"steps": step, "seconds": time.perf_counter() - t0, "loss": running}
+    """AdamW with a cosine schedule for ``steps`` optimizer steps on one task's loss (+ regularizer):
+    the harness's :func:`~clreg.onehead.harness.train_steps` for one task (a progress bar when
+    ``log`` is given, then one line to it)."""
+    run = RunSettings(batch_size=batch_size, weight_decay=weight_decay, device=str(device), progress=log is not None)
+    res = train_steps(model, [task], steps, lr, run, seed, reg=regularizer, desc=task.name)
+    res.pop("optimizer")
+    if log is not None:
+        log(f"{task.name}: {steps} steps, loss {res['loss']:.4f} ({res['seconds']:.0f} s)")
+    return res
 
 
 @torch.no_grad()
