@@ -4,7 +4,8 @@
 
 A small MLP trained briefly on a 4-class Gaussian-mixture task; 1024 samples. For each batch size B
 it prints the total (sum over parameters) of the ``batched`` estimate, of the per-sample ``empirical``
-Fisher F, and of the prediction F/B + (1 − 1/B)(E g)², each relative to F.
+Fisher F, and of the prediction F/B + (1 − 1/B)(E g)², each relative to F; with avalanche-lib
+installed, also the importances of Avalanche's own ``EWCPlugin.compute_importances`` at batch size B.
 """
 
 from __future__ import annotations
@@ -37,12 +38,34 @@ def main() -> None:
     print(
         f"per-sample empirical Fisher, total {total:.4g}; exact (model's own labels) {sum(v.sum() for v in exact.values()):.4g}"
     )
-    print(f"{'B':>5s} {'batched / F':>12s} {'predicted':>10s}")
+    avalanche = avalanche_importances(model, x, y)
+    print(f"{'B':>5s} {'batched / F':>12s} {'predicted':>10s}" + (f" {'Avalanche / F':>14s}" if avalanche else ""))
     for b in (1, 4, 16, 64, 256):
         bat = fisher_diagonal(model, data, estimator="batched", batch_size=b)
         got = sum(v.sum() for v in bat.values()) / total
         pred = (total / b + (1 - 1 / b) * mg2) / total
-        print(f"{b:5d} {float(got):12.4f} {float(pred):10.4f}")
+        row = f"{b:5d} {float(got):12.4f} {float(pred):10.4f}"
+        if avalanche:
+            row += f" {float(sum(v.sum() for v in avalanche(b).values()) / total):14.4f}"
+        print(row)
+
+
+def avalanche_importances(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """``B -> {name: importance}`` from Avalanche's ``EWCPlugin`` (None without avalanche-lib)."""
+    try:
+        from avalanche.training.plugins import EWCPlugin
+    except ImportError:
+        return None
+    data = TensorDataset(x, y, torch.zeros(len(y), dtype=torch.long))  # Avalanche's (x, y, task label)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+
+    def importances(b: int) -> dict[str, torch.Tensor]:
+        imp = EWCPlugin(ewc_lambda=1.0).compute_importances(
+            model, torch.nn.CrossEntropyLoss(), opt, data, torch.device("cpu"), b
+        )
+        return {k: v.data for k, v in imp.items()}
+
+    return importances
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ class Variant:
     step: Callable[[], None]
     reg: nn.Module | None
     model: nn.Module
+    held: Callable[[], int] = lambda: 0  # bytes of state the method keeps
 
 
 def _consolidate(
@@ -107,7 +108,71 @@ def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Va
         loss.backward()
         opt.step()
 
-    return Variant(name, step, reg, model)
+    return Variant(name, step, reg, model, reg.state_bytes if reg is not None else lambda: 0)
+
+
+def avalanche_available() -> bool:
+    try:
+        import avalanche.training.plugins  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def make_avalanche_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
+    """Avalanche's ``EWCPlugin`` or ``SynapticIntelligencePlugin`` (``avalanche-ewc`` /
+    ``avalanche-si``, avalanche-lib 0.6) on the same step: the plugin's own hooks are called where
+    Avalanche's training loop calls them, on a minimal stand-in for its strategy object, so the
+    timing holds the plugins' work and not the rest of Avalanche's loop."""
+    from types import SimpleNamespace
+
+    from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
+
+    model = Net()
+    model.load_state_dict(state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    data = TensorDataset(x[:4], y[:4], torch.zeros(4, dtype=torch.long))  # (input, target, task label)
+    strategy = SimpleNamespace(
+        model=model, optimizer=opt, device=torch.device("cpu"), _criterion=nn.CrossEntropyLoss(),
+        clock=SimpleNamespace(train_exp_counter=0), experience=SimpleNamespace(dataset=data),
+        train_mb_size=4, loss=None,
+    )  # fmt: skip
+    plugin = EWCPlugin(ewc_lambda=1.0) if name == "avalanche-ewc" else SynapticIntelligencePlugin(si_lambda=0.1)
+
+    def step() -> None:
+        plugin.before_training_iteration(strategy)
+        strategy.loss = F.cross_entropy(model(x), y)
+        plugin.before_backward(strategy)
+        opt.zero_grad()
+        strategy.loss.backward()
+        opt.step()
+        plugin.after_training_iteration(strategy)
+
+    plugin.before_training_exp(strategy)  # the first experience: a few steps, then its consolidation
+    for _ in range(2):
+        step()
+    plugin.after_training_exp(strategy)
+    strategy.clock.train_exp_counter = 1
+    plugin.before_training_exp(strategy)
+
+    def held() -> int:  # every tensor the plugin keeps (its dicts of ParamData)
+        seen, stack, total = set(), [vars(plugin)], 0
+        while stack:
+            obj = stack.pop()
+            if isinstance(obj, torch.Tensor):
+                if id(obj) not in seen:
+                    seen.add(id(obj))
+                    total += obj.numel() * obj.element_size()
+            elif isinstance(obj, dict):
+                stack.extend(obj.values())
+            elif isinstance(obj, (list, tuple)):
+                stack.extend(obj)
+            elif hasattr(obj, "data") and isinstance(obj.data, torch.Tensor):  # ParamData
+                stack.append(obj.data)
+        return total
+
+    return Variant(name, step, None, model, held)
 
 
 VARIANTS = [
@@ -126,12 +191,18 @@ VARIANTS = [
 ]
 
 
-def build_all(names: list[str] = VARIANTS) -> list[Variant]:
+AVALANCHE_VARIANTS = ["avalanche-ewc", "avalanche-si"]  # run when avalanche-lib is installed
+
+
+def build_all(names: list[str] | None = None) -> list[Variant]:
+    """The variants named (default: :data:`VARIANTS`, plus Avalanche's when it is installed)."""
+    if names is None:
+        names = VARIANTS + (AVALANCHE_VARIANTS if avalanche_available() else [])
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     state = Net().state_dict()
     x, y = make_batch()
-    return [make_variant(n, state, x, y) for n in names]
+    return [(make_avalanche_variant if n.startswith("avalanche-") else make_variant)(n, state, x, y) for n in names]
 
 
 def timed(fn: Callable[[], None]) -> float:

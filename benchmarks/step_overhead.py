@@ -1,6 +1,10 @@
 """Training-step overhead of each regularizer, state memory, and Fisher throughput, in one run.
 
-    python benchmarks/step_overhead.py [--steps 40] [--fisher-samples 16] [--json out.json]
+    python benchmarks/step_overhead.py [--steps 60] [--fisher-samples 16] [--variants a,b] [--json out.json]
+
+With avalanche-lib installed (``pip install clreg[avalanche]``) the same step with Avalanche's
+``EWCPlugin`` and ``SynapticIntelligencePlugin`` is timed in the same rounds (``avalanche-ewc``,
+``avalanche-si``).
 
 Protocol (fixed in benchmarks/protocol.py): MobileNetV3-small + small conv head (~2 M parameters),
 batch 16 at 128×128, SGD with momentum, 2 threads, CPU. After a warm-up, the variants are run
@@ -36,8 +40,8 @@ def paired_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -
     return statistics.median(ratios), meds[int(0.025 * n)], meds[int(0.975 * n)]
 
 
-def step_overhead(steps: int, warmup: int) -> dict:
-    variants = protocol.build_all()
+def step_overhead(steps: int, warmup: int, names: list[str] | None = None) -> dict:
+    variants = protocol.build_all(names)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(warmup):
         for v in variants:
@@ -56,7 +60,7 @@ def step_overhead(steps: int, warmup: int) -> dict:
     for v in variants:
         med = statistics.median(times[v.name])
         ratio, lo, hi = paired_ratio(times[v.name], plain)
-        held = v.reg.state_bytes() if v.reg is not None else 0
+        held = v.held()
         rows[v.name] = {
             "median_ms": med * 1e3,
             "ratio": ratio,
@@ -93,12 +97,29 @@ def fisher_throughput(samples: int) -> dict:
     return out
 
 
+def _variant_names(text: str | None) -> list[str] | None:
+    if text is None:
+        return None
+    names = ["plain"] + [n for n in (t.strip() for t in text.split(",")) if n and n != "plain"]
+    known = protocol.VARIANTS + protocol.AVALANCHE_VARIANTS
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; choose from {', '.join(known)}")
+    return names
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed rounds (>= 30 for the reported figures)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fisher-samples", type=int, default=16)
     p.add_argument("--skip-fisher", action="store_true")
+    p.add_argument(
+        "--variants",
+        default=None,
+        help="comma-separated subset (always with plain), e.g. plain,ewc-attached,avalanche-ewc; "
+        "default: all, Avalanche's plugins included when avalanche-lib is installed",
+    )
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     res = {
@@ -108,7 +129,7 @@ def main() -> None:
             "torch": torch.__version__,
         },
         "clreg": clreg.__version__,
-        "step": step_overhead(args.steps, args.warmup),
+        "step": step_overhead(args.steps, args.warmup, _variant_names(args.variants)),
     }
     print(
         f"\nTraining step, {res['step']['n_params'] / 1e6:.2f} M parameters, median of {args.steps} interleaved rounds"

@@ -24,8 +24,10 @@ def variants():
     return {v.name: v for v in protocol.build_all()}
 
 
-@pytest.mark.parametrize("name", protocol.VARIANTS)
+@pytest.mark.parametrize("name", protocol.VARIANTS + protocol.AVALANCHE_VARIANTS)
 def test_training_step(benchmark, variants, name: str) -> None:
+    if name not in variants:
+        pytest.skip("Avalanche's plugins need avalanche-lib (pip install clreg[avalanche])")
     benchmark.group = "training step"
     benchmark.pedantic(variants[name].step, rounds=30, warmup_rounds=3)
 
