@@ -86,12 +86,15 @@ def summarise(
                 **_mean_std(base_val[k]),
                 "per_seed": base_val[k],
                 "interval": [seeds[0]["single"][k]["evals"][k]["lo"], seeds[0]["single"][k]["evals"][k]["hi"]],
-                **_extras(seeds[0]["single"][k]["evals"][k]),
+                **_extras([s["single"][k]["evals"][k] for s in seeds]),
             }
             for k in tasks
         },
         "joint": {
-            k: {**_mean_std([s["joint"]["evals"][k]["value"] for s in seeds]), **_extras(seeds[0]["joint"]["evals"][k])}
+            k: {
+                **_mean_std([s["joint"]["evals"][k]["value"] for s in seeds]),
+                **_extras([s["joint"]["evals"][k] for s in seeds]),
+            }
             for k in tasks
         }
         if all("joint" in s for s in seeds)
@@ -117,7 +120,7 @@ def summarise(
                 "drop_absolute": base_mean[j] - statistics.fmean(vals),
                 "drop_relative": 1 - statistics.fmean(vals) / base_mean[j] if base_mean[j] else math.nan,
                 "five_percent_rule": verdict,
-                **_extras(last),
+                **_extras([s["methods"][m][-1]["evals"][k] for s in seeds]),
             }
         measures = [sequence_measures(r, [base_val[k][i] for k in tasks]) for i, r in enumerate(per_seed_R)]
         states = [st for s in seeds for st in s["methods"][m][1:]]
@@ -136,8 +139,23 @@ def summarise(
     return out
 
 
-def _extras(rec: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in rec.items() if k not in ("value", "lo", "hi", "boot", "n")}
+def _mean_or_none(values: list[Any]) -> Any:
+    if any(v is None or not isinstance(v, (int, float)) for v in values):
+        return None if any(v is None for v in values) else values[0]
+    return statistics.fmean(values)
+
+
+def _extras(recs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The records' further figures (mAP@[.5:.95], per-class scores), each the mean over seeds."""
+    out: dict[str, Any] = {}
+    for k, v in recs[0].items():
+        if k in ("value", "lo", "hi", "boot", "n"):
+            continue
+        if isinstance(v, dict):
+            out[k] = {c: _mean_or_none([r[k].get(c) for r in recs]) for c in v}
+        else:
+            out[k] = _mean_or_none([r[k] for r in recs])
+    return out
 
 
 # -- writing -----------------------------------------------------------------------------------------
@@ -207,7 +225,7 @@ def render_markdown(results: dict[str, Any]) -> str:
             cells.append(f"{f['drop_absolute']:+.3f} / {rel} / {ratio}")
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     if "det" in tasks:
-        lines += ["", "mAP@[.5:.95] after the last stage: " + ", ".join(
+        lines += ["", "mAP@[.5:.95] after the last stage (mean over seeds): " + ", ".join(
             f"{m} {_fmt(r['final']['det'].get('map_50_95'))}" for m, r in s["methods"].items()
         ) + f"; single-task {_fmt(s['baselines']['det'].get('map_50_95'))}."]  # fmt: skip
     lines += ["", "## Transfer, forgetting and cost", ""]
