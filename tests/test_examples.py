@@ -15,7 +15,7 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 def run(*args: str, timeout: int = 120) -> str:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     out = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=env, cwd=EXAMPLES.parent)
-    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.returncode == 0, out.stderr[:3000] + "\n...\n" + out.stderr[-2000:]
     return out.stdout
 
 
@@ -40,10 +40,9 @@ def test_torchrun_example_with_two_processes() -> None:
         sys.executable,
         "-m",
         "torch.distributed.run",
+        "--standalone",  # a free port on localhost, never a fixed one
         "--nproc_per_node",
         "2",
-        "--master_port",
-        "29531",
         str(EXAMPLES / "torchrun_ddp.py"),
         "--smoke",
         timeout=180,

@@ -141,7 +141,16 @@ def test_evaluate_reads_a_saved_model(tiny_run, cache_env, capsys):
 def test_two_processes_on_gloo_give_a_valid_run(cache_env, tmp_path):
     out = tmp_path / "ddp"
     env = {**os.environ, "XDG_CACHE_HOME": str(cache_env), "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "-m", "clreg.onehead"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "clreg.onehead",
+    ]
     cmd += ["--profile", "tiny", "--methods", "ewc+replay", "--no-joint", "--out", str(out), "--quiet"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-3000:]
