@@ -195,8 +195,9 @@ def _freeze_batchnorm(model: nn.Module) -> None:
 
 
 class _Progress:
-    def __init__(self, total: int, desc: str, enabled: bool) -> None:
+    def __init__(self, total: int, desc: str, enabled: bool, epoch_steps: int = 1) -> None:
         self.bar = None
+        self.epoch_steps, self.epochs = epoch_steps, math.ceil(total / epoch_steps)
         if enabled:
             try:
                 from tqdm.auto import tqdm
@@ -205,8 +206,9 @@ class _Progress:
             except ImportError:  # pragma: no cover - tqdm is in the benchmark extra
                 self.bar = None
 
-    def update(self, loss: float, epoch: str) -> None:
+    def update(self, loss: float, step: int) -> None:
         if self.bar is not None:
+            epoch = f"{step // self.epoch_steps + 1}/{self.epochs}"
             self.bar.set_postfix(epoch=epoch, loss=f"{loss:.3f}", refresh=False)
             self.bar.update(1)
 
@@ -255,9 +257,8 @@ def train_steps(
     streams = [_batches(t.train_data, per_rank, stable_seed(seed, "batches", t.name)) for t in tasks]
     g = torch.Generator().manual_seed(stable_seed(seed, "replay", rank))
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if run.amp else contextlib.nullcontext()
-    bar = _Progress(steps, desc, run.progress)
     epoch_steps = max(1, len(tasks[0].train_data) // (per_rank * world))  # batches per epoch (first task)
-    epochs = math.ceil(steps / epoch_steps)
+    bar = _Progress(steps, desc, run.progress, epoch_steps)
     model.train()
     if freeze_bn:
         _freeze_batchnorm(model)
@@ -291,7 +292,7 @@ def train_steps(
             opt.step()
             sched.step()
             running = 0.95 * running + 0.05 * value if step else value
-            bar.update(running, f"{step // epoch_steps + 1}/{epochs}")
+            bar.update(running, step)
     finally:
         bar.close()
         if reg is not None:
