@@ -118,6 +118,14 @@ def test_segmentation_known_confusion_and_torchmetrics_agree() -> None:
     perfect = SegmentationMetric(num_classes=4)
     perfect.update(target.clamp(max=3), target)
     assert perfect.value() == pytest.approx(1.0)
+    logits = torch.nn.functional.one_hot(pred, 4).permute(0, 3, 1, 2).float()
+    from_logits = SegmentationMetric(num_classes=4)
+    from_logits.update(logits, target)
+    assert from_logits.per_class_iou()[:3] == pytest.approx([0.5, 0.6, 5 / 6])
+    with pytest.raises(ValueError, match=r"target labels must lie in \[0, 4\).*found \[0, 7\]"):
+        SegmentationMetric(num_classes=4).update(pred, target.masked_fill(target == 2, 7))
+    with pytest.raises(ValueError, match="prediction labels must lie"):
+        SegmentationMetric(num_classes=4).update(pred - 1, target)
 
 
 def test_top1_paired_ratio_and_counts() -> None:

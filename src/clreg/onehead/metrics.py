@@ -114,10 +114,17 @@ class SegmentationMetric:
     def update(self, pred: Tensor, target: Tensor, ids: list | None = None) -> None:
         """``pred``: labels (B, H, W) or logits (B, C, H, W); ``target`` (B, H, W)."""
         if pred.dim() == 4:
-            pred = pred.argmax(1)
+            pred = pred.max(1).indices  # argmax over channels (max's indices: the same, several times faster)
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         c = self.num_classes
+        labels = target[target != self.ignore_index]
+        for name, v in (("prediction", pred), ("target", labels)):
+            if v.numel() and (int(v.min()) < 0 or int(v.max()) >= c):
+                raise ValueError(
+                    f"{name} labels must lie in [0, {c}) (or be {self.ignore_index} in the target); "
+                    f"found [{int(v.min())}, {int(v.max())}]"
+                )
         for i in range(pred.shape[0]):
             t, p = target[i].reshape(-1).long(), pred[i].reshape(-1).long()
             keep = t != self.ignore_index
@@ -130,8 +137,8 @@ class SegmentationMetric:
             from torchmetrics.classification import MulticlassJaccardIndex
 
             self._tm = MulticlassJaccardIndex(
-                num_classes=self.num_classes, ignore_index=self.ignore_index, average="none"
-            )
+                num_classes=self.num_classes, ignore_index=self.ignore_index, average="none", validate_args=False
+            )  # the labels were range-checked in update
         return self._tm
 
     @staticmethod

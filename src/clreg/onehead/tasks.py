@@ -166,17 +166,24 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 32, device: str | t
         metric = DetectionMetric(data.coco_gt)
     else:
         metric = ClassificationMetric(task.num_classes)
+    first_conv = next((m.weight for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    channels_last = first_conv is not None and first_conv.is_contiguous(memory_format=torch.channels_last)
     index = 0
     for x, y in loader(data, batch_size, False):
-        out = model(x.to(device))
+        x = x.to(device)
+        out = model(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
         n = x.shape[0]
         if task.name == "seg":
-            for i in range(n):
-                true = data.original_mask(index + i)
-                logits = out["seg"][i : i + 1]
-                if tuple(true.shape) != tuple(logits.shape[-2:]):
-                    logits = F.interpolate(logits, size=tuple(true.shape), mode="bilinear", align_corners=False)
-                metric.update(logits.argmax(1).cpu(), true[None], ids=[index + i])
+            masks = [data.original_mask(index + i) for i in range(n)]
+            if all(m.shape == masks[0].shape for m in masks):  # one call for the batch
+                groups = [(list(range(n)), torch.stack(masks))]
+            else:
+                groups = [([i], m[None]) for i, m in enumerate(masks)]
+            for rows, true in groups:
+                logits = out["seg"][rows[0] : rows[-1] + 1]
+                if tuple(true.shape[-2:]) != tuple(logits.shape[-2:]):
+                    logits = F.interpolate(logits, size=tuple(true.shape[-2:]), mode="bilinear", align_corners=False)
+                metric.update(logits.max(1).indices.cpu(), true, ids=[index + i for i in rows])
         elif task.name == "det":
             dets = decode_detections(out["det"]["heatmap"], out["det"]["box"], stride=model.stride)
             for i, d in enumerate(dets):
