@@ -23,7 +23,7 @@ from clreg.onehead.benchmark import main
 from clreg.onehead.harness import HarnessTask, Runner, RunSettings, Stage, evaluation_record
 from clreg.onehead.methods import Method, parse_methods
 from clreg.onehead.metrics import ClassificationMetric
-from clreg.onehead.report import judge, sequence_measures
+from clreg.onehead.report import judge, sequence_measures, summarise
 
 TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
 
@@ -266,6 +266,46 @@ def test_judge_pass_fail_inconclusive_and_near_chance():
     # two seeds: judged on the ratio of the seed means per resample
     v = judge([base[0] * 0.99, base[0] * 0.89], [base[0], base[0]], 0.8, 0.1)
     assert v["ratio_lo"] == pytest.approx(0.94, abs=1e-9) and v["verdict"] == "fail"
+
+
+def test_summarise_two_seeds_means_extras_and_intervals():
+    """Two hand-built seeds: scores, mAP@[.5:.95] and per-class figures are means over seeds, the
+    interval is that of the seeds' mean per resample, R and the measures come from each seed."""
+
+    def rec(value, offset, ap=None):
+        boot = value + offset * torch.linspace(-1, 1, 101, dtype=torch.float64)
+        out = {"value": value, "lo": float(boot.min()), "hi": float(boot.max()), "n": 10, "boot": boot}
+        if ap is not None:
+            out |= {"map_50_95": ap, "per_class_ap": {"a": ap, "b": 2 * ap}}
+        return out
+
+    def seed(a, b):
+        evals = lambda s, d: {"s": rec(s, 0.01), "d": rec(d, 0.02, ap=d / 2)}  # noqa: E731
+        return {
+            "single": {"s": {"evals": evals(a, 0.0)}, "d": {"evals": evals(0.0, b)}},
+            "methods": {
+                "m": [
+                    {"evals": evals(a, 0.0)},
+                    {"evals": evals(a / 2, b), "train": {"seconds": 3.0}, "regularizer_bytes": 8, "peak_rss": 5},
+                ]
+            },
+        }
+
+    out = summarise([seed(0.8, 0.6), seed(0.6, 0.4)], ["s", "d"], {"s": 0.0, "d": 0.0}, {"s": "A", "d": "B"})
+    base_d = out["baselines"]["d"]
+    assert base_d["mean"] == pytest.approx(0.5) and base_d["std"] == pytest.approx(math.sqrt(0.02))
+    assert base_d["map_50_95"] == pytest.approx(0.25)  # (0.3 + 0.2) / 2
+    assert base_d["per_class_ap"] == pytest.approx({"a": 0.25, "b": 0.5})
+    assert base_d["interval"] == pytest.approx([0.5 - 0.02 * 0.95, 0.5 + 0.02 * 0.95], abs=1e-9)
+    m = out["methods"]["m"]
+    assert [pytest.approx(r) for r in ([0.7, 0.0], [0.35, 0.5])] == m["R"]
+    assert m["final"]["s"]["mean"] == pytest.approx(0.35) and m["final"]["s"]["drop_absolute"] == pytest.approx(0.35)
+    assert m["final"]["s"]["drop_relative"] == pytest.approx(0.5)
+    assert m["final"]["s"]["interval"] == pytest.approx([0.35 - 0.0095, 0.35 + 0.0095], abs=1e-9)
+    assert m["final"]["s"]["five_percent_rule"]["verdict"] == "fail"
+    assert m["final"]["d"]["five_percent_rule"]["verdict"] == "pass"  # equal to its baseline
+    assert m["measures"]["forgetting"]["mean"] == pytest.approx(0.35)  # (0.4 + 0.3) / 2
+    assert m["train_seconds"] == pytest.approx(3.0) and m["regularizer_bytes"] == 8
 
 
 def test_methods_parse_and_rules():

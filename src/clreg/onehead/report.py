@@ -67,6 +67,12 @@ def sequence_measures(R: list[list[float]], base: list[float]) -> dict[str, floa
     return out
 
 
+def _mean_interval(records: list[dict[str, Any]]) -> list[float]:
+    """The 95 % bootstrap interval of the mean over seeds: each resample (the same images for every
+    seed) scores the seeds' mean; with one seed it is that seed's interval."""
+    return list(_interval(torch.stack([r["boot"] for r in records]).mean(0)))
+
+
 def _mean_std(xs: list[float]) -> dict[str, float]:
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
@@ -85,7 +91,7 @@ def summarise(
                 "metric": metric_names[k],
                 **_mean_std(base_val[k]),
                 "per_seed": base_val[k],
-                "interval": [seeds[0]["single"][k]["evals"][k]["lo"], seeds[0]["single"][k]["evals"][k]["hi"]],
+                "interval": _mean_interval([s["single"][k]["evals"][k] for s in seeds]),
                 **_extras([s["single"][k]["evals"][k] for s in seeds]),
             }
             for k in tasks
@@ -93,6 +99,7 @@ def summarise(
         "joint": {
             k: {
                 **_mean_std([s["joint"]["evals"][k]["value"] for s in seeds]),
+                "interval": _mean_interval([s["joint"]["evals"][k] for s in seeds]),
                 **_extras([s["joint"]["evals"][k] for s in seeds]),
             }
             for k in tasks
@@ -108,7 +115,6 @@ def summarise(
         finals = {}
         for j, k in enumerate(tasks):
             vals = [r[-1][j] for r in per_seed_R]
-            last = seeds[0]["methods"][m][-1]["evals"][k]
             verdict = judge(
                 [s["methods"][m][-1]["evals"][k]["boot"] for s in seeds], base_boot[k], base_mean[j], chance[k]
             )
@@ -116,7 +122,7 @@ def summarise(
                 "metric": metric_names[k],
                 **_mean_std(vals),
                 "per_seed": vals,
-                "interval": [last["lo"], last["hi"]],
+                "interval": _mean_interval([s["methods"][m][-1]["evals"][k] for s in seeds]),
                 "drop_absolute": base_mean[j] - statistics.fmean(vals),
                 "drop_relative": 1 - statistics.fmean(vals) / base_mean[j] if base_mean[j] else math.nan,
                 "five_percent_rule": verdict,
