@@ -111,6 +111,32 @@ def test_encode_decode_round_trip_recovers_boxes() -> None:
         enc.encode(boxes, torch.tensor([0, 4, 1]))
 
 
+def test_segmentation_loss_is_the_pixel_mean_cross_entropy_in_either_layout() -> None:
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 6, 7, generator=g, dtype=torch.float64)
+    target = torch.randint(0, 5, (3, 6, 7), generator=g)
+    target[0, :2] = 255
+    target[2] = 255  # a sample with no labelled pixel scores 0
+    expected = torch.stack(
+        [
+            torch.nn.functional.cross_entropy(logits[i : i + 1], target[i : i + 1], ignore_index=255)
+            if (target[i] != 255).any()
+            else torch.zeros((), dtype=torch.float64)
+            for i in range(3)
+        ]
+    )
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = logits.detach().clone().contiguous(memory_format=layout).requires_grad_()
+        got = segmentation_loss({"seg": x}, target)
+        torch.testing.assert_close(got.double(), expected.double())
+        got.sum().backward()
+        ref = logits.detach().clone().requires_grad_()
+        torch.nn.functional.cross_entropy(ref[:2], target[:2], ignore_index=255, reduction="none").flatten(1).sum(
+            1
+        ).div((target[:2] != 255).flatten(1).sum(1)).sum().backward()
+        torch.testing.assert_close(x.grad, ref.grad)
+
+
 def test_losses_are_per_sample_and_vmap_safe(model) -> None:
     enc = DetectionEncoder(num_classes=10, size=64, stride=8)
     targets = [

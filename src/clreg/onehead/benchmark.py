@@ -137,7 +137,7 @@ def _data_hash(root: Path) -> str:
 
 def _provenance() -> dict[str, Any]:
     versions = {}
-    for pkg in ("torch", "torchvision", "timm", "torchmetrics", "pycocotools", "numpy"):
+    for pkg in ("torch", "torchvision", "timm", "torchmetrics", "pycocotools", "numpy", "pillow"):
         try:
             versions[pkg] = importlib.metadata.version(pkg)
         except importlib.metadata.PackageNotFoundError:
