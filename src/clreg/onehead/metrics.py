@@ -115,6 +115,7 @@ class SegmentationMetric:
         """``pred``: labels (B, H, W) or logits (B, C, H, W); ``target`` (B, H, W)."""
         if pred.dim() == 4:
             pred = pred.max(1).indices  # argmax over channels (max's indices: the same, several times faster)
+        pred, target = pred.cpu(), target.cpu()
         if pred.shape != target.shape:
             raise ValueError(f"prediction {tuple(pred.shape)} and target {tuple(target.shape)} differ in shape")
         c = self.num_classes
@@ -128,9 +129,9 @@ class SegmentationMetric:
         for i in range(pred.shape[0]):
             t, p = target[i].reshape(-1).long(), pred[i].reshape(-1).long()
             keep = t != self.ignore_index
-            self._conf.append(torch.bincount(t[keep] * c + p[keep], minlength=c * c).reshape(c, c).double().cpu())
+            self._conf.append(torch.bincount(t[keep] * c + p[keep], minlength=c * c).reshape(c, c).double())
         self._ids.extend(ids if ids is not None else range(len(self._ids), len(self._ids) + pred.shape[0]))
-        self._torchmetric().update(pred.cpu(), target.cpu())
+        self._torchmetric().update(pred, target)
 
     def _torchmetric(self):
         if self._tm is None:

@@ -37,9 +37,7 @@ def judge(final_boot: list[torch.Tensor], base_boot: list[torch.Tensor], base_va
     """The paired 5 % judgement from per-seed resampled scores (same resamples for final and base)."""
     if base_value < chance + 0.1:
         return {"verdict": "not judged", "reason": f"baseline {base_value:.3f} is near chance ({chance:.3f})"}
-    a = torch.stack(final_boot).mean(0)
-    b = torch.stack(base_boot).mean(0)
-    lo, hi = _interval(a / b)
+    lo, hi = _interval(_seed_mean(final_boot) / _seed_mean(base_boot))
     verdict = "pass" if lo > MARGIN else "fail" if hi < MARGIN else "inconclusive"
     return {"verdict": verdict, "ratio_lo": lo, "ratio_hi": hi}
 
@@ -67,10 +65,14 @@ def sequence_measures(R: list[list[float]], base: list[float]) -> dict[str, floa
     return out
 
 
+def _seed_mean(boots: list[torch.Tensor]) -> torch.Tensor:
+    """Per resample (the same images for every seed), the mean over seeds of the resampled scores."""
+    return torch.stack(boots).mean(0)
+
+
 def _mean_interval(records: list[dict[str, Any]]) -> list[float]:
-    """The 95 % bootstrap interval of the mean over seeds: each resample (the same images for every
-    seed) scores the seeds' mean; with one seed it is that seed's interval."""
-    return list(_interval(torch.stack([r["boot"] for r in records]).mean(0)))
+    """The 95 % bootstrap interval of the mean over seeds; with one seed it is that seed's interval."""
+    return list(_interval(_seed_mean([r["boot"] for r in records])))
 
 
 def _mean_std(xs: list[float]) -> dict[str, float]:

@@ -175,15 +175,14 @@ def evaluate(model: nn.Module, task: Task, batch_size: int = 32, device: str | t
         n = x.shape[0]
         if task.name == "seg":
             masks = [data.original_mask(index + i) for i in range(n)]
-            if all(m.shape == masks[0].shape for m in masks):  # one call for the batch
-                groups = [(list(range(n)), torch.stack(masks))]
+            if all(m.shape == masks[0].shape for m in masks):  # the whole batch in one call
+                parts = [(out["seg"], torch.stack(masks), list(range(index, index + n)))]
             else:
-                groups = [([i], m[None]) for i, m in enumerate(masks)]
-            for rows, true in groups:
-                logits = out["seg"][rows[0] : rows[-1] + 1]
+                parts = [(out["seg"][i : i + 1], m[None], [index + i]) for i, m in enumerate(masks)]
+            for logits, true, ids in parts:
                 if tuple(true.shape[-2:]) != tuple(logits.shape[-2:]):
                     logits = F.interpolate(logits, size=tuple(true.shape[-2:]), mode="bilinear", align_corners=False)
-                metric.update(logits.max(1).indices.cpu(), true, ids=[index + i for i in rows])
+                metric.update(logits, true, ids=ids)
         elif task.name == "det":
             dets = decode_detections(out["det"]["heatmap"], out["det"]["box"], stride=model.stride)
             for i, d in enumerate(dets):
