@@ -7,6 +7,7 @@ and all-reduced, so every rank holds the same state as a single process would.
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 
 import torch
@@ -50,6 +51,9 @@ def main() -> None:
         print(f"world size {world}: task 1 {accs[0]:.3f}  task 2 {accs[1]:.3f}")
         print("importance identical on every rank:", all(torch.equal(t, totals[0]) for t in totals))
     dist.destroy_process_group()
+    # a reference cycle (from torch.func's transforms) can keep the group's threads alive until the
+    # interpreter shuts down, where they abort; collecting it now joins them cleanly
+    gc.collect()
 
 
 if __name__ == "__main__":

@@ -306,3 +306,25 @@ def test_subset_keeps_the_chosen_items(syn) -> None:
     assert torch.equal(sub[1][1]["heatmap"], ds[1][1]["heatmap"])
     seg = SegmentationData(syn / "mini_voc_seg", "train", size=64).subset([2])
     assert len(seg) == 1 and seg.pairs[0][0].name.endswith("00002.jpg")
+
+
+def test_evaluation_items_are_computed_once_and_equal_uncached_ones(syn) -> None:
+    kinds = [
+        (SegmentationData, syn / "mini_voc_seg", {}),
+        (DetectionData, syn / "mini_coco_det", {"categories": SHAPES}),
+        (ClassificationData, syn / "imagenette_160", {}),
+    ]
+    for cls, root, kw in kinds:
+        cached = cls(root, "val", size=64, **kw)
+        plain = cls(root, "val", size=64, cache=False, **kw)
+        first, again, fresh = cached[1], cached[1], plain[1]
+        assert len(cached._fixed) == 1  # resized (and encoded) once
+        assert torch.equal(first[0], fresh[0]) and torch.equal(again[0], fresh[0]) and first[0].dtype == torch.float32
+        ta, tb, tc = (t if isinstance(t, dict) else {"y": t} for t in (first[1], again[1], fresh[1]))
+        assert ta.keys() == tc.keys() and all(torch.equal(ta[k], tc[k]) and torch.equal(tb[k], tc[k]) for k in ta)
+        if isinstance(first[1], dict):
+            first[1]["heatmap"] = None  # a caller editing its target dict leaves the cache alone
+            assert isinstance(cached[1][1]["heatmap"], torch.Tensor)
+    train = SegmentationData(syn / "mini_voc_seg", "train", size=64, train=True)
+    train[0]
+    assert train._fixed == {}  # augmented items are drawn afresh

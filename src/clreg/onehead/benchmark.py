@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import hashlib
 import importlib.metadata
 import json
@@ -564,3 +565,4 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+            gc.collect()  # a cycle from torch.func can hold the group's threads until shutdown, where they abort

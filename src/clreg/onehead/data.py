@@ -169,15 +169,14 @@ class Crop:
         if boxes.numel() == 0:
             return boxes.reshape(0, 4), torch.zeros(0, dtype=torch.bool)
         sx, sy = size / self.w, size / self.h
-        b = boxes.clone()
-        b[:, [0, 2]] = (b[:, [0, 2]] - self.x0) * sx
-        b[:, [1, 3]] = (b[:, [1, 3]] - self.y0) * sy
-        area0 = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        b = b.clamp(0, size)
-        area1 = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-        keep = (area1 >= 0.25 * area0) & ((b[:, 2] - b[:, 0]) >= 2) & ((b[:, 3] - b[:, 1]) >= 2)
-        if self.flip:
-            b[:, [0, 2]] = size - b[:, [2, 0]]
+        x1, y1, x2, y2 = boxes.unbind(1)
+        x1, x2 = (x1 - self.x0) * sx, (x2 - self.x0) * sx
+        y1, y2 = (y1 - self.y0) * sy, (y2 - self.y0) * sy
+        area0 = (x2 - x1) * (y2 - y1)
+        x1, y1, x2, y2 = torch.stack([x1, y1, x2, y2]).clamp(0, size)
+        w, h = x2 - x1, y2 - y1
+        keep = (w * h >= 0.25 * area0) & (w >= 2) & (h >= 2)
+        b = torch.stack([size - x2, y1, size - x1, y2] if self.flip else [x1, y1, x2, y2], 1)
         return b[keep], keep
 
 
@@ -188,6 +187,7 @@ class _Base(Dataset):
         self.size, self.train, self.seed, self.cache = size, train, seed, cache
         self.epoch = 0
         self._images: dict[int, Image.Image] = {}
+        self._fixed: dict[int, tuple[Tensor, Any]] = {}  # evaluation transform: index → (uint8 pixels, target)
 
     def set_epoch(self, epoch: int) -> None:
         """Augmentations are seeded by (seed, epoch, index): repeatable, and new each epoch."""
@@ -207,6 +207,21 @@ class _Base(Dataset):
     def _crop(self, index: int, w: int, h: int) -> Crop:
         return Crop.random(w, h, self._generator(index)) if self.train else Crop.full(w, h)
 
+    def _item(self, index: int) -> tuple[Tensor, Any]:
+        """(uint8 pixels (3, S, S), target) of one item."""
+        raise NotImplementedError
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Any]:
+        if self.train or not self.cache:
+            pixels, target = self._item(index)
+        else:  # the evaluation transform is fixed: resize and encode each item once
+            if index not in self._fixed:
+                self._fixed[index] = self._item(index)
+            pixels, target = self._fixed[index]
+            if isinstance(target, dict):
+                target = dict(target)
+        return normalize(pixels), target
+
     _items_attr = "items"
 
     def subset(self, indices: Sequence[int]):
@@ -214,7 +229,7 @@ class _Base(Dataset):
         out = copy.copy(self)
         items = getattr(self, self._items_attr)
         setattr(out, self._items_attr, [items[i] for i in indices])
-        out._images = {}
+        out._images, out._fixed = {}, {}
         if hasattr(out, "_masks"):
             out._masks = {}
         return out
@@ -301,11 +316,12 @@ class SegmentationData(_Base):
         """The mask at the image's original size (for evaluation there)."""
         return _mask_tensor(self.mask(index))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def _item(self, index: int) -> tuple[Tensor, Tensor]:
         img = self._image(index, self.pairs[index][0])
         crop = self._crop(index, *img.size)
-        x = normalize(_to_tensor(crop.image(img, self.size)))
-        return x, _mask_tensor(crop.image(self.mask(index), self.size, resample=Image.NEAREST))
+        return _to_tensor(crop.image(img, self.size)), _mask_tensor(
+            crop.image(self.mask(index), self.size, resample=Image.NEAREST)
+        )
 
 
 # -- detection ---------------------------------------------------------------------------------------
@@ -434,11 +450,11 @@ class DetectionData(_Base):
         """This split's COCO category id of a label."""
         return self.cat_ids[self.categories[label]]
 
-    def __getitem__(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
+    def _item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         im = self.images[index]
         img = self._image(index, self.image_dir / im["file_name"])
         crop = self._crop(index, *img.size)
-        x = normalize(_to_tensor(crop.image(img, self.size)))
+        x = _to_tensor(crop.image(img, self.size))
         anns = self.boxes[im["id"]]
         boxes = torch.tensor([b for b, _ in anns], dtype=torch.float32).reshape(-1, 4)
         labels = torch.tensor([c for _, c in anns], dtype=torch.long)
@@ -488,11 +504,11 @@ class ClassificationData(_Base):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:
+    def _item(self, index: int) -> tuple[Tensor, Tensor]:
         path, label = self.samples[index]
         img = self._image(index, path)
         crop = self._crop(index, *img.size)
-        return normalize(_to_tensor(crop.image(img, self.size))), torch.tensor(label)
+        return _to_tensor(crop.image(img, self.size)), torch.tensor(label)
 
 
 def check_split_overlap(a: Sequence[Path | str], b: Sequence[Path | str], what: str) -> list[str]:

@@ -246,7 +246,8 @@ def train_steps(
         {"params": [p for n, p in named if not n.startswith("backbone.")], "lr": lr},
         {"params": [p for n, p in named if n.startswith("backbone.")], "lr": lr * run.backbone_lr_scale},
     ]
-    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=run.weight_decay)
+    # foreach: one fused pass per state tensor kind on every device (CPU too), the same arithmetic
+    opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=run.weight_decay, foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     if reg is not None:
         reg.attach(opt)

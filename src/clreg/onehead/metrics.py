@@ -302,9 +302,12 @@ class DetectionMetric:
             img = torch.cat(img_of_det) if img_of_det else torch.zeros(0, dtype=torch.long)
             order = torch.as_tensor(_mergesort_desc(s.tolist()), dtype=torch.long)
             counted = ~ig[:, order]  # detections matched to ignored (crowd) boxes count neither way
-            records.append(
-                {"tp": m[:, order] & counted, "fp": ~m[:, order] & counted, "img": img[order], "gt": gt_per_img}
-            )
+            tp, fp = m[:, order] & counted, ~m[:, order] & counted
+            # past the last true positive (at any IoU threshold) a detection raises no recall and only
+            # lowers precision below the envelope, so no AP depends on it: drop it
+            hits = tp.any(0).nonzero()
+            end = int(hits[-1]) + 1 if len(hits) else 0
+            records.append({"tp": tp[:, :end], "fp": fp[:, :end], "img": img[order][:end], "gt": gt_per_img})
         # map image positions in COCOeval's order to this metric's order
         self._order = torch.as_tensor([pos[i] for i in self._ids])
         return records

@@ -31,6 +31,7 @@ Example:
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 import torch.nn.functional as F
@@ -48,45 +49,63 @@ class DetectionEncoder:
             raise ValueError(f"size {size} must be a multiple of stride {stride}")
         self.num_classes, self.size, self.stride, self.radius = num_classes, size, stride, radius
         self.grid = size // stride
+        g, s = self.grid, stride
+        self._centres = [(j + 0.5) * s for j in range(g)]  # cell centres in input pixels
+        cells = torch.arange(g, dtype=torch.float32) + 0.5
+        ys, xs = torch.meshgrid(cells * s, cells * s, indexing="ij")
+        self._cell_x, self._cell_y = xs / s - 0.5, ys / s - 0.5  # (g, g): each cell's column and row
 
     def encode(self, boxes: Tensor, labels: Tensor) -> dict[str, Tensor]:
         """``boxes`` (N, 4) in input pixels (x1, y1, x2, y2), ``labels`` (N,) in [0, K)."""
-        g, s = self.grid, self.stride
-        heat = torch.zeros(self.num_classes, g, g)
-        box = torch.zeros(4, g, g)
-        weight = torch.zeros(g, g)
-        area_at = torch.full((g, g), math.inf)
+        g, s, k = self.grid, self.stride, self.num_classes
         boxes = boxes.float().reshape(-1, 4)
         labels = labels.long().reshape(-1)
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
-            raise ValueError(f"labels must be in [0, {self.num_classes}), got {labels.tolist()}")
-        centres = (torch.arange(g, dtype=torch.float32) + 0.5) * s
-        ys, xs = torch.meshgrid(centres, centres, indexing="ij")
-        for (x1, y1, x2, y2), c in zip(boxes.tolist(), labels.tolist()):
+        if labels.numel() and (labels.min() < 0 or labels.max() >= k):
+            raise ValueError(f"labels must be in [0, {k}), got {labels.tolist()}")
+        heat = torch.zeros(k, g * g)
+        box = torch.zeros(4, g, g)
+        weight = torch.zeros(g, g)
+        kept, peaks, centre_cells = [], [], []
+        owner: dict[tuple[int, int], tuple[float, tuple[float, ...]]] = {}  # cell → (area, distances)
+        centres = self._centres
+        for n, (x1, y1, x2, y2) in enumerate(boxes.tolist()):
             w, h = x2 - x1, y2 - y1
             if w <= 0 or h <= 0:
                 continue
             cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-            sigma = max(0.5, min(w, h) / (6 * s))
-            gx, gy = (cx / s - 0.5), (cy / s - 0.5)
-            gauss = torch.exp(-((xs / s - 0.5 - gx) ** 2 + (ys / s - 0.5 - gy) ** 2) / (2 * sigma**2))
+            kept.append(n)
+            peaks.append((cx / s - 0.5, cy / s - 0.5, 2 * max(0.5, min(w, h) / (6 * s)) ** 2))
             ci, cj = min(g - 1, max(0, int(cy // s))), min(g - 1, max(0, int(cx // s)))
-            gauss[ci, cj] = 1.0
-            heat[c] = torch.maximum(heat[c], gauss)
-            area = w * h
-            for di in range(-self.radius, self.radius + 1):
-                for dj in range(-self.radius, self.radius + 1):
-                    i, j = ci + di, cj + dj
-                    if not (0 <= i < g and 0 <= j < g):
-                        continue
-                    px, py = float(centres[j]), float(centres[i])
+            centre_cells.append(ci * g + cj)
+            area = _float32(w * h)  # areas compare in float32
+            for i in range(max(0, ci - self.radius), min(g, ci + self.radius + 1)):
+                for j in range(max(0, cj - self.radius), min(g, cj + self.radius + 1)):
+                    px, py = centres[j], centres[i]
                     d = (px - x1, py - y1, x2 - px, y2 - py)
-                    if min(d) <= 0 or area >= area_at[i, j]:
+                    if min(d) <= 0 or area >= owner.get((i, j), (math.inf,))[0]:
                         continue
-                    area_at[i, j] = area
-                    box[:, i, j] = torch.log(torch.tensor(d) / s)
-                    weight[i, j] = 1.0
-        return {"heatmap": heat, "box": box, "box_weight": weight, "num_objects": torch.tensor(float(len(labels)))}
+                    owner[(i, j)] = (area, d)  # the smaller box wins the cell
+        if kept:
+            gx, gy, two_var = torch.tensor(peaks).T.reshape(3, -1, 1, 1)
+            gauss = torch.exp(-((self._cell_x - gx) ** 2 + (self._cell_y - gy) ** 2) / two_var).flatten(1)
+            gauss[torch.arange(len(kept)), torch.tensor(centre_cells)] = 1.0
+            channels = labels[kept, None].expand(-1, g * g)
+            heat.scatter_reduce_(0, channels, gauss, "amax")  # where boxes overlap, the maximum
+        if owner:
+            rows, cols = (torch.tensor(v) for v in zip(*owner))
+            box[:, rows, cols] = torch.log(torch.tensor([d for _, d in owner.values()]) / s).T
+            weight[rows, cols] = 1.0
+        return {
+            "heatmap": heat.view(k, g, g),
+            "box": box,
+            "box_weight": weight,
+            "num_objects": torch.tensor(float(len(labels))),
+        }
+
+
+def _float32(v: float) -> float:
+    """``v`` rounded to float32."""
+    return struct.unpack("f", struct.pack("f", v))[0]
 
 
 @torch.no_grad()
