@@ -26,6 +26,7 @@ Example:
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import copy
 import io
@@ -180,7 +181,7 @@ class Crop:
         return b[keep], keep
 
 
-class _Base(Dataset):
+class _Base(Dataset, abc.ABC):
     def __init__(self, size: int, train: bool, seed: int, cache: bool) -> None:
         if size % 32:
             raise ValueError(f"size must be a multiple of 32, got {size}")
@@ -207,9 +208,9 @@ class _Base(Dataset):
     def _crop(self, index: int, w: int, h: int) -> Crop:
         return Crop.random(w, h, self._generator(index)) if self.train else Crop.full(w, h)
 
+    @abc.abstractmethod
     def _item(self, index: int) -> tuple[Tensor, Any]:
-        """(uint8 pixels (3, S, S), target) of one item."""
-        raise NotImplementedError
+        """(uint8 pixels (3, S, S), target) of one item, each loader's own."""
 
     def __getitem__(self, index: int) -> tuple[Tensor, Any]:
         if self.train or not self.cache:
