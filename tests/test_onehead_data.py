@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import shutil
 from pathlib import Path
 
@@ -12,6 +14,7 @@ import pytest
 pytest.importorskip("pycocotools", reason="the one-head data needs the benchmark extra")
 pytest.importorskip("timm", reason="the one-head data needs the benchmark extra")
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -225,6 +228,55 @@ def test_generator_is_deterministic_and_cached(tmp_path) -> None:
     tr = {p.read_bytes() for p in (a / "mini_voc_seg" / "train").glob("*.jpg")}
     te = {p.read_bytes() for p in (a / "mini_voc_seg" / "test").glob("*.jpg")}
     assert not tr & te
+
+
+def test_default_world_keeps_its_key() -> None:
+    """The default (``fill="random"``) data set keeps the key the reported runs were made with."""
+    assert SyntheticConfig().key() == "v3-0b918565b0ed"
+    assert SyntheticConfig(fill="pattern").key() != SyntheticConfig().key()
+    with pytest.raises(ValueError, match="fill must be"):
+        SyntheticConfig(fill="plaid")
+
+
+@pytest.mark.parametrize(
+    ("family", "share"),
+    [
+        ("stripes", 0.5),
+        ("checker", 0.5),
+        ("dots", math.pi * 0.3**2),
+        ("xhatch", 1 - 0.8**2),
+        ("grid", 1 - 0.8**2),
+        ("diamonds", 0.5),
+        ("zigzag", 0.3),
+        ("bricks", 0.2 + 0.8 * 0.1),
+        ("speckle", 0.5),
+        ("hstripes", 0.5),
+    ],
+)
+def test_pattern_share_of_the_second_colour(family, share) -> None:
+    """Each pattern covers its closed-form share of the area (over whole periods, random phase)."""
+    from clreg.onehead.synthetic import _pattern
+
+    got = [_pattern(random.Random(seed), 400, family, 20.0).mean() for seed in range(4)]
+    assert sum(got) / len(got) == pytest.approx(share, abs=0.03 if family == "speckle" else 0.01)
+
+
+def test_pattern_world_fills_each_kind_with_its_pattern(tmp_path) -> None:
+    from clreg.onehead.synthetic import PATTERN_FILLS, render
+
+    root = generate(SyntheticConfig(train=3, val=2, test=2, size=64, cls_train=10, fill="pattern"), cache_dir=tmp_path)
+    names = json.loads((root / "manifest.json").read_text())["class_names"]["seg"]
+    assert names[1:3] == [f"circle_{f}" for f in PATTERN_FILLS] and len(names) == 21
+    # one large triangle: its pixels hold exactly two colours, the second on π·0.3² of them (dots)
+    img, mask, placed = render(random.Random(3), 200, [2], (0.9, 0.9), fill="pattern")
+    assert [p.kind for p in placed] == [2]
+    labels = torch.from_numpy(np.array(mask)).reshape(-1)
+    label = int(labels[(labels > 0) & (labels < 255)].unique().item())
+    assert label in (1 + 2 * 2, 1 + 2 * 2 + 1)  # fine or coarse triangle
+    pixels = torch.from_numpy(np.array(img)).reshape(-1, 3)[labels == label]
+    colours, counts = pixels.unique(dim=0, return_counts=True)
+    assert len(colours) == 2
+    assert counts.min().item() / counts.sum().item() == pytest.approx(math.pi * 0.3**2, abs=0.05)
 
 
 def _histograms(ds) -> tuple[torch.Tensor, torch.Tensor]:

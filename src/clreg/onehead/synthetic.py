@@ -3,9 +3,12 @@
 The world: 10 shape kinds (circle, square, triangle, bowtie, L-shape, star, cross, ring, crescent,
 arrow), each drawn solid or striped, at random sizes (30–55 % of the image side by default),
 rotations and positions, in random colours (colour carries no class information), on textured
-backgrounds shared by every class, overlapping (occlusion, limited to box IoU < 0.25). The tasks:
+backgrounds shared by every class, overlapping (occlusion, limited to box IoU < 0.25). With
+``fill="pattern"`` each kind is instead filled with its own two-colour pattern (:data:`PATTERNS`),
+fine or coarse, still in random colours: shape and texture both carry the kind. The tasks:
 
-* segmentation (``mini_voc_seg``): 20 classes = shape × fill, + background; VOC layout
+* segmentation (``mini_voc_seg``): 20 classes = shape × fill (solid / striped, or with
+  ``fill="pattern"`` fine / coarse), + background; VOC layout
   ``{split}/<id>.jpg`` + palette ``{split}/<id>.png`` (255 = ignore on a thin band around objects);
 * detection (``mini_coco_det``): the 10 shape kinds as categories (fill random); COCO layout
   ``{split}/labels.json`` + ``{split}/data/*.jpg``;
@@ -36,13 +39,29 @@ import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-__all__ = ["FILLS", "GENERATOR_VERSION", "SHAPES", "SyntheticConfig", "default_cache_dir", "generate", "voc_palette"]
+__all__ = [
+    "FILLS",
+    "GENERATOR_VERSION",
+    "PATTERNS",
+    "PATTERN_FILLS",
+    "PATTERN_VERSION",
+    "SHAPES",
+    "SyntheticConfig",
+    "default_cache_dir",
+    "generate",
+    "voc_palette",
+]
 
 GENERATOR_VERSION = 3
 SHAPES = ("circle", "square", "triangle", "bowtie", "lshape", "star", "cross", "ring", "crescent", "arrow")
 FILLS = ("solid", "striped")
+# fill="pattern": the two-colour pattern of each shape kind (in SHAPES' order), drawn fine or coarse
+PATTERNS = ("stripes", "checker", "dots", "xhatch", "grid", "diamonds", "zigzag", "bricks", "speckle", "hstripes")
+PATTERN_FILLS = ("fine", "coarse")
+PATTERN_VERSION = 1  # bumped whenever the patterns change (part of the pattern world's cache key)
 
 
 @dataclass(frozen=True)
@@ -61,9 +80,19 @@ class SyntheticConfig:
     max_scale: float = 0.55
     background_lines: int = 0  # thin distractor lines on the background (harder when > 0)
     jpeg_quality: int = 92
+    fill: str = "random"  # "random": solid or striped, whatever the kind; "pattern": the kind's pattern
+
+    def __post_init__(self) -> None:
+        if self.fill not in ("random", "pattern"):
+            raise ValueError(f"fill must be 'random' or 'pattern', got {self.fill!r}")
 
     def key(self) -> str:
-        blob = json.dumps({"version": GENERATOR_VERSION, **asdict(self)}, sort_keys=True)
+        fields = asdict(self)
+        if fields["fill"] == "random":  # the original world: its key is unchanged
+            del fields["fill"]
+        else:
+            fields["pattern_version"] = PATTERN_VERSION
+        blob = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return f"v{GENERATOR_VERSION}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
@@ -184,6 +213,55 @@ def _texture(rng: random.Random, size: int, striped: bool) -> Image.Image:
     return img
 
 
+def _pattern(rng: random.Random, size: int, family: str, period: float) -> np.ndarray:
+    """A (size, size) bool array: where a two-colour pattern of ``family`` puts its second colour.
+    ``period`` is the lattice spacing in pixels; the phase is random, the lattice axis-aligned. The
+    share of the second colour: stripes ½, checker ½, dots π·0.3², xhatch 1 − 0.8², grid 1 − 0.8², diamonds ½,
+    zigzag 0.3, bricks 0.2 + 0.8·0.1, speckle ½ on average, hstripes ½. No pattern is changed into
+    another by a horizontal flip (the training augmentation)."""
+    y, x = np.mgrid[0:size, 0:size].astype(np.float64) + 0.5 - size / 2
+    u = x / period + rng.random()
+    v = y / period + rng.random()
+    fu, fv = u - np.floor(u), v - np.floor(v)
+    if family == "stripes":
+        return fu < 0.5
+    if family == "checker":
+        return (np.floor(u) + np.floor(v)) % 2 == 1
+    if family == "dots":
+        return (fu - 0.5) ** 2 + (fv - 0.5) ** 2 < 0.3**2
+    if family == "xhatch":  # thin lines along both diagonals
+        a, b = u + v, u - v
+        return (a - np.floor(a) < 0.2) | (b - np.floor(b) < 0.2)
+    if family == "grid":
+        return (fu < 0.2) | (fv < 0.2)
+    if family == "diamonds":  # a checker turned by 45°
+        return (np.floor(u + v) + np.floor(u - v)) % 2 == 1
+    if family == "zigzag":
+        w = u + 0.6 * np.abs(2 * fv - 1)
+        return w - np.floor(w) < 0.3
+    if family == "bricks":
+        b = u / 2 + 0.5 * (np.floor(v) % 2)
+        return (fv < 0.2) | (b - np.floor(b) < 0.1)
+    if family == "speckle":  # random on/off cells of half the period
+        cells = np.frombuffer(rng.randbytes(64 * 64), dtype=np.uint8).reshape(64, 64) < 128
+        return cells[np.floor(2 * u).astype(np.int64) % 64, np.floor(2 * v).astype(np.int64) % 64]
+    if family == "hstripes":
+        return fv < 0.5
+    raise ValueError(f"unknown pattern family {family!r}; expected one of {PATTERNS}")
+
+
+def _pattern_fill(rng: random.Random, size: int, kind: int, coarse: bool, image_size: int) -> Image.Image:
+    """An object's fill with ``fill="pattern"``: its kind's pattern in two random, contrasting colours,
+    at a period of 1/20 (fine) or 1/10 (coarse) of the image side."""
+    a = _rand_colour(rng)
+    b = _rand_colour(rng)
+    while sum(abs(x - y) for x, y in zip(a, b)) < 150:
+        b = _rand_colour(rng)
+    mask = _pattern(rng, size, PATTERNS[kind], image_size / (10 if coarse else 20))
+    pixels = np.where(mask[..., None], np.array(b, dtype=np.uint8), np.array(a, dtype=np.uint8))
+    return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
+
+
 def _background(rng: random.Random, size: int, lines: int = 0) -> Image.Image:
     """A textured background: blurred blotches (and ``lines`` thin lines), all in random colours."""
     img = Image.new("RGB", (size, size), _rand_colour(rng))
@@ -206,15 +284,21 @@ def _background(rng: random.Random, size: int, lines: int = 0) -> Image.Image:
 @dataclass
 class Placed:
     kind: int
-    striped: bool
+    second_fill: bool  # striped (fill="random") or coarse (fill="pattern")
     box: tuple[float, float, float, float]
 
 
 def render(
-    rng: random.Random, size: int, kinds: list[int], scale: tuple[float, float] = (0.18, 0.45), lines: int = 0
+    rng: random.Random,
+    size: int,
+    kinds: list[int],
+    scale: tuple[float, float] = (0.18, 0.45),
+    lines: int = 0,
+    fill: str = "random",
 ) -> tuple[Image.Image, Image.Image, list[Placed]]:
     """An image, its segmentation mask (0 background, 1 + 2·kind + fill; 255 on object borders) and
-    the placed objects' boxes (the visible extent)."""
+    the placed objects' boxes (the visible extent). ``fill`` as in :class:`SyntheticConfig`; the fill
+    index is 0 solid / 1 striped, or with ``fill="pattern"`` 0 fine / 1 coarse."""
     img = _background(rng, size, lines)
     mask = Image.new("L", (size, size), 0)
     placed: list[tuple[Placed, Image.Image]] = []
@@ -225,14 +309,14 @@ def render(
             box = (x, y, x + s, y + s)
             if all(_iou(box, p.box) < 0.25 for p, _ in placed):
                 break
-        striped = rng.random() < 0.5
+        second_fill = rng.random() < 0.5
         m = shape_mask(SHAPES[kind], s, rng.uniform(0, 2 * math.pi))
-        tex = _texture(rng, s, striped)
+        tex = _pattern_fill(rng, s, kind, second_fill, size) if fill == "pattern" else _texture(rng, s, second_fill)
         img.paste(tex, (x, y), m)
         full = Image.new("L", (size, size), 0)
         full.paste(m, (x, y))
-        mask.paste(1 + 2 * kind + int(striped), (0, 0), full)
-        placed.append((Placed(kind, striped, box), full))
+        mask.paste(1 + 2 * kind + int(second_fill), (0, 0), full)
+        placed.append((Placed(kind, second_fill, box), full))
     # visible extents after occlusion, and an ignore band on object borders
     out = []
     for i, (p, full) in enumerate(placed):
@@ -241,7 +325,7 @@ def render(
             vis = Image.composite(Image.new("L", (size, size), 0), vis, later)
         bb = vis.point(lambda v: 255 if v > 127 else 0).getbbox()
         if bb is not None and (bb[2] - bb[0]) >= 4 and (bb[3] - bb[1]) >= 4:
-            out.append(Placed(p.kind, p.striped, (float(bb[0]), float(bb[1]), float(bb[2]), float(bb[3]))))
+            out.append(Placed(p.kind, p.second_fill, (float(bb[0]), float(bb[1]), float(bb[2]), float(bb[3]))))
     edges = mask.filter(ImageFilter.FIND_EDGES).point(lambda v: 255 if v else 0)
     mask.paste(255, (0, 0), edges)
     return img, mask, out
@@ -259,8 +343,8 @@ def _iou(a, b) -> float:
 SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
-def _seg_names() -> list[str]:
-    return ["background"] + [f"{s}_{f}" for s in SHAPES for f in FILLS]
+def _seg_names(fill: str = "random") -> list[str]:
+    return ["background"] + [f"{s}_{f}" for s in SHAPES for f in (PATTERN_FILLS if fill == "pattern" else FILLS)]
 
 
 def _scene_names() -> list[str]:
@@ -274,7 +358,7 @@ def _write_seg(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
     pal = voc_palette()
     for i in range(n):
         kinds = [rng.randrange(len(SHAPES)) for _ in range(rng.randint(cfg.min_objects, cfg.max_objects))]
-        img, mask, _ = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines)
+        img, mask, _ = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines, cfg.fill)
         img.save(d / f"seg_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
         mask.putpalette(pal)
         mask.save(d / f"seg_{split}_{i:05d}.png")  # a palette ("P") PNG after putpalette
@@ -287,7 +371,7 @@ def _write_det(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
     images, anns = [], []
     for i in range(n):
         kinds = [rng.randrange(len(SHAPES)) for _ in range(rng.randint(cfg.min_objects, cfg.max_objects))]
-        img, _, placed = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines)
+        img, _, placed = render(rng, cfg.size, kinds, (cfg.min_scale, cfg.max_scale), cfg.background_lines, cfg.fill)
         name = f"det_{split}_{i:05d}.jpg"
         img.save(d / "data" / name, quality=cfg.jpeg_quality)
         images.append({"id": i + 1, "file_name": name, "width": cfg.size, "height": cfg.size})
@@ -317,7 +401,7 @@ def _write_cls(root: Path, cfg: SyntheticConfig, split: str, n: int) -> None:
         kinds = [c] * major + [rng.choice(others) for _ in range(rng.randint(0, major - 2))]
         rng.shuffle(kinds)
         scale = (cfg.min_scale * 0.8, cfg.max_scale * 0.75)  # more objects per scene: a little smaller
-        img, _, _ = render(rng, cfg.size, kinds, scale, cfg.background_lines)
+        img, _, _ = render(rng, cfg.size, kinds, scale, cfg.background_lines, cfg.fill)
         folder = root / "imagenette_160" / split / names[c]
         folder.mkdir(parents=True, exist_ok=True)
         img.save(folder / f"cls_{split}_{i:05d}.jpg", quality=cfg.jpeg_quality)
@@ -345,7 +429,7 @@ def generate(
         "generator_version": GENERATOR_VERSION,
         "config": asdict(cfg),
         "splits": list(counts),
-        "class_names": {"seg": _seg_names(), "det": list(SHAPES), "cls": _scene_names()},
+        "class_names": {"seg": _seg_names(cfg.fill), "det": list(SHAPES), "cls": _scene_names()},
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1))
     try:
