@@ -397,3 +397,18 @@ def test_backbone_learning_rate_scale_applies_to_backbone_parameters_only():
     after = net.state_dict()
     assert torch.equal(before["backbone.weight"], after["backbone.weight"])
     assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_cosine_schedule_with_and_without_warmup() -> None:
+    from clreg.onehead.harness import cosine_schedule
+
+    plain, warm = cosine_schedule(200), cosine_schedule(200, warmup_steps=20)
+    for s in (0, 1, 19, 20, 57, 100, 199, 200, 250):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s, 200) / 200))
+        assert plain(s) == cosine  # no warmup: exactly the cosine factor
+        assert warm(s) == pytest.approx(cosine * min(1.0, (s + 1) / 20), abs=1e-15)
+    assert warm(0) == pytest.approx(0.05 * 1.0, abs=1e-6)  # (0 + 1) / 20 of the peak, cos(0) = 1
+    assert warm(9) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 9 / 200)))
+    assert warm(19) == plain(19) and warm(200) == 0.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        RunSettings(warmup_steps=-1)

@@ -40,7 +40,7 @@ from ..regularizers.si import SI
 from .methods import Method
 from .metrics import _interval, resample_counts
 
-__all__ = ["HarnessTask", "RunSettings", "Runner", "Stage", "evaluation_record", "peak_rss_sampler"]
+__all__ = ["HarnessTask", "RunSettings", "Runner", "Stage", "cosine_schedule", "evaluation_record", "peak_rss_sampler"]
 
 log = logging.getLogger("clreg.onehead")
 
@@ -82,12 +82,33 @@ class RunSettings:
     progress: bool = True
     backbone_lr_scale: float = 1.0  # the learning rate of parameters named "backbone.*", relative
     channels_last: bool = False  # train in the channels-last memory format (faster convolutions on CPU)
+    warmup_steps: int = 0  # a linear learning-rate warmup before the cosine schedule (see cosine_schedule)
 
     def __post_init__(self) -> None:
         if self.bn not in ("train", "freeze"):
             raise ValueError(f"bn must be 'train' or 'freeze', got {self.bn!r}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.warmup_steps < 0:
+            raise ValueError(f"warmup_steps must be >= 0, got {self.warmup_steps}")
+
+
+def cosine_schedule(steps: int, warmup_steps: int = 0) -> Callable[[int], float]:
+    r"""The learning-rate factor at optimizer step ``s`` (for ``LambdaLR``):
+
+    .. math:: f(s) = \tfrac12\bigl(1 + \cos(\pi \min(s, T) / T)\bigr) \cdot \min\bigl(1, (s + 1) / W\bigr)
+
+    with T = ``steps`` and W = ``warmup_steps`` (no warmup factor when W = 0). A warmup lets a model
+    trained from scratch take a larger learning rate without diverging.
+
+    Example:
+        >>> f = cosine_schedule(100, warmup_steps=10)
+        >>> round(f(0), 4), round(f(9), 4), f(100)
+        (0.1, 0.9801, 0.0)
+    """
+    if warmup_steps == 0:
+        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * min(1.0, (s + 1) / warmup_steps)
 
 
 def evaluation_record(metric: Any, resamples: int, extras: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -248,7 +269,7 @@ def train_steps(
     ]
     # foreach: one fused pass per state tensor kind on every device (CPU too), the same arithmetic
     opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=run.weight_decay, foreach=True)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps, run.warmup_steps))
     if reg is not None:
         reg.attach(opt)
     if si_track is not None:

@@ -17,7 +17,6 @@ benchmark report says so. Only the backbone is kept (the neck and head are retra
 from __future__ import annotations
 
 import argparse
-import math
 import random
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ import torch
 from torch import Tensor
 
 from .data import normalize
+from .harness import cosine_schedule
 from .losses import segmentation_loss
 from .model import UnifiedOneHead
 from .synthetic import SHAPES, render
@@ -84,7 +84,7 @@ def pretrain(
     model = UnifiedOneHead(det_classes=1, seg_classes=len(SHAPES) + 1, cls_classes=1)
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(steps))
     g = torch.Generator().manual_seed(seed)
     running = 0.0
     for step in range(steps):
