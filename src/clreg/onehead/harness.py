@@ -106,9 +106,12 @@ def cosine_schedule(steps: int, warmup_steps: int = 0) -> Callable[[int], float]
         >>> round(f(0), 4), round(f(9), 4), f(100)
         (0.1, 0.9801, 0.0)
     """
-    if warmup_steps == 0:
-        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
-    return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)) * min(1.0, (s + 1) / warmup_steps)
+
+    def factor(s: int) -> float:
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps))
+        return cosine * min(1.0, (s + 1) / warmup_steps) if warmup_steps else cosine
+
+    return factor
 
 
 def evaluation_record(metric: Any, resamples: int, extras: dict[str, Any] | None = None) -> dict[str, Any]:

@@ -62,6 +62,7 @@ FILLS = ("solid", "striped")
 PATTERNS = ("stripes", "checker", "dots", "xhatch", "grid", "diamonds", "zigzag", "bricks", "speckle", "hstripes")
 PATTERN_FILLS = ("fine", "coarse")
 PATTERN_VERSION = 1  # bumped whenever the patterns change (part of the pattern world's cache key)
+_FILL_NAMES = {"random": FILLS, "pattern": PATTERN_FILLS}  # SyntheticConfig.fill -> the two fills' names
 
 
 @dataclass(frozen=True)
@@ -83,8 +84,8 @@ class SyntheticConfig:
     fill: str = "random"  # "random": solid or striped, whatever the kind; "pattern": the kind's pattern
 
     def __post_init__(self) -> None:
-        if self.fill not in ("random", "pattern"):
-            raise ValueError(f"fill must be 'random' or 'pattern', got {self.fill!r}")
+        if self.fill not in _FILL_NAMES:
+            raise ValueError(f"fill must be one of {sorted(_FILL_NAMES)}, got {self.fill!r}")
 
     def key(self) -> str:
         fields = asdict(self)
@@ -190,13 +191,19 @@ def shape_mask(kind: str, size: int, rot: float) -> Image.Image:
     return m
 
 
+def _contrasting_colour(rng: random.Random, a: tuple[int, int, int]) -> tuple[int, int, int]:
+    """A random colour at least 150 away from ``a`` (L1 over RGB)."""
+    b = _rand_colour(rng)
+    while sum(abs(x - y) for x, y in zip(a, b)) < 150:
+        b = _rand_colour(rng)
+    return b
+
+
 def _texture(rng: random.Random, size: int, striped: bool) -> Image.Image:
     a = _rand_colour(rng)
     img = Image.new("RGB", (size, size), a)
     if striped:
-        b = _rand_colour(rng)
-        while sum(abs(x - y) for x, y in zip(a, b)) < 150:
-            b = _rand_colour(rng)
+        b = _contrasting_colour(rng, a)
         d = ImageDraw.Draw(img)
         period = rng.uniform(6, 10)
         ang = rng.uniform(0, math.pi)
@@ -254,9 +261,7 @@ def _pattern_fill(rng: random.Random, size: int, kind: int, coarse: bool, image_
     """An object's fill with ``fill="pattern"``: its kind's pattern in two random, contrasting colours,
     at a period of 1/20 (fine) or 1/10 (coarse) of the image side."""
     a = _rand_colour(rng)
-    b = _rand_colour(rng)
-    while sum(abs(x - y) for x, y in zip(a, b)) < 150:
-        b = _rand_colour(rng)
+    b = _contrasting_colour(rng, a)
     mask = _pattern(rng, size, PATTERNS[kind], image_size / (10 if coarse else 20))
     pixels = np.where(mask[..., None], np.array(b, dtype=np.uint8), np.array(a, dtype=np.uint8))
     return Image.fromarray(np.ascontiguousarray(pixels), "RGB")
@@ -344,7 +349,7 @@ SPLIT_SEEDS = {"train": 1, "val": 2, "test": 3}
 
 
 def _seg_names(fill: str = "random") -> list[str]:
-    return ["background"] + [f"{s}_{f}" for s in SHAPES for f in (PATTERN_FILLS if fill == "pattern" else FILLS)]
+    return ["background"] + [f"{s}_{f}" for s in SHAPES for f in _FILL_NAMES[fill]]
 
 
 def _scene_names() -> list[str]:
