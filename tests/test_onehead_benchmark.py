@@ -125,6 +125,24 @@ def test_killed_run_resumes_to_the_same_results(tiny_run, cache_env, tmp_path):
     assert _strip(got) == _strip(want)
 
 
+def test_baselines_only_matches_the_full_runs_baselines(tiny_run, cache_env, tmp_path):
+    """--baselines-only trains the same single-task units as a full run (seed 0 gives the same
+    scores), for every seed, and writes their mean and standard deviation over seeds."""
+    out = tmp_path / "base"
+    assert main(["--profile", "tiny", "--baselines-only", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    got = json.loads((out / "baselines.json").read_text())
+    full = json.loads((tiny_run / "results.json").read_text())["summary"]["baselines"]
+    assert got["split"] == "test" and got["steps"] == [3, 3, 3]
+    for t in ("seg", "det", "cls"):
+        seeds = [got["seeds"][str(s)][t] for s in (0, 1)]
+        assert seeds[0]["value"] == pytest.approx(full[t]["per_seed"][0], abs=1e-12)
+        for r in seeds:
+            assert r["interval"][0] <= r["value"] + 1e-9 <= r["interval"][1] + 2e-9
+        values = torch.tensor([r["value"] for r in seeds], dtype=torch.float64)
+        assert got["mean"][t]["mean"] == pytest.approx(values.mean().item())
+        assert got["mean"][t]["std"] == pytest.approx(values.std().item())
+
+
 def test_evaluate_reads_a_saved_model(tiny_run, cache_env, capsys):
     root = Path(json.loads((tiny_run / "results.json").read_text())["config"]["data"]["synthetic"]["key"])
     data_root = Path(os.environ["XDG_CACHE_HOME"]) / "clreg" / "synthetic" / root
@@ -412,3 +430,39 @@ def test_cosine_schedule_with_and_without_warmup() -> None:
     assert warm(19) == plain(19) and warm(200) == 0.0
     with pytest.raises(ValueError, match="warmup_steps"):
         RunSettings(warmup_steps=-1)
+
+
+def test_scratch_profile_trains_from_random_init_with_its_warmup(cache_env, tmp_path, monkeypatch) -> None:
+    """The scratch profile resolves to a random backbone, 160 px, per-task learning rates and
+    warmups; a stage's warmup reaches the RunSettings its task is trained with."""
+    from dataclasses import replace
+
+    from clreg.onehead import benchmark
+    from clreg.onehead.profiles import PROFILES
+
+    _, config = benchmark._resolve(benchmark.build_parser().parse_args(["--profile", "scratch"]))
+    assert config["backbone"] == {"kind": "random"} and config["size"] == 160
+    assert config["stage_lr"] == [1e-2, 1.2e-2, 8e-3] and config["stage_warmup"] == [100, 100, 300]
+    assert config["data"]["synthetic"]["key"] == "v3-6ac595463621"  # the synthetic default
+
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train_steps(model, tasks, steps, lr, run, seed, **kwargs):
+        seen.append((kwargs["desc"], lr, run.warmup_steps))
+        raise Stop
+
+    from clreg.onehead import harness
+
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], stage_warmup=(2, 3, 4), stage_lr=(0.5, 0.6, 0.7)))
+    monkeypatch.setattr(harness, "train_steps", train_steps)
+    with pytest.raises(Stop):
+        benchmark.main(["--profile", "tiny", "--out", str(tmp_path / "o"), "--quiet"])
+    assert seen == [("stage 1 (seg)", 0.5, 2)]
+    # every later stage takes its own warmup the same way; None keeps the run's
+    runner = harness.Runner.__new__(harness.Runner)
+    runner.run = RunSettings(warmup_steps=5)
+    assert runner._run(Stage("det", 10, warmup_steps=3)).warmup_steps == 3
+    assert runner._run(Stage("det", 10)).warmup_steps == 5

@@ -26,7 +26,7 @@ from clreg.onehead.data import (
     SegmentationData,
     check_split_overlap,
 )
-from clreg.onehead.synthetic import SHAPES, SyntheticConfig, generate
+from clreg.onehead.synthetic import SHAPES, STRIPED_WORLD, SyntheticConfig, generate
 
 REAL = Path(__file__).resolve().parents[2] / "shared" / "data" / "real"
 real_data = pytest.mark.skipif(
@@ -230,10 +230,11 @@ def test_generator_is_deterministic_and_cached(tmp_path) -> None:
     assert not tr & te
 
 
-def test_default_world_keeps_its_key() -> None:
-    """The default (``fill="random"``) data set keeps the key the reported runs were made with."""
-    assert SyntheticConfig().key() == "v3-0b918565b0ed"
-    assert SyntheticConfig(fill="pattern").key() != SyntheticConfig().key()
+def test_worlds_keep_their_keys() -> None:
+    """The default (pattern) world and the striped one keep the keys their reported runs were made with."""
+    assert SyntheticConfig().key() == "v3-6ac595463621"
+    assert STRIPED_WORLD.key() == "v3-0b918565b0ed"
+    assert SyntheticConfig(fill="random").key() != STRIPED_WORLD.key()
     with pytest.raises(ValueError, match="fill must be"):
         SyntheticConfig(fill="plaid")
 

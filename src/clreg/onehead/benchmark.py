@@ -2,7 +2,7 @@
 
 ``python -m clreg.onehead`` / ``clreg-onehead`` / ``python benchmarks/unified_onehead.py``::
 
-    clreg-onehead [run] [--profile quick|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
+    clreg-onehead [run] [--profile quick|scratch|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
                   [--data-root DIR] [--backbone-weights FILE | --pretrained | --random-init]
                   [--device cpu] [--amp] [--out DIR] [--seeds N] [--steps N] [--bn train|freeze]
                   [--set name=value ...] [--tune] [--quiet]
@@ -67,7 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="The unified one-head three-stage continual-learning benchmark "
         "(segmentation → detection → classification). `clreg-onehead evaluate -h` for the evaluate command.",
     )
-    p.add_argument("--profile", default="quick", choices=sorted(PROFILES), help="quick (default), tiny or original")
+    p.add_argument(
+        "--profile", default="quick", choices=sorted(PROFILES), help="quick (default), scratch, tiny or original"
+    )
     p.add_argument("--methods", help="comma-separated methods, '+' joins a combination (default: the profile's)")
     p.add_argument(
         "--data-root", help="a folder with mini_voc_seg, mini_coco_det and imagenette_160 (default: synthetic)"
@@ -254,6 +256,7 @@ def _resolve(args: argparse.Namespace) -> tuple[Profile, dict[str, Any]]:
         "settings_provenance": provenance,
         "stage_settings": [dict(s) for s in prof.stage_settings],
         "stage_lr": list(prof.stage_lr),
+        "stage_warmup": list(prof.stage_warmup),
         "steps": list(prof.steps),
         "batch_size": prof.batch_size,
         "size": prof.size,
@@ -339,8 +342,10 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
         )
 
     stages = [
-        Stage(t, n, lr, dict(s))
-        for t, n, lr, s in zip(SEQUENCE, config["steps"], config["stage_lr"], config["stage_settings"])
+        Stage(t, n, lr, dict(s), warmup_steps=w)
+        for t, n, lr, s, w in zip(
+            SEQUENCE, config["steps"], config["stage_lr"], config["stage_settings"], config["stage_warmup"]
+        )
     ]
     run = RunSettings(
         batch_size=prof.batch_size,
@@ -399,7 +404,8 @@ def run_benchmark(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line) -> dict[str, Any]:
-    """Only the single-task baselines (each task alone, its stage's budget): ``baselines.json``."""
+    """Only the single-task baselines (each task alone, its stage's budget): ``baselines.json`` with
+    each seed's score, interval and training time, and the mean and standard deviation over seeds."""
     res: dict[str, Any] = {"steps": config["steps"], "split": config["eval_split"], "seeds": {}}
     for seed in config["seeds"]:
         runner = Runner(
@@ -415,6 +421,12 @@ def _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line
                 "train_seconds": state["train"]["seconds"],
                 **({"map_50_95": rec["map_50_95"]} if "map_50_95" in rec else {}),
             }
+    res["mean"] = {}
+    for st in stages:
+        values = torch.tensor([res["seeds"][seed][st.task]["value"] for seed in config["seeds"]], dtype=torch.float64)
+        std = values.std().item() if len(values) > 1 else 0.0
+        res["mean"][st.task] = {"mean": values.mean().item(), "std": std}
+        log_line(f"baseline {st.task}: {values.mean().item():.3f} ± {std:.3f} over {len(values)} seed(s)")
     if rank_and_world()[0] == 0:
         (out / "baselines.json").write_text(json.dumps(res, indent=1))
         log_line(f"baselines: {out / 'baselines.json'}")

@@ -26,7 +26,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +68,7 @@ class Stage:
     steps: int
     lr: float | None = None  # None: the method's "lr" setting
     settings: dict[str, float] = field(default_factory=dict)  # per-stage overrides, e.g. {"ewc.lam": 3.0}
+    warmup_steps: int | None = None  # None: the RunSettings' warmup
 
 
 @dataclass
@@ -411,6 +412,10 @@ class Runner:
             out[name] = evaluation_record(metric, self.run.resamples, task.extras(metric) if task.extras else None)
         return out
 
+    def _run(self, stage: Stage) -> RunSettings:
+        """The run settings for training ``stage``'s task (its own warmup where it sets one)."""
+        return self.run if stage.warmup_steps is None else replace(self.run, warmup_steps=stage.warmup_steps)
+
     def _lr(self, stage: Stage, method: Method | None) -> float:
         if stage.lr is not None:
             return stage.lr
@@ -425,7 +430,7 @@ class Runner:
             model = self._fresh_model("stage1")
             si = SI(model)
             res = train_steps(
-                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, None), self.run,
+                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, None), self._run(s),
                 stable_seed(self.seed, "stage1"), si_track=si, desc=f"stage 1 ({s.task})",
             )  # fmt: skip
             return {
@@ -448,7 +453,7 @@ class Runner:
         def fn() -> dict[str, Any]:
             model = self._fresh_model(unit)
             res = train_steps(
-                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, None), self.run,
+                self.wrap(model), [self.tasks[s.task]], s.steps, self._lr(s, None), self._run(s),
                 stable_seed(self.seed, unit), desc=f"single-task {s.task}",
             )  # fmt: skip
             return {"train": _drop_opt(res), "evals": self._evaluate(model, [s.task])}
@@ -465,7 +470,7 @@ class Runner:
             model = self._fresh_model("joint")
             res = train_steps(
                 self.wrap(model), [self.tasks[s.task] for s in self.stages], steps, self._lr(self.stages[0], None),
-                self.run, stable_seed(self.seed, "joint"), desc="joint",
+                self._run(self.stages[0]), stable_seed(self.seed, "joint"), desc="joint",
             )  # fmt: skip
             return {"train": _drop_opt(res), "evals": self._evaluate(model)}
 
@@ -520,7 +525,7 @@ class Runner:
             buffer.add(prev_task.name, [fit_data[j] for j in idx[rank::world]])
         method.apply(reg, stage.settings)
         res = train_steps(
-            self.wrap(model), [self.tasks[stage.task]], stage.steps, self._lr(stage, method), self.run,
+            self.wrap(model), [self.tasks[stage.task]], stage.steps, self._lr(stage, method), self._run(stage),
             stable_seed(self.seed, method.name, i), reg=reg, replay=buffer,
             replay_tasks=self.tasks, replay_per_step=int(method.settings["replay.per_step"]),
             replay_weight=method.settings["replay.weight"], freeze_bn=self.run.bn == "freeze",

@@ -4,7 +4,9 @@ clreg cannot download ImageNet weights, which the challenge allows. Instead the 
 MobileNetV3-small backbone trained on a dense pretext made by the same drawing code as the synthetic
 tasks, but from a disjoint seed space (no pretext image is a task image):
 
-* input: a 160 px scene of 1–4 shapes on a textured background (random colours and fills);
+* input: a 160 px scene of 1–4 shapes on a textured background, in random colours and with the
+  solid or striped fills of :data:`~clreg.onehead.synthetic.STRIPED_WORLD` (the default world's
+  patterns are new to it);
 * target: which of the 10 shape kinds covers each pixel (11 classes with background), read at the
   model's stride-8 resolution: "what shape is where", with neither the fill (half of the
   segmentation task's classes) nor the scene labels (classification) nor boxes (detection).

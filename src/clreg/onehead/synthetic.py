@@ -1,14 +1,15 @@
 """The embedded default data: a deterministic generator of three task data sets on disk.
 
 The world: 10 shape kinds (circle, square, triangle, bowtie, L-shape, star, cross, ring, crescent,
-arrow), each drawn solid or striped, at random sizes (30–55 % of the image side by default),
-rotations and positions, in random colours (colour carries no class information), on textured
-backgrounds shared by every class, overlapping (occlusion, limited to box IoU < 0.25). With
-``fill="pattern"`` each kind is instead filled with its own two-colour pattern (:data:`PATTERNS`),
-fine or coarse, still in random colours: shape and texture both carry the kind. The tasks:
+arrow), each filled with its own two-colour pattern (:data:`PATTERNS`: stripes, checker, dots, …),
+fine or coarse, at random sizes (40–70 % of the image side by default), rotations and positions, in
+random colours (colour carries no class information), on textured backgrounds shared by every
+class, overlapping (occlusion, limited to box IoU < 0.25): shape and texture both carry the kind.
+``fill="random"`` gives the earlier world (:data:`STRIPED_WORLD`), in which any kind is drawn solid
+or striped. The tasks:
 
-* segmentation (``mini_voc_seg``): 20 classes = shape × fill (solid / striped, or with
-  ``fill="pattern"`` fine / coarse), + background; VOC layout
+* segmentation (``mini_voc_seg``): 20 classes = shape × fill (fine / coarse, or solid / striped
+  with ``fill="random"``), + background; VOC layout
   ``{split}/<id>.jpg`` + palette ``{split}/<id>.png`` (255 = ignore on a thin band around objects);
 * detection (``mini_coco_det``): the 10 shape kinds as categories (fill random); COCO layout
   ``{split}/labels.json`` + ``{split}/data/*.jpg``;
@@ -49,6 +50,7 @@ __all__ = [
     "PATTERN_FILLS",
     "PATTERN_VERSION",
     "SHAPES",
+    "STRIPED_WORLD",
     "SyntheticConfig",
     "default_cache_dir",
     "generate",
@@ -67,7 +69,7 @@ _FILL_NAMES = {"random": FILLS, "pattern": PATTERN_FILLS}  # SyntheticConfig.fil
 
 @dataclass(frozen=True)
 class SyntheticConfig:
-    """Sizes and counts of the generated sets (the defaults are the quick profile's)."""
+    """The generated world and the sizes and counts of its sets (the defaults: the synthetic default)."""
 
     train: int = 240
     val: int = 300
@@ -77,11 +79,11 @@ class SyntheticConfig:
     seed: int = 0
     min_objects: int = 1
     max_objects: int = 2
-    min_scale: float = 0.3  # object side as a fraction of the image side
-    max_scale: float = 0.55
+    min_scale: float = 0.4  # object side as a fraction of the image side
+    max_scale: float = 0.7
     background_lines: int = 0  # thin distractor lines on the background (harder when > 0)
     jpeg_quality: int = 92
-    fill: str = "random"  # "random": solid or striped, whatever the kind; "pattern": the kind's pattern
+    fill: str = "pattern"  # "pattern": the kind's own pattern; "random": solid or striped, whatever the kind
 
     def __post_init__(self) -> None:
         if self.fill not in _FILL_NAMES:
@@ -89,12 +91,17 @@ class SyntheticConfig:
 
     def key(self) -> str:
         fields = asdict(self)
-        if fields["fill"] == "random":  # the original world: its key is unchanged
+        if fields["fill"] == "random":  # the striped world keeps the key it had before fills were chosen
             del fields["fill"]
         else:
             fields["pattern_version"] = PATTERN_VERSION
         blob = json.dumps({"version": GENERATOR_VERSION, **fields}, sort_keys=True)
         return f"v{GENERATOR_VERSION}-" + hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+# The earlier default world (generator 3 before the pattern fills): solid or striped objects of 30–55 %
+# of the image side. The shipped pretext backbone was trained on its renderer.
+STRIPED_WORLD = SyntheticConfig(fill="random", min_scale=0.3, max_scale=0.55)
 
 
 def default_cache_dir() -> Path:
