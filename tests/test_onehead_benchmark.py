@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -19,10 +20,12 @@ pytest.importorskip("timm")
 pytest.importorskip("pycocotools")
 
 from clreg import TaskSpec
+from clreg.onehead import benchmark, harness
 from clreg.onehead.benchmark import main
-from clreg.onehead.harness import HarnessTask, Runner, RunSettings, Stage, evaluation_record
+from clreg.onehead.harness import HarnessTask, Runner, RunSettings, Stage, cosine_schedule, evaluation_record
 from clreg.onehead.methods import Method, parse_methods
 from clreg.onehead.metrics import ClassificationMetric
+from clreg.onehead.profiles import PROFILES
 from clreg.onehead.report import judge, sequence_measures, summarise
 
 TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
@@ -418,8 +421,6 @@ def test_backbone_learning_rate_scale_applies_to_backbone_parameters_only():
 
 
 def test_cosine_schedule_with_and_without_warmup() -> None:
-    from clreg.onehead.harness import cosine_schedule
-
     plain, warm = cosine_schedule(200), cosine_schedule(200, warmup_steps=20)
     for s in (0, 1, 19, 20, 57, 100, 199, 200, 250):
         cosine = 0.5 * (1 + math.cos(math.pi * min(s, 200) / 200))
@@ -435,11 +436,6 @@ def test_cosine_schedule_with_and_without_warmup() -> None:
 def test_scratch_profile_trains_from_random_init_with_its_warmup(cache_env, tmp_path, monkeypatch) -> None:
     """The scratch profile resolves to a random backbone, 160 px, per-task learning rates and
     warmups; a stage's warmup reaches the RunSettings its task is trained with."""
-    from dataclasses import replace
-
-    from clreg.onehead import benchmark
-    from clreg.onehead.profiles import PROFILES
-
     _, config = benchmark._resolve(benchmark.build_parser().parse_args(["--profile", "scratch"]))
     assert config["backbone"] == {"kind": "random"} and config["size"] == 160
     assert config["stage_lr"] == [1e-2, 1.2e-2, 8e-3] and config["stage_warmup"] == [100, 100, 300]
@@ -454,15 +450,13 @@ def test_scratch_profile_trains_from_random_init_with_its_warmup(cache_env, tmp_
         seen.append((kwargs["desc"], lr, run.warmup_steps))
         raise Stop
 
-    from clreg.onehead import harness
-
     monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], stage_warmup=(2, 3, 4), stage_lr=(0.5, 0.6, 0.7)))
     monkeypatch.setattr(harness, "train_steps", train_steps)
     with pytest.raises(Stop):
         benchmark.main(["--profile", "tiny", "--out", str(tmp_path / "o"), "--quiet"])
     assert seen == [("stage 1 (seg)", 0.5, 2)]
     # every later stage takes its own warmup the same way; None keeps the run's
-    runner = harness.Runner.__new__(harness.Runner)
+    runner = Runner.__new__(Runner)
     runner.run = RunSettings(warmup_steps=5)
     assert runner._run(Stage("det", 10, warmup_steps=3)).warmup_steps == 3
     assert runner._run(Stage("det", 10)).warmup_steps == 5

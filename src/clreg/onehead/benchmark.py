@@ -41,7 +41,7 @@ from .methods import DEFAULT_SETTINGS, Method, parse_methods
 from .model import UnifiedOneHead, cpu_latency, load_checkpoint, save_checkpoint
 from .pretext import shipped_backbone
 from .profiles import PROFILES, QUICK_SETTINGS_PROVENANCE, Profile, get_profile
-from .report import summarise, write_report
+from .report import mean_std, summarise, write_report
 from .synthetic import generate
 from .tasks import FOLDERS, METRIC_NAMES, TASK_NAMES, Task, evaluate, make_tasks
 
@@ -421,12 +421,11 @@ def _baselines_only(config, make_model, htasks, stages, run, out, wrap, log_line
                 "train_seconds": state["train"]["seconds"],
                 **({"map_50_95": rec["map_50_95"]} if "map_50_95" in rec else {}),
             }
-    res["mean"] = {}
-    for st in stages:
-        values = torch.tensor([res["seeds"][seed][st.task]["value"] for seed in config["seeds"]], dtype=torch.float64)
-        std = values.std().item() if len(values) > 1 else 0.0
-        res["mean"][st.task] = {"mean": values.mean().item(), "std": std}
-        log_line(f"baseline {st.task}: {values.mean().item():.3f} ± {std:.3f} over {len(values)} seed(s)")
+    res["mean"] = {
+        st.task: mean_std([res["seeds"][seed][st.task]["value"] for seed in config["seeds"]]) for st in stages
+    }
+    for task, m in res["mean"].items():
+        log_line(f"baseline {task}: {m['mean']:.3f} ± {m['std']:.3f} over {len(config['seeds'])} seed(s)")
     if rank_and_world()[0] == 0:
         (out / "baselines.json").write_text(json.dumps(res, indent=1))
         log_line(f"baselines: {out / 'baselines.json'}")

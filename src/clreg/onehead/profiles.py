@@ -10,7 +10,7 @@ The quick profile's method settings come from :data:`QUICK_SETTINGS`, whose prov
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from .synthetic import SyntheticConfig
@@ -56,15 +56,6 @@ class Profile:
     resamples: int = 1000
     latency: bool = True
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
-
-    def to_config(self) -> dict[str, Any]:
-        d = asdict(self)
-        d["steps"] = list(self.steps)
-        d["stage_settings"] = [dict(s) for s in self.stage_settings]
-        d["stage_lr"] = list(self.stage_lr)
-        d["stage_warmup"] = list(self.stage_warmup)
-        d["tune_grid"] = {k: list(v) for k, v in self.tune_grid.items()}
-        return d
 
 
 _TUNE_GRID = {

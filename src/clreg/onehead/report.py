@@ -75,7 +75,8 @@ def _mean_interval(records: list[dict[str, Any]]) -> list[float]:
     return list(_interval(_seed_mean([r["boot"] for r in records])))
 
 
-def _mean_std(xs: list[float]) -> dict[str, float]:
+def mean_std(xs: list[float]) -> dict[str, float]:
+    """The mean and the sample standard deviation (0 for one value) of ``xs``."""
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
@@ -91,7 +92,7 @@ def summarise(
         "baselines": {
             k: {
                 "metric": metric_names[k],
-                **_mean_std(base_val[k]),
+                **mean_std(base_val[k]),
                 "per_seed": base_val[k],
                 "interval": _mean_interval([s["single"][k]["evals"][k] for s in seeds]),
                 **_extras([s["single"][k]["evals"][k] for s in seeds]),
@@ -100,7 +101,7 @@ def summarise(
         },
         "joint": {
             k: {
-                **_mean_std([s["joint"]["evals"][k]["value"] for s in seeds]),
+                **mean_std([s["joint"]["evals"][k]["value"] for s in seeds]),
                 "interval": _mean_interval([s["joint"]["evals"][k] for s in seeds]),
                 **_extras([s["joint"]["evals"][k] for s in seeds]),
             }
@@ -122,7 +123,7 @@ def summarise(
             )
             finals[k] = {
                 "metric": metric_names[k],
-                **_mean_std(vals),
+                **mean_std(vals),
                 "per_seed": vals,
                 "interval": _mean_interval([s["methods"][m][-1]["evals"][k] for s in seeds]),
                 "drop_absolute": base_mean[j] - statistics.fmean(vals),
@@ -136,7 +137,7 @@ def summarise(
             "R": R_mean,
             "R_per_seed": per_seed_R,
             "final": finals,
-            "measures": {key: _mean_std([x[key] for x in measures]) for key in measures[0]},
+            "measures": {key: mean_std([x[key] for x in measures]) for key in measures[0]},
             "train_seconds": statistics.fmean(
                 sum(st["train"]["seconds"] + st["train"].get("consolidate_seconds", 0.0) for st in s["methods"][m][1:])
                 for s in seeds
