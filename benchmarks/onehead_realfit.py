@@ -15,11 +15,10 @@ from pathlib import Path
 import torch
 
 from clreg.onehead.data import DetectionData, SegmentationData
-from clreg.onehead.losses import detection_loss, segmentation_loss
 from clreg.onehead.metrics import bootstrap
 from clreg.onehead.model import UnifiedOneHead
-from clreg.onehead.tasks import Task, evaluate, train_task
-from clreg.spec import TaskSpec
+from clreg.onehead.tasks import DetectionTask, SegmentationTask
+from clreg.onehead.training import RunSettings, train_task
 
 
 def main() -> None:
@@ -38,18 +37,19 @@ def main() -> None:
     if args.task == "det":
         train = DetectionData(args.data_root / "mini_coco_det", "train", args.size).subset(first)
         val = DetectionData(args.data_root / "mini_coco_det", "val", args.size)
-        task = Task("det", train, train, detection_loss, TaskSpec(), 10, train.categories)
-        val_task = Task("det", val, val, detection_loss, TaskSpec(), 10, val.categories)
+        task = DetectionTask(train, train, None, train.categories)
+        val_task = DetectionTask(val, val, None, val.categories)
     else:
         train = SegmentationData(args.data_root / "mini_voc_seg", "train", args.size).subset(first)
         val = SegmentationData(args.data_root / "mini_voc_seg", "val", args.size)
-        task = Task("seg", train, train, segmentation_loss, TaskSpec(), 21, [])
-        val_task = Task("seg", val, val, segmentation_loss, TaskSpec(), 21, [])
+        task = SegmentationTask(train, train, None, [str(i) for i in range(21)])
+        val_task = SegmentationTask(val, val, None, [str(i) for i in range(21)])
     model = UnifiedOneHead(det_classes=10, seg_classes=21, cls_classes=10)
     t = time.perf_counter()
-    stats = train_task(model, task, args.steps, lr=args.lr, batch_size=args.batch_size, log=print)
-    fit = evaluate(model, task)
-    held = evaluate(model, val_task)
+    run = RunSettings(batch_size=args.batch_size)
+    stats = train_task(model, task, args.steps, lr=args.lr, run=run, log=print)
+    fit = task.evaluate(model)
+    held = val_task.evaluate(model)
     name = "mAP@0.5" if args.task == "det" else "mIoU"
     print(f"trained {stats['steps']} steps in {time.perf_counter() - t:.0f} s")
     ci = bootstrap(fit, 500)

@@ -1,12 +1,12 @@
 """The three-stage one-head benchmark: ``python benchmarks/unified_onehead.py [--help]``.
 
-A thin wrapper over :mod:`clreg.onehead.benchmark` (also ``python -m clreg.onehead`` and the
+A thin wrapper over :mod:`clreg.onehead.cli` (also ``python -m clreg.onehead`` and the
 ``clreg-onehead`` console script).
 """
 
 import sys
 
-from clreg.onehead.benchmark import main
+from clreg.onehead.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

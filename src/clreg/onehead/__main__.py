@@ -1,8 +1,8 @@
-"""``python -m clreg.onehead``: the three-stage one-head benchmark (see :mod:`clreg.onehead.benchmark`)."""
+"""``python -m clreg.onehead``: the three-stage one-head benchmark (see :mod:`clreg.onehead.cli`)."""
 
 import sys
 
-from .benchmark import main
+from .cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -27,10 +27,10 @@ import torch
 from torch import Tensor
 
 from .data import normalize
-from .harness import cosine_schedule
 from .losses import segmentation_loss
 from .model import UnifiedOneHead
 from .synthetic import SHAPES, render
+from .training import cosine_schedule
 
 __all__ = ["PRETEXT_SEED_OFFSET", "SHIPPED_BACKBONE", "pretext_batch", "pretrain", "shipped_backbone"]
 

@@ -1,0 +1,253 @@
+"""The benchmark's configuration: a :class:`RunRequest` (what a user asks: a profile and overrides)
+resolved into a :class:`BenchmarkConfig` (every value a run uses), which is written to
+``config.json`` and ``results.json`` and compared with the saved one when a run resumes.
+
+Example:
+    >>> from clreg.onehead.config import RunRequest, resolve
+    >>> cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc+lwf", sets={"ewc.lam": 3.0}))
+    >>> cfg.methods, cfg.settings["ewc.lam"], cfg.steps
+    (('naive', 'ewc+lwf'), 3.0, (3, 3, 3))
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from ..distributed import rank_and_world
+from .methods import DEFAULT_SETTINGS, Method, check_settings, check_stage_settings, parse_methods
+from .pretext import shipped_backbone
+from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile
+from .synthetic import SyntheticConfig
+from .tasks import FOLDERS, TASK_NAMES
+
+__all__ = ["Backbone", "BenchmarkConfig", "DataSource", "RunRequest", "check_resume", "resolve"]
+
+MODES = ("run", "baselines", "tune")
+# not compared when resuming: where it runs, how many seeds (each seed's units are separate), which
+# methods and their settings (a method's units are keyed by its name and settings; the baselines'
+# learning rate is compared as "baseline_lr") and whether the joint reference is run
+IGNORED_ON_RESUME = ("device", "seeds", "methods", "within_rules", "joint", "settings", "settings_provenance")
+PRETEXT_DESCRIPTION = (
+    "the shipped synthetic-pretext backbone (clreg.onehead.pretext: a dense map of which of the 10 shape "
+    "kinds is where, on 15 000 images from seeds disjoint from the tasks'; the kinds overlap the tasks' vocabulary)"
+)
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a user asks for: a profile and the overrides of the command line (or of a script)."""
+
+    profile: str = "quick"
+    methods: str | None = None  # comma-separated, '+' joins a combination; None: the profile's
+    data_root: str | None = None  # None: the synthetic default
+    backbone_weights: str | None = None
+    pretrained: bool = False
+    random_init: bool = False
+    device: str = "cpu"
+    amp: bool = False
+    out: str | None = None  # None: onehead-results/<profile>[-tune]
+    seeds: int = 1
+    steps: int | None = None  # every stage's budget; None: the profile's
+    bn: str = "train"
+    sets: Mapping[str, float] = field(default_factory=dict)  # method settings
+    joint: bool = True
+    mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
+    quiet: bool = False
+
+
+@dataclass(frozen=True)
+class Backbone:
+    kind: str  # "file", "pretrained" or "random"
+    path: str | None = None
+    description: str = ""
+
+    def record(self) -> dict[str, Any]:
+        return {"kind": self.kind} | ({"path": self.path} if self.path is not None else {})
+
+
+@dataclass(frozen=True)
+class DataSource:
+    kind: str  # "synthetic" or "folder"
+    root: str | None = None
+    synthetic: SyntheticConfig | None = None
+    hash: str | None = None  # of the file names and sizes, once the data is there
+
+    @property
+    def description(self) -> str:
+        if self.synthetic is not None:
+            return f"synthetic default (generator {self.synthetic.key()})"
+        return f"data root {self.root}"
+
+    def record(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.synthetic is not None:
+            out["synthetic"] = asdict(self.synthetic) | {"key": self.synthetic.key()}
+        else:
+            out["root"] = self.root
+        out["description"] = self.description
+        return out | ({"hash": self.hash} if self.hash is not None else {})
+
+
+@dataclass(frozen=True)
+class BenchmarkConfig:
+    """Every value a run uses, resolved from a profile and a request."""
+
+    profile: Profile
+    methods: tuple[str, ...]
+    settings: dict[str, float]
+    settings_provenance: str
+    steps: tuple[int, ...]
+    bn: str
+    seeds: tuple[int, ...]
+    backbone: Backbone
+    data: DataSource
+    device: str
+    amp: bool
+    joint: bool
+    mode: str
+    out: Path
+    quiet: bool = False
+    channels_last: bool = True
+    eval_split: str | None = None  # known once the data is there
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return TASK_NAMES
+
+    @property
+    def within_rules(self) -> dict[str, bool]:
+        return {m: Method.parse(m).within_rules for m in self.methods}
+
+    def record(self) -> dict[str, Any]:
+        """The configuration as ``results.json`` holds it."""
+        p = self.profile
+        out = {
+            "profile": p.name,
+            "tasks": list(self.tasks),
+            "methods": list(self.methods),
+            "within_rules": self.within_rules,
+            "settings": dict(self.settings),
+            "baseline_lr": self.settings["lr"],
+            "settings_provenance": self.settings_provenance,
+            "stage_settings": [dict(s) for s in p.stage_settings],
+            "stage_lr": list(p.stage_lr),
+            "stage_warmup": list(p.stage_warmup),
+            "steps": list(self.steps),
+            "batch_size": p.batch_size,
+            "size": p.size,
+            "width": p.width,
+            "bn": self.bn,
+            "seeds": list(self.seeds),
+            "backbone": self.backbone.record(),
+            "backbone_description": self.backbone.description,
+            "data": self.data.record(),
+            "device": self.device,
+            "amp": self.amp,
+            "channels_last": self.channels_last,
+            "joint": self.joint,
+            "resamples": p.resamples,
+            "tune": self.mode == "tune",
+        }
+        return out | ({"eval_split": self.eval_split} if self.eval_split is not None else {})
+
+    def comparable(self) -> dict[str, Any]:
+        """What must equal the saved configuration for a run to resume (as JSON would give it back)."""
+        return json.loads(json.dumps({k: v for k, v in self.record().items() if k not in IGNORED_ON_RESUME}))
+
+
+def _check_counts(req: RunRequest) -> None:
+    if req.seeds < 1:
+        raise ValueError(f"--seeds must be >= 1, got {req.seeds}")
+    if req.steps is not None and req.steps < 1:
+        raise ValueError(f"--steps must be >= 1, got {req.steps}")
+    if req.mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
+    if req.bn not in ("train", "freeze"):
+        raise ValueError(f"bn must be 'train' or 'freeze', got {req.bn!r}")
+    if sum(map(bool, (req.backbone_weights, req.pretrained, req.random_init))) > 1:
+        raise ValueError("give at most one of --backbone-weights, --pretrained and --random-init")
+
+
+def _backbone(req: RunRequest, prof: Profile) -> Backbone:
+    if req.backbone_weights:
+        path = Path(req.backbone_weights)
+        if not path.is_file():
+            raise ValueError(f"--backbone-weights: no such file {req.backbone_weights}")
+        return Backbone("file", str(path.resolve()), f"local weights {req.backbone_weights}")
+    if req.pretrained:
+        return Backbone("pretrained", description="ImageNet weights from timm's hub")
+    if req.random_init or prof.backbone == "random":
+        return Backbone("random", description="random initialisation")
+    return Backbone("file", str(shipped_backbone()), PRETEXT_DESCRIPTION)
+
+
+def _data(req: RunRequest, prof: Profile) -> DataSource:
+    if not req.data_root:
+        return DataSource("synthetic", synthetic=prof.synthetic)
+    root = Path(req.data_root)
+    if not root.is_dir():
+        raise ValueError(f"--data-root: no such folder {root}")
+    missing = [f for f in FOLDERS.values() if not (root / f).is_dir()]
+    if missing:
+        raise ValueError(f"--data-root {root} lacks {missing}; expected {sorted(FOLDERS.values())}")
+    return DataSource("folder", str(root.resolve()))
+
+
+def _provenance(prof: Profile, sets: Mapping[str, float]) -> str:
+    base = QUICK_SETTINGS_PROVENANCE if prof.name == "quick" else f"the {prof.name} profile's fixed values"
+    return base + (f"; overridden by --set {', '.join(f'{k}={v:g}' for k, v in sets.items())}" if sets else "")
+
+
+def resolve(req: RunRequest) -> BenchmarkConfig:
+    """The configuration a request asks for; a ValueError names what is wrong with it."""
+    _check_counts(req)
+    prof = get_profile(req.profile)
+    if req.steps is not None:
+        prof = replace(prof, steps=(req.steps,) * len(TASK_NAMES))
+    try:
+        methods = parse_methods(req.methods or prof.methods)
+    except ValueError as err:
+        raise ValueError(f"--methods: {err}") from None
+    check_settings(prof.settings)
+    for overrides in prof.stage_settings:
+        check_stage_settings(overrides)
+    default_out = Path("onehead-results") / (prof.name + ("-tune" if req.mode == "tune" else ""))
+    return BenchmarkConfig(
+        profile=prof,
+        methods=tuple(methods),
+        settings={**DEFAULT_SETTINGS, **prof.settings, **check_settings(req.sets)},
+        settings_provenance=_provenance(prof, req.sets),
+        steps=prof.steps,
+        bn=req.bn,
+        seeds=tuple(range(req.seeds)),
+        backbone=_backbone(req, prof),
+        data=_data(req, prof),
+        device=req.device,
+        amp=bool(req.amp),
+        joint=req.joint,
+        mode=req.mode,
+        out=Path(req.out) if req.out else default_out,
+        quiet=req.quiet,
+    )
+
+
+def check_resume(config: BenchmarkConfig) -> None:
+    """Refuse an output folder that holds a run of another configuration; start ``config.json`` in a
+    new one (rank 0)."""
+    saved = config.out / "config.json"
+    comparable = config.comparable()
+    if saved.is_file():
+        old = {k: v for k, v in json.loads(saved.read_text()).items() if k not in IGNORED_ON_RESUME}
+        if comparable != old:
+            diff = sorted(k for k in set(old) | set(comparable) if old.get(k) != comparable.get(k))
+            raise ValueError(
+                f"{config.out} holds a run with another configuration (differs in {diff}); "
+                "choose another --out or remove it"
+            )
+    elif rank_and_world()[0] == 0:
+        config.out.mkdir(parents=True, exist_ok=True)
+        saved.write_text(json.dumps(comparable, indent=1))

@@ -1,0 +1,71 @@
+"""The full experiment: every seed's baselines, joint reference and methods, then the report."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ...distributed import rank_and_world
+from ..config import BenchmarkConfig
+from ..methods import Method
+from ..model import cpu_latency, save_checkpoint
+from ..protocol import SeedResult, run_seed
+from ..provenance import provenance
+from ..report import summarise, write_report
+from .workspace import Workspace, open_workspace
+
+__all__ = ["run_benchmark"]
+
+
+def _resources(ws: Workspace) -> dict[str, Any]:
+    """The model's size, its layers against the challenge's rules and (when the profile asks) its latency."""
+    model = ws.make_model()
+    arch = model.architecture_report()
+    res = {
+        "parameters": arch["parameters"],
+        "trainable": arch["trainable_parameters"],
+        "neck_layers": arch["neck_layers"],
+        "head_layers": arch["head_layers"],
+    }
+    if ws.config.profile.latency:
+        lat = cpu_latency(model, size=512, repeats=10)
+        res["latency_ms"] = {"model": lat["model_ms"], "head": lat["head_ms"]}
+    return res
+
+
+def _save_models(ws: Workspace, seed0: SeedResult) -> None:
+    """Each method's final model (seed 0) in the one-head checkpoint format, for ``evaluate``."""
+    names = {k: t.class_names for k, t in ws.tasks.items()}
+    cmap = {n: i for t in ws.tasks.values() for n, i in t.category_map().items()}
+    for name, states in seed0.methods.items():
+        path = ws.config.out / "models" / f"{name}.pt"
+        if path.is_file():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        model = ws.make_model()
+        model.load_state_dict(states[-1].model)
+        save_checkpoint(model, path, class_names=names, category_map=cmap, input_size=ws.config.profile.size)
+
+
+def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
+    """Run (or resume) the benchmark ``config`` describes; returns the JSON-ready results (rank 0)."""
+    ws = open_workspace(config)
+    config = ws.config
+    methods = [Method.parse(name, config.settings) for name in config.methods]
+    seeds = [run_seed(ws.seed_run(seed), methods, config.joint) for seed in config.seeds]
+    if rank_and_world()[0] != 0:
+        return None
+    tasks = list(config.tasks)
+    chance = {k: t.chance for k, t in ws.tasks.items()}
+    summary = summarise(seeds, tasks, chance, {k: ws.tasks[k].metric_name for k in tasks})
+    _save_models(ws, seeds[0])
+    results = {
+        "config": config.record(),
+        "seeds": list(config.seeds),
+        "within_rules": config.within_rules,
+        "summary": summary,
+        "resources": _resources(ws),
+        "provenance": provenance(),
+    }
+    results = write_report(results, config.out, {k: t.extra_scores for k, t in ws.tasks.items()})
+    ws.log(f"report: {config.out / 'report.md'}")
+    return results

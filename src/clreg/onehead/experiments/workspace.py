@@ -1,0 +1,118 @@
+"""Everything a configured experiment works in: the data (generated when synthetic), the evaluation
+split, the tasks, the model factory, the stages, the run settings, logging and the process group."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ...distributed import rank_and_world
+from ..config import BenchmarkConfig, check_resume
+from ..model import UnifiedOneHead
+from ..protocol import SeedRun, Stage
+from ..provenance import data_hash
+from ..store import UnitStore
+from ..synthetic import generate
+from ..tasks import FOLDERS, BenchmarkTask, make_tasks
+from ..training import RunSettings
+
+__all__ = ["Workspace", "has_split", "logger", "open_workspace"]
+
+
+def logger(quiet: bool) -> Callable[[str], None]:
+    """One line at a time on rank 0's standard output, unless ``quiet``."""
+
+    def log_line(msg: str) -> None:
+        if not quiet and rank_and_world()[0] == 0:
+            print(msg, flush=True)
+
+    return log_line
+
+
+def has_split(root: Path, split: str) -> bool:
+    return all(
+        (root / f / split).is_dir() or (root / f / "annotations" / f"instances_{split}2017.json").is_file()
+        for f in FOLDERS.values()
+    )
+
+
+def _check_device(device: str) -> None:
+    try:
+        torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device!r} is not a device torch knows") from None
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+
+
+def _data_root(config: BenchmarkConfig, log: Callable[[str], None]) -> Path:
+    if config.data.synthetic is None:
+        return Path(config.data.root)
+    t0 = time.perf_counter()
+    root = generate(config.data.synthetic, progress=not config.quiet)
+    log(f"synthetic data: {root} ({time.perf_counter() - t0:.0f} s)")
+    return root
+
+
+def _ddp_wrap(model: nn.Module) -> nn.Module:
+    return torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=False)
+
+
+@dataclass
+class Workspace:
+    """A configuration with its data in place (``config.eval_split`` and the data hash set)."""
+
+    config: BenchmarkConfig
+    root: Path
+    tasks: dict[str, BenchmarkTask]
+    log: Callable[[str], None]
+
+    def make_model(self) -> UnifiedOneHead:
+        """A fresh one-head model with every task's output, the configured width and backbone."""
+        p, backbone = self.config.profile, self.config.backbone
+        return UnifiedOneHead(
+            det_classes=self.tasks["det"].num_classes,
+            seg_classes=self.tasks["seg"].num_classes,
+            cls_classes=self.tasks["cls"].num_classes,
+            width=p.width,
+            backbone_weights=backbone.path,
+            pretrained=backbone.kind == "pretrained",
+        )
+
+    @property
+    def stages(self) -> list[Stage]:
+        p = self.config.profile
+        parts = zip(self.config.tasks, self.config.steps, p.stage_lr, p.stage_settings, p.stage_warmup)
+        return [Stage(t, n, lr, dict(s), warmup_steps=w) for t, n, lr, s, w in parts]
+
+    @property
+    def run_settings(self) -> RunSettings:
+        c = self.config
+        progress = not c.quiet and rank_and_world()[0] == 0
+        return RunSettings(batch_size=c.profile.batch_size, bn=c.bn, resamples=c.profile.resamples, device=c.device,
+                           amp=c.amp, channels_last=c.channels_last, progress=progress)  # fmt: skip
+
+    def seed_run(self, seed: int) -> SeedRun:
+        wrap = _ddp_wrap if rank_and_world()[1] > 1 else (lambda m: m)
+        store = UnitStore(self.config.out, seed, self.log)
+        return SeedRun(self.make_model, self.tasks, self.stages, self.run_settings, store,
+                       baseline_lr=self.config.settings["lr"], wrap=wrap)  # fmt: skip
+
+
+def open_workspace(config: BenchmarkConfig) -> Workspace:
+    """The data in place (generated when synthetic), the evaluation split chosen (val for a tune, else
+    test where the data has one), the output folder checked for a resumable run, the tasks loaded."""
+    log = logger(config.quiet)
+    _check_device(config.device)
+    root = _data_root(config, log)
+    split = "val" if config.mode == "tune" or not has_split(root, "test") else "test"
+    data = replace(config.data, hash=data_hash(root, FOLDERS.values()))
+    config = replace(config, eval_split=split, data=data)
+    check_resume(config)
+    tasks = make_tasks(root, eval_split=split, size=config.profile.size, seed=0)
+    return Workspace(config, root, tasks, log)

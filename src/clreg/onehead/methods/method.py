@@ -1,0 +1,126 @@
+"""A method: registered parts joined by ``+`` (``ewc+lwf+replay``), with the settings they read.
+
+Example:
+    >>> from clreg.onehead.methods import Method
+    >>> m = Method.parse("ewc+lwf+replay", {"ewc.lam": 10.0})
+    >>> m.parts, m.within_rules, m.settings["ewc.lam"]
+    (('ewc', 'lwf', 'replay'), True, 10.0)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from ...regularizers import Compose, Regularizer
+from ...replay import ReplayBuffer
+from .registry import DEFAULT_SETTINGS, PARTS, check_stage_settings
+
+__all__ = ["Built", "Method", "parse_methods", "stage_one_trackers"]
+
+
+def parse_methods(text: str) -> list[str]:
+    """``"naive,ewc,ewc+lwf+replay"`` → the list of method names, each checked."""
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"--methods needs at least one method, got {text!r}")
+    for n in names:
+        Method.parse(n)
+    return names
+
+
+def check_settings(settings: Mapping[str, Any]) -> dict[str, float]:
+    """``settings`` as floats, every key a registered setting (else a ValueError naming it)."""
+    out = {}
+    for k, v in settings.items():
+        if k not in DEFAULT_SETTINGS:
+            raise ValueError(f"unknown setting {k!r}; known: {', '.join(sorted(DEFAULT_SETTINGS))}")
+        out[k] = float(v)
+    return out
+
+
+def stage_one_trackers(model: nn.Module) -> dict[str, Any]:
+    """A fresh path tracker of every registered part that tracks the first stage (SI), on ``model``."""
+    return {name: p.stage_one_tracker(model) for name, p in PARTS.items() if p.stage_one_tracker is not None}
+
+
+@dataclass
+class Built:
+    """A method's regularizers on one model: their :class:`~clreg.Compose` (``None`` without any),
+    each part's member, and the replay buffer (``None`` without replay)."""
+
+    reg: Compose | None
+    members: dict[str, Regularizer]
+    buffer: ReplayBuffer | None
+
+    def take_over(self, trackers: Mapping[str, dict[str, Any]], settings: Mapping[str, float]) -> None:
+        """Members whose part tracked the first stage continue from that state."""
+        for name, member in self.members.items():
+            part = PARTS[name]
+            if part.take_over is not None and name in trackers:
+                part.take_over(member, trackers[name], settings)
+
+    def set_stage_values(self, overrides: Mapping[str, float]) -> None:
+        """Per-stage values (e.g. ``{"ewc.lam": 5.0}``) on the members they concern; others are for
+        parts this method does not have."""
+        check_stage_settings(overrides)
+        for key, value in overrides.items():
+            name = key.split(".")[0]
+            if name in self.members:
+                setattr(self.members[name], PARTS[name].stage_attributes[key], float(value))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    parts: tuple[str, ...]
+    settings: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, name: str, settings: Mapping[str, Any] | None = None) -> Method:
+        parts = tuple(p.strip() for p in name.split("+"))
+        bad = [p for p in parts if p not in PARTS]
+        if bad or not parts:
+            raise ValueError(f"unknown method part(s) {bad} in {name!r}; choose from {', '.join(PARTS)}, joined by '+'")
+        if len(set(parts)) != len(parts):
+            raise ValueError(f"method {name!r} repeats a part")
+        if "naive" in parts and len(parts) > 1:
+            raise ValueError(f"'naive' cannot be combined ({name!r})")
+        return cls("+".join(parts), parts, {**DEFAULT_SETTINGS, **check_settings(settings or {})})
+
+    def with_settings(self, settings: Mapping[str, Any]) -> Method:
+        return Method(self.name, self.parts, {**self.settings, **check_settings(settings)})
+
+    @property
+    def within_rules(self) -> bool:
+        """Whether every part is one of the challenge's allowed remedies (EWC, LwF, replay)."""
+        return all(PARTS[p].within_rules for p in self.parts)
+
+    @property
+    def uses_replay(self) -> bool:
+        return any(PARTS[p].replay_buffer is not None for p in self.parts)
+
+    def relevant_settings(self) -> dict[str, float]:
+        """The settings this method reads."""
+        return {k: v for k, v in self.settings.items() if k == "lr" or k.split(".")[0] in self.parts}
+
+    def key(self, stage_settings: Sequence[Mapping[str, float]]) -> str:
+        """The method's name and a digest of the settings it reads and the per-stage overrides, so
+        units of other settings never mix and changing one method's settings reuses everything else."""
+        blob = json.dumps([self.relevant_settings(), [dict(s) for s in stage_settings]], sort_keys=True)
+        return f"{self.name}@{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
+
+    def build(self, model: nn.Module, seed: int = 0) -> Built:
+        """The method's regularizers on ``model`` and its replay buffer."""
+        members = {}
+        for p in self.parts:
+            make = PARTS[p].regularizer
+            if make is not None:
+                members[p] = make(model, self.settings, seed)
+        buffers = [PARTS[p].replay_buffer(self.settings, seed) for p in self.parts if PARTS[p].replay_buffer]
+        return Built(Compose(*members.values()) if members else None, members, buffers[0] if buffers else None)

@@ -1,0 +1,71 @@
+"""The built-in parts: ``naive`` (no remedy), ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``mas`` and ``replay``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ... import EWC, MAS, SI, LwF, OnlineEWC, ReplayBuffer
+from ...regularizers import Regularizer
+from .registry import Part, Settings, register_part
+
+__all__ = ["BUILTIN_PARTS"]
+
+
+def _si_take_over(si: Regularizer, state: dict[str, Any], s: Settings) -> None:
+    """SI continues the path the first stage tracked, with the method's own c and ξ."""
+    si.load_state_dict(state)
+    si.c, si.xi = s["si.c"], s["si.xi"]
+
+
+BUILTIN_PARTS = tuple(
+    register_part(p)
+    for p in (
+        Part("naive"),
+        Part(
+            "ewc",
+            {"ewc.lam": 1.0},
+            regularizer=lambda model, s, seed: EWC(model, lam=s["ewc.lam"], seed=seed),
+            stage_attributes={"ewc.lam": "lam"},
+        ),
+        Part(
+            "online_ewc",
+            {"online_ewc.lam": 1.0, "online_ewc.gamma": 1.0},
+            within_rules=False,
+            regularizer=lambda model, s, seed: OnlineEWC(
+                model, lam=s["online_ewc.lam"], gamma=s["online_ewc.gamma"], seed=seed
+            ),
+            stage_attributes={"online_ewc.lam": "lam"},
+        ),
+        Part(
+            "si",
+            {"si.c": 0.1, "si.xi": 1e-3},
+            within_rules=False,
+            regularizer=lambda model, s, seed: SI(model, c=s["si.c"], xi=s["si.xi"]),
+            stage_attributes={"si.c": "c"},
+            stage_one_tracker=SI,
+            take_over=_si_take_over,
+        ),
+        Part(
+            "lwf",
+            {"lwf.alpha": 1.0, "lwf.temperature": 2.0},
+            regularizer=lambda model, s, seed: LwF(model, temperature=s["lwf.temperature"], alpha=s["lwf.alpha"]),
+            stage_attributes={"lwf.alpha": "alpha"},
+        ),
+        Part(
+            "mas",
+            {"mas.lam": 1.0},
+            within_rules=False,
+            regularizer=lambda model, s, seed: MAS(model, lam=s["mas.lam"], normalize=True),
+            stage_attributes={"mas.lam": "lam"},
+        ),
+        Part(
+            "replay",
+            {
+                "replay.capacity": 10,  # stored images per past task (the challenge allows at most 10)
+                "replay.per_step": 8,  # replayed images mixed into each step, split over the past tasks
+                "replay.weight": 1.0,  # weight of each past task's replay loss
+            },
+            replay_buffer=lambda s, seed: ReplayBuffer(int(s["replay.capacity"]), policy="reservoir", seed=seed),
+        ),
+    )
+)

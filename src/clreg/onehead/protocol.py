@@ -1,0 +1,267 @@
+"""The run protocol of one seed: the shared first stage, the single-task baselines, the joint
+reference and each method's later stages, as short functions over a :class:`SeedRun`.
+
+A run is a list of :class:`Stage` (a task, a budget in optimizer steps, a learning rate, per-stage
+method settings, a warmup) over tasks that follow the :class:`~clreg.onehead.tasks.Task` protocol.
+For every method it trains the stages in order with the method's regularizer and replay buffer and
+evaluates every task after every stage: the accuracy matrix ``R[stage][task]``. Each task is also
+trained alone (the single-task baseline, the same budget) and all tasks together (the joint
+reference). Stage 1 has no regularizer, so one stage-1 run serves every method, with the path
+trackers of the parts that need one (SI's) on; each later unit starts from a saved state in the
+seed's :class:`~clreg.onehead.store.UnitStore`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..data import stable_seed
+from ..distributed import rank_and_world
+from .methods import Built, Method, stage_one_trackers
+from .store import EvalRecord, UnitState, UnitStore, evaluation_record
+from .tasks import Task
+from .training import Replay, RunSettings, TrainJob, train
+
+__all__ = [
+    "SeedResult",
+    "SeedRun",
+    "Stage",
+    "joint",
+    "method_stage",
+    "method_stages",
+    "run_seed",
+    "single_task",
+    "stage_one",
+]
+
+
+@dataclass(frozen=True)
+class Stage:
+    task: str
+    steps: int
+    lr: float | None = None  # None: the method's "lr" setting (the baselines': the run's)
+    settings: Mapping[str, float] = field(default_factory=dict)  # per-stage overrides, e.g. {"ewc.lam": 3.0}
+    warmup_steps: int | None = None  # None: the RunSettings' warmup
+
+
+@dataclass
+class SeedRun:
+    """What the units of one seed share.
+
+    Args:
+        make_model: builds a fresh model (the same architecture every time); seeded here.
+        tasks: the tasks by name.
+        stages: the sequence; stage 1 trains without a regularizer.
+        run: batch size, weight decay, BatchNorm policy, device, …
+        store: where this seed's units are kept.
+        baseline_lr: the learning rate of the baselines, the joint reference and stage 1.
+        wrap: an optional ``model -> model`` applied for training (e.g. DDP).
+    """
+
+    make_model: Callable[[], nn.Module]
+    tasks: dict[str, Task]
+    stages: list[Stage]
+    run: RunSettings
+    store: UnitStore
+    baseline_lr: float = 2e-3
+    wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+
+    def __post_init__(self) -> None:
+        unknown = [s.task for s in self.stages if s.task not in self.tasks]
+        if unknown:
+            raise ValueError(f"stages name unknown tasks {unknown}; tasks: {list(self.tasks)}")
+        if len({s.task for s in self.stages}) != len(self.stages):
+            raise ValueError("each task may appear in one stage only")
+
+    @property
+    def seed(self) -> int:
+        return self.store.seed
+
+    def fresh_model(self, unit: str) -> nn.Module:
+        """A new model from the seed's one initialisation (the same for every unit), on the device."""
+        torch.manual_seed(stable_seed(self.seed, "model"))
+        model = self.make_model().to(self.run.device)
+        self.store.seed_unit(unit)
+        return model
+
+    def evaluate(self, model: nn.Module, names: list[str] | None = None) -> dict[str, EvalRecord]:
+        out = {}
+        for name in names or list(self.tasks):
+            task = self.tasks[name]
+            metric = task.evaluate(model, self.run.device)
+            out[name] = evaluation_record(metric, self.run.resamples, task.extras(metric))
+        return out
+
+    def settings_for(self, stage: Stage) -> RunSettings:
+        """The run settings for training ``stage``'s task (its own warmup where it sets one)."""
+        return self.run if stage.warmup_steps is None else replace(self.run, warmup_steps=stage.warmup_steps)
+
+    def lr(self, stage: Stage, method: Method | None) -> float:
+        if stage.lr is not None:
+            return stage.lr
+        return method.settings["lr"] if method is not None else self.baseline_lr
+
+
+def stage_one(run: SeedRun) -> UnitState:
+    """Stage 1 (no regularizer), with the first-stage path trackers on, shared by every method; its
+    model is also the first task's single-task baseline."""
+    s = run.stages[0]
+
+    def fn() -> UnitState:
+        model = run.fresh_model("stage1")
+        trackers = stage_one_trackers(model)
+        job = TrainJob([run.tasks[s.task]], s.steps, run.lr(s, None), stable_seed(run.seed, "stage1"),
+                       trackers=list(trackers.values()), desc=f"stage 1 ({s.task})")  # fmt: skip
+        res = train(run.wrap(model), job, run.settings_for(s))
+        return UnitState(
+            run.evaluate(model),
+            train=res.record(),
+            model=model.state_dict(),
+            optimizer=res.optimizer,
+            trackers={name: t.state_dict() for name, t in trackers.items()},
+        )
+
+    return run.store.run("stage1", fn)
+
+
+def single_task(run: SeedRun, index: int) -> UnitState:
+    """The single-task baseline of stage ``index`` (0-based; stage 0's is the stage-1 run)."""
+    if index == 0:
+        return stage_one(run)
+    s = run.stages[index]
+    unit = f"single/{s.task}"
+
+    def fn() -> UnitState:
+        model = run.fresh_model(unit)
+        job = TrainJob([run.tasks[s.task]], s.steps, run.lr(s, None), stable_seed(run.seed, unit),
+                       desc=f"single-task {s.task}")  # fmt: skip
+        res = train(run.wrap(model), job, run.settings_for(s))
+        return UnitState(run.evaluate(model, [s.task]), train=res.record())
+
+    return run.store.run(unit, fn)
+
+
+def joint(run: SeedRun) -> UnitState:
+    """All tasks together: each step one batch of every task, for the sequence's total number of
+    samples per task (Σ steps / number of tasks steps; the same compute as the sequence)."""
+    steps = max(1, round(sum(s.steps for s in run.stages) / len(run.stages)))
+    first = run.stages[0]
+
+    def fn() -> UnitState:
+        model = run.fresh_model("joint")
+        tasks = [run.tasks[s.task] for s in run.stages]
+        job = TrainJob(tasks, steps, run.lr(first, None), stable_seed(run.seed, "joint"), desc="joint")
+        res = train(run.wrap(model), job, run.settings_for(first))
+        return UnitState(run.evaluate(model), train=res.record())
+
+    return run.store.run("joint", fn)
+
+
+def method_stages(run: SeedRun, method: Method) -> list[UnitState]:
+    """Stages 2… of ``method``, each from the previous one's saved state; returns every stage's
+    state (stage 1's shared one first)."""
+    states = [stage_one(run)]
+    key = method.key([s.settings for s in run.stages])
+    for i in range(1, len(run.stages)):
+        prev = states[-1]
+        states.append(run.store.run(f"{key}/stage{i + 1}", lambda i=i, prev=prev: method_stage(run, method, i, prev)))
+    return states
+
+
+def _start_of_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> nn.Module:
+    """The previous stage's model, prepared for stage ``i``'s task (anchors are taken after this)."""
+    model = run.fresh_model(f"{method.name}/stage{i + 1}")  # the same init for every setting
+    model.load_state_dict(prev.model)
+    run.tasks[run.stages[i].task].prepare(model)
+    return model
+
+
+def _consolidated(
+    run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task
+) -> tuple[Built, float]:
+    """The method's regularizers, carried over from the previous stage and consolidated on its task."""
+    built = method.build(model, seed=run.seed)
+    if built.reg is None:
+        return built, 0.0
+    if prev.reg is not None:
+        built.reg.load_state_dict(prev.reg)
+    else:
+        built.take_over(prev.trackers, method.settings)
+    built.reg.to(run.run.device)
+    t0 = time.perf_counter()
+    built.reg.consolidate(model, _fit_data(prev_task), prev_task.spec)
+    return built, time.perf_counter() - t0
+
+
+def _fit_data(task: Task) -> Any:
+    return task.fit_data if task.fit_data is not None else task.train_data
+
+
+def _fill_buffer(run: SeedRun, built: Built, prev: UnitState, prev_task: Task) -> None:
+    """The replay buffer of the previous stages plus the previous task's picks (each rank offers its share)."""
+    if prev.buffer is not None:
+        built.buffer.load_state_dict(prev.buffer)
+    data = _fit_data(prev_task)
+    g = torch.Generator().manual_seed(stable_seed(run.seed, "replay-pick", prev_task.name))
+    idx = torch.randperm(len(data), generator=g)[: built.buffer.capacity_per_task].tolist()
+    rank, world = rank_and_world()
+    built.buffer.add(prev_task.name, [data[j] for j in idx[rank::world]])
+
+
+def _state_bytes(built: Built) -> int:
+    """Bytes of the state a method carries between stages (regularizer checkpoint and replay buffer)."""
+    n = 0
+    if built.reg is not None:
+        n += sum(t.numel() * t.element_size() for t in built.reg.state_dict().values() if isinstance(t, Tensor))
+    if built.buffer is not None:
+        n += built.buffer.state_bytes()
+    return n
+
+
+def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitState:
+    """Stage ``i`` (0-based, ≥ 1) of ``method``, from the previous stage's state."""
+    stage, prev_task = run.stages[i], run.tasks[run.stages[i - 1].task]
+    model = _start_of_stage(run, method, i, prev)
+    built, consolidate_s = _consolidated(run, method, model, prev, prev_task)
+    if built.buffer is not None:
+        _fill_buffer(run, built, prev, prev_task)
+    built.set_stage_values(stage.settings)
+    s = method.settings
+    replay = (
+        None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])
+    )
+    job = TrainJob([run.tasks[stage.task]], stage.steps, run.lr(stage, method), stable_seed(run.seed, method.name, i),
+                   reg=built.reg, replay=replay, freeze_bn=run.run.bn == "freeze",
+                   desc=f"{method.name} stage {i + 1} ({stage.task})")  # fmt: skip
+    res = train(run.wrap(model), job, run.settings_for(stage))
+    return UnitState(
+        run.evaluate(model),
+        train={**res.record(), "consolidate_seconds": consolidate_s},
+        model=model.state_dict(),
+        optimizer=res.optimizer,
+        reg=None if built.reg is None else built.reg.state_dict(),
+        buffer=None if built.buffer is None else built.buffer.state_dict(),
+        regularizer_bytes=_state_bytes(built),
+    )
+
+
+@dataclass
+class SeedResult:
+    """Every unit state of one seed: the baselines by task, the joint reference, each method's stages."""
+
+    single: dict[str, UnitState]
+    joint: UnitState | None
+    methods: dict[str, list[UnitState]]
+
+
+def run_seed(run: SeedRun, methods: list[Method], with_joint: bool = True) -> SeedResult:
+    """The baselines, the joint reference (when asked) and every method's stages of one seed."""
+    single = {s.task: single_task(run, i) for i, s in enumerate(run.stages)}
+    joint_state = joint(run) if with_joint else None
+    return SeedResult(single, joint_state, {m.name: method_stages(run, m) for m in methods})

@@ -1,0 +1,60 @@
+"""The configuration: a request resolved against a profile, its record, and bad requests refused."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+pytest.importorskip("timm")
+
+from clreg.onehead.config import RunRequest, resolve
+from clreg.onehead.methods import DEFAULT_SETTINGS
+from clreg.onehead.profiles import PROFILES
+
+
+def test_the_scratch_profile_trains_from_random_init_with_its_warmups() -> None:
+    """The scratch profile resolves to a random backbone, 160 px, per-task learning rates and warmups."""
+    record = resolve(RunRequest(profile="scratch")).record()
+    assert record["backbone"] == {"kind": "random"} and record["size"] == 160
+    assert record["stage_lr"] == [1e-2, 1.2e-2, 8e-3] and record["stage_warmup"] == [100, 100, 300]
+    assert record["data"]["synthetic"]["key"] == "v3-6ac595463621"  # the synthetic default
+
+
+def test_a_request_resolves_into_every_value_a_run_uses(tmp_path) -> None:
+    cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc+lwf", seeds=3, steps=7, sets={"lwf.alpha": 2.0}))
+    assert cfg.methods == ("naive", "ewc+lwf") and cfg.seeds == (0, 1, 2) and cfg.steps == (7, 7, 7)
+    assert cfg.settings == {**DEFAULT_SETTINGS, "ewc.lam": 10.0, "lwf.alpha": 2.0}
+    assert cfg.within_rules == {"naive": True, "ewc+lwf": True}
+    assert str(cfg.out) == "onehead-results/tiny" and cfg.backbone.kind == "random"
+    assert "overridden by --set lwf.alpha=2" in cfg.settings_provenance
+    record = cfg.record()
+    assert record["baseline_lr"] == DEFAULT_SETTINGS["lr"] and record["tune"] is False
+    assert "eval_split" not in record and "hash" not in record["data"]  # known once the data is there
+    assert set(cfg.comparable()) == set(record) - {"device", "seeds", "methods", "within_rules", "joint",
+                                                   "settings", "settings_provenance"}  # fmt: skip
+    assert resolve(RunRequest(profile="tiny", mode="tune")).out.name == "tiny-tune"
+
+
+@pytest.mark.parametrize(
+    "request_, message",
+    [
+        (RunRequest(profile="nope"), "unknown profile"),
+        (RunRequest(profile="tiny", seeds=0), "--seeds"),
+        (RunRequest(profile="tiny", steps=0), "--steps"),
+        (RunRequest(profile="tiny", mode="fit"), "mode must be one of"),
+        (RunRequest(profile="tiny", sets={"ewc.lambda": 1.0}), r"unknown setting 'ewc\.lambda'"),
+        (RunRequest(profile="tiny", methods="ewc,bogus"), "--methods: unknown method part"),
+        (RunRequest(profile="tiny", pretrained=True, random_init=True), "at most one of"),
+    ],
+)
+def test_bad_requests_are_refused_with_a_message(request_, message) -> None:
+    with pytest.raises(ValueError, match=message):
+        resolve(request_)
+
+
+def test_a_profiles_per_stage_setting_must_be_one_that_can_change(monkeypatch) -> None:
+    bad = replace(PROFILES["tiny"], stage_settings=({}, {"replay.capacity": 5.0}, {}))
+    monkeypatch.setitem(PROFILES, "tiny", bad)
+    with pytest.raises(ValueError, match="cannot change between stages"):
+        resolve(RunRequest(profile="tiny"))

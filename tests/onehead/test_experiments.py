@@ -1,0 +1,226 @@
+"""The benchmark end to end through its command line: the tiny profile's report, resume after a kill,
+the baselines alone, a saved model evaluated, two processes, a changed configuration, new method
+settings reusing what they can, the tune."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("pycocotools")
+
+from clreg import ReplayBuffer
+from clreg.onehead.cli import main
+
+TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
+
+
+def _strip(tree):
+    """results.json without what legitimately differs between two runs (timings, memory, dates)."""
+    if isinstance(tree, dict):
+        return {k: _strip(v) for k, v in tree.items() if k not in TIMING_KEYS}
+    if isinstance(tree, list):
+        return [_strip(v) for v in tree]
+    return tree
+
+
+def test_tiny_run_writes_a_complete_report(tiny_run):
+    res = json.loads((tiny_run / "results.json").read_text())
+    assert res["schema_version"] == 1
+    assert set(res["summary"]["methods"]) == {"naive", "ewc"}
+    for m in ("naive", "ewc"):
+        r = res["summary"]["methods"][m]
+        assert len(r["R"]) == 3 and all(len(row) == 3 for row in r["R"])
+        assert all(0.0 <= v <= 1.0 for row in r["R"] for v in row)
+        for t in ("seg", "det", "cls"):
+            f = r["final"][t]
+            assert f["interval"][0] <= f["mean"] + 1e-9 <= f["interval"][1] + 2e-9
+            assert f["five_percent_rule"]["verdict"] in ("pass", "fail", "inconclusive", "not judged")
+        # the measures, written out from their definitions on the stored matrix
+        R = r["R"]
+        forgetting = sum(max(R[0][k], R[1][k]) - R[2][k] for k in range(2)) / 2
+        assert r["measures"]["forgetting"]["mean"] == pytest.approx(forgetting)
+        assert r["measures"]["backward_transfer"]["mean"] == pytest.approx(sum(R[2][k] - R[k][k] for k in range(2)) / 2)
+        assert r["measures"]["average_final"]["mean"] == pytest.approx(sum(R[2]) / 3)
+    # stage 1 is shared: every method's first row is the same
+    assert res["summary"]["methods"]["naive"]["R"][0] == res["summary"]["methods"]["ewc"]["R"][0]
+    assert res["summary"]["methods"]["ewc"]["regularizer_bytes"] > 0
+    assert res["summary"]["methods"]["naive"]["regularizer_bytes"] == 0
+    prov = res["provenance"]
+    assert prov["versions"]["torch"] and prov["threads"] >= 1 and prov["cpu"]
+    assert res["config"]["data"]["hash"] and res["config"]["eval_split"] == "test"
+    assert res["within_rules"] == {"naive": True, "ewc": True}
+    report = (tiny_run / "report.md").read_text()
+    assert "| naive | yes |" in report and "R[stage][task]" in report
+    assert (tiny_run / "accuracy_matrices.png").stat().st_size > 0
+    # every unit's state loads with weights_only
+    for p in (tiny_run / "state" / "seed0").glob("*.pt"):
+        state = torch.load(p, weights_only=True)
+        assert "evals" in state and isinstance(state["rng"], torch.Tensor)
+
+
+def test_a_finished_run_is_not_repeated(tiny_run, cache_env):
+    before = {p: p.stat().st_mtime_ns for p in (tiny_run / "state" / "seed0").glob("*.pt")}
+    first = json.loads((tiny_run / "results.json").read_text())
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--quiet"]) == 0
+    after = {p: p.stat().st_mtime_ns for p in (tiny_run / "state" / "seed0").glob("*.pt")}
+    assert before == after
+    assert _strip(json.loads((tiny_run / "results.json").read_text())) == _strip(first)
+
+
+def test_killed_run_resumes_to_the_same_results(tiny_run, cache_env, tmp_path):
+    out = tmp_path / "killed"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_env)}
+    cmd = [sys.executable, "-m", "clreg.onehead", "--profile", "tiny", "--out", str(out), "--quiet"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    target = out / "state" / "seed0" / "single__det.pt"
+    deadline = time.time() + 240
+    while not target.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    killed = proc.poll() is None
+    if killed:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert killed, "the run finished before it could be killed"
+    assert not (out / "results.json").exists()
+    done_before = sorted(p.name for p in (out / "state" / "seed0").glob("*.pt"))
+    assert "stage1.pt" in done_before and not any(".tmp" in n for n in done_before)
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    got = json.loads((out / "results.json").read_text())
+    want = json.loads((tiny_run / "results.json").read_text())
+    got["config"].pop("data"), want["config"].pop("data")
+    assert _strip(got) == _strip(want)
+
+
+def test_baselines_only_matches_the_full_runs_baselines(tiny_run, cache_env, tmp_path):
+    """--baselines-only trains the same single-task units as a full run (seed 0 gives the same
+    scores), for every seed, and writes their mean and standard deviation over seeds."""
+    out = tmp_path / "base"
+    assert main(["--profile", "tiny", "--baselines-only", "--seeds", "2", "--out", str(out), "--quiet"]) == 0
+    got = json.loads((out / "baselines.json").read_text())
+    full = json.loads((tiny_run / "results.json").read_text())["summary"]["baselines"]
+    assert got["split"] == "test" and got["steps"] == [3, 3, 3]
+    for t in ("seg", "det", "cls"):
+        seeds = [got["seeds"][str(s)][t] for s in (0, 1)]
+        assert seeds[0]["value"] == pytest.approx(full[t]["per_seed"][0], abs=1e-12)
+        for r in seeds:
+            assert r["interval"][0] <= r["value"] + 1e-9 <= r["interval"][1] + 2e-9
+        values = torch.tensor([r["value"] for r in seeds], dtype=torch.float64)
+        assert got["mean"][t]["mean"] == pytest.approx(values.mean().item())
+        assert got["mean"][t]["std"] == pytest.approx(values.std().item())
+
+
+def test_evaluate_reads_a_saved_model(tiny_run, cache_env, capsys):
+    root = Path(json.loads((tiny_run / "results.json").read_text())["config"]["data"]["synthetic"]["key"])
+    data_root = Path(os.environ["XDG_CACHE_HOME"]) / "clreg" / "synthetic" / root
+    assert main(["evaluate", "--checkpoint", str(tiny_run / "models" / "ewc.pt"), "--data-root", str(data_root),
+                 "--split", "test"]) == 0  # fmt: skip
+    line = capsys.readouterr().out
+    res = json.loads((tiny_run / "results.json").read_text())["summary"]["methods"]["ewc"]["final"]
+    got = dict(zip(line.split()[::2], map(float, line.split()[1::2])))
+    assert got["mIoU"] == pytest.approx(res["seg"]["mean"], abs=1e-4)
+    assert got["Top-1"] == pytest.approx(res["cls"]["mean"], abs=1e-4)
+    assert got["mAP@0.5"] == pytest.approx(res["det"]["mean"], abs=1e-4)
+
+
+def test_two_processes_on_gloo_give_a_valid_run(cache_env, tmp_path):
+    out = tmp_path / "ddp"
+    env = {**os.environ, "XDG_CACHE_HOME": str(cache_env), "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "clreg.onehead",
+    ]
+    cmd += ["--profile", "tiny", "--methods", "ewc+replay", "--no-joint", "--out", str(out), "--quiet"]
+    r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    res = json.loads((out / "results.json").read_text())
+    m = res["summary"]["methods"]["ewc+replay"]
+    assert len(m["R"]) == 3 and all(0.0 <= v <= 1.0 for row in m["R"] for v in row)
+    # the replay buffer holds each past task's 10 picks once (gathered from both ranks, no duplicates)
+    (path,) = (out / "state" / "seed0").glob("ewc+replay@*__stage3.pt")
+    state = torch.load(path, weights_only=True)
+    buf = clreg_replay_from_state(state["buffer"])
+    assert sorted(buf.tasks) == ["det", "seg"] and all(len(buf.samples(t)) == 10 for t in buf.tasks)
+    xs = torch.stack([x for x, _ in buf.samples("seg")])
+    assert len({tuple(x.flatten()[:64].tolist()) for x in xs}) == 10
+
+
+def clreg_replay_from_state(state):
+    buf = ReplayBuffer(10)
+    buf.load_state_dict(state)
+    return buf
+
+
+def test_a_changed_configuration_is_refused(tiny_run, capsys):
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--bn", "freeze", "--quiet"]) == 2
+    assert "another configuration" in capsys.readouterr().err
+    assert main(["--profile", "tiny", "--out", str(tiny_run), "--set", "lr=0.01", "--quiet"]) == 2
+
+
+def test_new_method_settings_reuse_stage_one_and_the_baselines(tiny_run, cache_env, tmp_path):
+    out = tmp_path / "copy"
+    shutil.copytree(tiny_run, out)
+    state = out / "state" / "seed0"
+    shared = {p.name: p.stat().st_mtime_ns for p in state.glob("*.pt") if "@" not in p.name}
+    assert main(["--profile", "tiny", "--out", str(out), "--set", "ewc.lam=3", "--quiet"]) == 0
+    assert {p.name: p.stat().st_mtime_ns for p in state.glob("*.pt") if "@" not in p.name} == shared
+    assert len(list(state.glob("ewc@*__stage3.pt"))) == 2 and len(list(state.glob("naive@*__stage3.pt"))) == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["config"]["settings"]["ewc.lam"] == 3.0
+
+
+def test_tune_writes_its_grid_scores_and_choice(cache_env, tmp_path):
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--out", str(out), "--quiet", "--no-joint"]) == 0
+    tune = json.loads((out / "tune.json").read_text())
+    assert tune["split"] == "val" and tune["grid"] == {"ewc.lam": [1.0, 10.0]}
+    trials = tune["methods"]["ewc"]["trials"]
+    assert [t["settings"]["ewc.lam"] for t in trials] == [1.0, 10.0]
+    best = max(trials, key=lambda t: (t["score"], t["mean"]))
+    assert tune["methods"]["ewc"]["chosen"]["ewc.lam"] == best["settings"]["ewc.lam"]
+    for t in trials:  # the score is the worst task's final / baseline on val, the mean breaks ties
+        assert t["score"] == pytest.approx(min(t["final"].values()))
+        assert t["mean"] == pytest.approx(sum(t["final"].values()) / 3)
+    assert (out / "ewc_lambda_sensitivity.png").stat().st_size > 0
+
+
+def test_a_folder_of_the_earlier_unit_layout_is_refused_with_a_message(tiny_run, cache_env, tmp_path, capsys):
+    """Units written by an earlier layout (no format tag, SI's state under "si") are not resumed:
+    the run stops with a message that names the file and asks for a new --out."""
+    out = tmp_path / "old"
+    shutil.copytree(tiny_run, out)
+    (out / "results.json").unlink()
+    unit = out / "state" / "seed0" / "stage1.pt"
+    state = torch.load(unit, weights_only=True)
+    state.pop("format")
+    state["si"] = state.pop("trackers")["si"]
+    torch.save(state, unit)
+    assert main(["--profile", "tiny", "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "stage1.pt was written by another version" in err and "new --out" in err and "Traceback" not in err
+
+
+def test_the_report_gives_each_tasks_extra_scores(tiny_run):
+    """Detection's mAP@[.5:.95] has its line in the report, from the results' own figures."""
+    res = json.loads((tiny_run / "results.json").read_text())["summary"]
+    line = next(x for x in (tiny_run / "report.md").read_text().splitlines() if x.startswith("mAP@[.5:.95]"))
+    for m in ("naive", "ewc"):
+        assert f"{m} {res['methods'][m]['final']['det']['map_50_95']:.3f}" in line
+    assert line.endswith(f"single-task {res['baselines']['det']['map_50_95']:.3f}.")

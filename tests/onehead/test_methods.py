@@ -1,0 +1,129 @@
+"""Methods by name: parsing and the challenge's rules, the registry's settings and per-stage values,
+the first-stage path tracking as a declared capability, and a new part added by registration."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+
+import clreg
+from clreg.onehead.methods import (
+    DEFAULT_SETTINGS,
+    PARTS,
+    Method,
+    Part,
+    check_stage_settings,
+    parse_methods,
+    register_part,
+    stage_one_trackers,
+)
+from clreg.onehead.methods import registry as registry_module
+
+
+def test_methods_parse_and_rules():
+    assert parse_methods("naive, ewc ,ewc+lwf+replay") == ["naive", "ewc", "ewc+lwf+replay"]
+    assert not Method.parse("si").within_rules and not Method.parse("ewc+mas").within_rules
+    assert Method.parse("lwf+replay").within_rules
+    with pytest.raises(ValueError, match="repeats"):
+        Method.parse("ewc+ewc")
+    with pytest.raises(ValueError, match="cannot be combined"):
+        Method.parse("naive+ewc")
+    with pytest.raises(ValueError, match="unknown method part"):
+        Method.parse("ewc+kfac")
+
+
+def test_every_part_declares_the_settings_it_reads():
+    assert list(DEFAULT_SETTINGS)[-1] == "lr"
+    for name, part in PARTS.items():
+        assert all(k.startswith(name + ".") for k in part.settings)
+    ewc = Method.parse("ewc+replay", {"ewc.lam": 5, "si.c": 3.0})
+    assert ewc.relevant_settings() == {"ewc.lam": 5.0, "replay.capacity": 10, "replay.per_step": 8,
+                                       "replay.weight": 1.0, "lr": 2e-3}  # fmt: skip
+    with pytest.raises(ValueError, match=r"unknown setting 'ewc\.lambda'"):
+        Method.parse("ewc", {"ewc.lambda": 1.0})
+
+
+def test_built_regularizers_follow_the_settings_and_per_stage_values_reach_their_member():
+    model = torch.nn.Linear(3, 2)
+    built = Method.parse("ewc+lwf+replay", {"ewc.lam": 7.0, "lwf.alpha": 2.0}).build(model, seed=1)
+    assert list(built.members) == ["ewc", "lwf"] and isinstance(built.reg, clreg.Compose)
+    assert built.members["ewc"].lam == 7.0 and built.members["lwf"].alpha == 2.0
+    assert built.buffer is not None and built.buffer.capacity_per_task == 10
+    built.set_stage_values({"ewc.lam": 3.0, "mas.lam": 9.0})  # mas is not in this method: nothing to set
+    assert built.members["ewc"].lam == 3.0
+    with pytest.raises(ValueError, match="cannot change between stages"):
+        built.set_stage_values({"replay.capacity": 4})
+    with pytest.raises(ValueError, match="unknown setting"):
+        check_stage_settings({"ewc.lambda": 4})
+    assert Method.parse("naive").build(model).reg is None
+
+
+def test_first_stage_path_tracking_is_a_declared_capability():
+    """The parts that track stage 1 (SI) give a tracker; a method with such a part takes its state
+    over with its own c and ξ."""
+    model = torch.nn.Linear(3, 2)
+    trackers = stage_one_trackers(model)
+    assert list(trackers) == [n for n, p in PARTS.items() if p.stage_one_tracker is not None] == ["si"]
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    trackers["si"].track(opt)
+    for _ in range(3):
+        opt.zero_grad()
+        model(torch.ones(4, 3)).pow(2).sum().backward()
+        opt.step()
+    trackers["si"].detach()
+    state = trackers["si"].state_dict()
+    built = Method.parse("si", {"si.c": 5.0, "si.xi": 0.01}).build(model)
+    built.take_over({"si": state}, Method.parse("si", {"si.c": 5.0, "si.xi": 0.01}).settings)
+    si = built.members["si"]
+    assert si.c == 5.0 and si.xi == 0.01
+    torch.testing.assert_close(si.omega.tensors[0], trackers["si"].omega.tensors[0])
+    assert int(si.steps) == 3
+
+
+@pytest.fixture
+def extra_part():
+    """A part registered for one test, and the registry restored afterwards."""
+    parts, defaults = dict(PARTS), dict(DEFAULT_SETTINGS)
+    part = register_part(
+        Part(
+            "l2",
+            {"l2.lam": 0.5},
+            within_rules=False,
+            regularizer=lambda model, s, seed: clreg.MAS(model, lam=s["l2.lam"]),
+            stage_attributes={"l2.lam": "lam"},
+        )
+    )
+    yield part
+    PARTS.clear()
+    PARTS.update(parts)
+    registry_module.DEFAULT_SETTINGS.clear()
+    registry_module.DEFAULT_SETTINGS.update(defaults)
+
+
+def test_a_new_part_is_one_registration(extra_part):
+    m = Method.parse("ewc+l2", {"l2.lam": 2.0})
+    assert not m.within_rules and m.relevant_settings()["l2.lam"] == 2.0
+    built = m.build(torch.nn.Linear(3, 2))
+    assert isinstance(built.members["l2"], clreg.MAS) and built.members["l2"].lam == 2.0
+    built.set_stage_values({"l2.lam": 4.0})
+    assert built.members["l2"].lam == 4.0
+    with pytest.raises(ValueError, match="already registered"):
+        register_part(Part("l2"))
+    with pytest.raises(ValueError, match="must be named"):
+        Part("l3", {"lam": 1.0})
+
+
+def test_a_methods_unit_key_is_its_name_and_a_digest_of_what_it_reads():
+    """The key names a method's units: it changes with the settings it reads and nothing else."""
+    a = Method.parse("ewc", {"ewc.lam": 10.0})
+    assert a.key([{}, {}, {}]) == Method.parse("ewc", {"ewc.lam": 10.0, "si.c": 4.0}).key([{}, {}, {}])
+    assert a.key([{}, {}, {}]) != Method.parse("ewc", {"ewc.lam": 3.0}).key([{}, {}, {}])
+    assert a.key([{}, {}, {}]) != a.key([{}, {"ewc.lam": 3.0}, {}])
+    assert a.key([{}, {}, {}]).startswith("ewc@") and len(a.key([{}, {}, {}])) == len("ewc@") + 8
+
+
+def test_the_tiny_profiles_ewc_units_keep_their_names():
+    """Unit names are stable across releases: a folder of an earlier run finds its method units."""
+    assert Method.parse("ewc", {"ewc.lam": 10.0}).key([{}, {}, {}]) == "ewc@7c1d4f3f"

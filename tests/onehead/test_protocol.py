@@ -1,0 +1,111 @@
+"""The run protocol is generic: another model and task list through the same units; each stage's
+learning rate and warmup reach the training loop; every unit starts from the seed's one init."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+
+from clreg import OutputSpec, TaskSpec
+from clreg.onehead import protocol
+from clreg.onehead.cli import main
+from clreg.onehead.methods import Method
+from clreg.onehead.metrics import ClassificationMetric
+from clreg.onehead.profiles import PROFILES
+from clreg.onehead.protocol import SeedRun, Stage, method_stages
+from clreg.onehead.store import UnitStore, evaluation_record
+from clreg.onehead.training import RunSettings
+from toy_data import ToyData
+
+
+class ToyTask:
+    """A classification task over one output of a two-head model, following the Task protocol."""
+
+    metric_name, chance = "Top-1", 1 / 3
+
+    def __init__(self, name: str, w: torch.Tensor, k: int) -> None:
+        self.name = name
+        self.train_data, self.test = ToyData(w, 64, 10 + k), ToyData(w, 200, 20 + k)
+        self.fit_data = None
+        self.spec = TaskSpec(outputs=[OutputSpec(select=name, kind="softmax")])
+
+    def loss(self, out, y):
+        return torch.nn.functional.cross_entropy(out[self.name], y, reduction="none")
+
+    def evaluate(self, model, device="cpu"):
+        metric = ClassificationMetric(3)
+        with torch.no_grad():
+            metric.update(model(self.test.x)[self.name], self.test.y, ids=list(range(len(self.test))))
+        return metric
+
+    def extras(self, metric):
+        return {}
+
+    def prepare(self, model):
+        pass
+
+
+class TwoHead(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 16)
+        self.a, self.b = torch.nn.Linear(16, 3), torch.nn.Linear(16, 3)
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"a": self.a(h), "b": self.b(h)}
+
+
+def test_the_protocol_runs_another_model_and_task_list(tmp_path):
+    g = torch.Generator().manual_seed(1)
+    ws = [torch.randn(6, 3, generator=g) for _ in range(2)]
+    tasks = {n: ToyTask(n, w, k) for k, (n, w) in enumerate(zip("ab", ws))}
+    stages = [Stage("a", 60, 0.02), Stage("b", 60, 0.02)]
+    run = SeedRun(TwoHead, tasks, stages, RunSettings(batch_size=16, resamples=100, progress=False),
+                  UnitStore(tmp_path, 0, log_line=lambda s: None))  # fmt: skip
+    naive = method_stages(run, Method.parse("naive"))
+    lwf = method_stages(run, Method.parse("lwf", {"lwf.alpha": 10.0}))
+    assert naive[0].evals["a"].value > 0.7  # task a learned in stage 1
+    # both runs start stage 2 from the same stage-1 state; LwF keeps more of task a
+    assert lwf[1].evals["a"].value >= naive[1].evals["a"].value
+    rec = evaluation_record(tasks["a"].evaluate(TwoHead()), 100)
+    assert rec.boot.shape == (100,) and rec.lo <= rec.value <= rec.hi + 1e-12
+    assert math.isfinite(rec.value)
+
+
+def test_every_unit_starts_from_the_seeds_one_initialisation(tmp_path):
+    tasks = {"a": ToyTask("a", torch.randn(6, 3), 0)}
+    run = SeedRun(TwoHead, tasks, [Stage("a", 1)], RunSettings(progress=False), UnitStore(tmp_path, 3, print))
+    first, second = run.fresh_model("joint"), run.fresh_model("single/b")
+    assert all(torch.equal(p, q) for p, q in zip(first.parameters(), second.parameters()))
+    with pytest.raises(ValueError, match="unknown tasks"):
+        SeedRun(TwoHead, tasks, [Stage("z", 1)], RunSettings(), UnitStore(tmp_path, 0))
+    with pytest.raises(ValueError, match="one stage only"):
+        SeedRun(TwoHead, tasks, [Stage("a", 1), Stage("a", 1)], RunSettings(), UnitStore(tmp_path, 0))
+
+
+def test_each_stages_learning_rate_and_warmup_reach_the_training_loop(cache_env, tmp_path, monkeypatch) -> None:
+    """A stage's learning rate and warmup reach the run settings its task is trained with (through
+    the command line on the tiny profile); a stage without its own warmup keeps the run's."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def train(model, job, run):
+        seen.append((job.desc, job.lr, run.warmup_steps))
+        raise Stop
+
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], stage_warmup=(2, 3, 4), stage_lr=(0.5, 0.6, 0.7)))
+    monkeypatch.setattr(protocol, "train", train)
+    with pytest.raises(Stop):
+        main(["--profile", "tiny", "--out", str(tmp_path / "o"), "--quiet"])
+    assert seen == [("stage 1 (seg)", 0.5, 2)]
+    run = SeedRun(TwoHead, {"det": None}, [], RunSettings(warmup_steps=5), UnitStore(tmp_path, 0))
+    assert run.settings_for(Stage("det", 10, warmup_steps=3)).warmup_steps == 3
+    assert run.settings_for(Stage("det", 10)).warmup_steps == 5

@@ -1,0 +1,94 @@
+"""The training loop: its schedule, the backbone's learning-rate scale, replay in the same forward
+pass, the regularizer's hooks removed afterwards and a diverging loss stopped with a message."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+
+import clreg
+from clreg.onehead.training import Replay, RunSettings, TrainJob, cosine_schedule, train, train_task
+from toy_data import ToyData
+
+
+class _Task:
+    """A task as the training loop needs it: a name, training data and a per-sample loss."""
+
+    def __init__(self, name: str, data: torch.utils.data.Dataset) -> None:
+        self.name, self.train_data = name, data
+
+    def loss(self, out, y):
+        return torch.nn.functional.cross_entropy(out["a"], y, reduction="none")
+
+
+class Net(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = torch.nn.Linear(6, 8), torch.nn.Linear(8, 3)
+
+    def forward(self, x):
+        return {"a": self.head(torch.relu(self.backbone(x)))}
+
+
+def test_cosine_schedule_with_and_without_warmup() -> None:
+    plain, warm = cosine_schedule(200), cosine_schedule(200, warmup_steps=20)
+    for s in (0, 1, 19, 20, 57, 100, 199, 200, 250):
+        cosine = 0.5 * (1 + math.cos(math.pi * min(s, 200) / 200))
+        assert plain(s) == cosine  # no warmup: exactly the cosine factor
+        assert warm(s) == pytest.approx(cosine * min(1.0, (s + 1) / 20), abs=1e-15)
+    assert warm(0) == pytest.approx(0.05 * 1.0, abs=1e-6)  # (0 + 1) / 20 of the peak, cos(0) = 1
+    assert warm(9) == pytest.approx(0.5 * 0.5 * (1 + math.cos(math.pi * 9 / 200)))
+    assert warm(19) == plain(19) and warm(200) == 0.0
+    with pytest.raises(ValueError, match="warmup_steps"):
+        RunSettings(warmup_steps=-1)
+
+
+def test_backbone_learning_rate_scale_applies_to_backbone_parameters_only():
+    net = Net()
+    before = {k: v.clone() for k, v in net.state_dict().items()}
+    task = _Task("a", ToyData(torch.randn(6, 3), 32, 0))
+    train(net, TrainJob([task], 5, 0.1, 0), RunSettings(batch_size=8, progress=False, backbone_lr_scale=0.0))
+    after = net.state_dict()
+    assert torch.equal(before["backbone.weight"], after["backbone.weight"])
+    assert not torch.equal(before["head.weight"], after["head.weight"])
+
+
+def test_one_step_with_replay_is_the_gradient_step_of_the_summed_mean_losses():
+    """With SGD-like checks on AdamW's first step: the loss of a step is the task's batch mean plus the
+    replayed task's mean weighted by ``replay.weight`` (one forward pass over both)."""
+    torch.manual_seed(0)
+    net = Net()
+    w = torch.randn(6, 3)
+    task, old = _Task("a", ToyData(w, 16, 0)), _Task("old", ToyData(w, 16, 1))
+    buf = clreg.ReplayBuffer(4, seed=0)
+    buf.add("old", [old.train_data[i] for i in range(4)])
+    seen = []
+
+    def loss_of(out, y):
+        seen.append(out["a"].shape[0])
+        return torch.nn.functional.cross_entropy(out["a"], y, reduction="none")
+
+    task.loss = old.loss = loss_of
+    res = train(net, TrainJob([task], 1, 1e-3, 0, replay=Replay(buf, {"old": old}, per_step=4, weight=0.5)),
+                RunSettings(batch_size=8, progress=False))  # fmt: skip
+    assert seen == [8, 4] and res.steps == 1 and math.isfinite(res.loss)
+
+
+def test_the_regularizers_hooks_are_removed_and_a_diverging_loss_stops():
+    net = Net()
+    ewc = clreg.EWC(net, lam=1.0)
+    task = _Task("a", ToyData(torch.randn(6, 3), 16, 0))
+    train(net, TrainJob([task], 2, 1e-3, 0, reg=ewc), RunSettings(batch_size=8, progress=False))
+    assert not ewc.attached
+    task.loss = lambda out, y: out["a"].sum(1) * float("nan")
+    with pytest.raises(FloatingPointError, match="the loss became nan at step 0"):
+        train(net, TrainJob([task], 2, 1e-3, 0, reg=ewc, desc="toy"), RunSettings(batch_size=8, progress=False))
+    assert not ewc.attached
+    with pytest.raises(ValueError, match="smaller than one batch"):
+        train_task(
+            Net(), _Task("a", ToyData(torch.randn(6, 3), 4, 0)), 1, run=RunSettings(batch_size=8, progress=False)
+        )
