@@ -9,6 +9,7 @@ import pytest
 pytest.importorskip("timm")
 
 from clreg.onehead.config import RunRequest, resolve
+from clreg.onehead.experiments import open_workspace
 from clreg.onehead.methods import DEFAULT_SETTINGS
 from clreg.onehead.profiles import PROFILES
 
@@ -58,3 +59,13 @@ def test_a_profiles_per_stage_setting_must_be_one_that_can_change(monkeypatch) -
     monkeypatch.setitem(PROFILES, "tiny", bad)
     with pytest.raises(ValueError, match="cannot change between stages"):
         resolve(RunRequest(profile="tiny"))
+
+
+def test_named_categories_reach_the_detection_task_and_the_record(cache_env, tmp_path) -> None:
+    cfg = resolve(RunRequest(profile="tiny", categories=("star", " ring"), out=str(tmp_path / "o")))
+    assert cfg.categories == ("star", "ring") and cfg.record()["categories"] == ["star", "ring"]
+    assert "categories" not in resolve(RunRequest(profile="tiny")).record()  # absent unless named
+    ws = open_workspace(cfg)
+    assert ws.tasks["det"].class_names == ["star", "ring"] and ws.make_model().det_classes == 2
+    with pytest.raises(ValueError, match="distinct category names"):
+        resolve(RunRequest(profile="tiny", categories=("star", "star")))

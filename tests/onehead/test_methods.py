@@ -127,3 +127,14 @@ def test_a_methods_unit_key_is_its_name_and_a_digest_of_what_it_reads():
 def test_the_tiny_profiles_ewc_units_keep_their_names():
     """Unit names are stable across releases: a folder of an earlier run finds its method units."""
     assert Method.parse("ewc", {"ewc.lam": 10.0}).key([{}, {}, {}]) == "ewc@7c1d4f3f"
+
+
+def test_a_setting_may_take_its_own_value_for_one_stage():
+    m = Method.parse("ewc+lwf", {"ewc.lam": 2.0, "ewc.lam@3": 5.0, "lwf.alpha@2": 0.5, "mas.lam@2": 9.0})
+    assert m.stage_values(2) == {"lwf.alpha": 0.5} and m.stage_values(3) == {"ewc.lam": 5.0}
+    assert "mas.lam@2" not in m.relevant_settings()  # another part's: not read, not in the unit key
+    assert m.key([{}, {}, {}]) != Method.parse("ewc+lwf", {"ewc.lam": 2.0}).key([{}, {}, {}])
+    for bad, message in (("ewc.lam@x", "a stage is a number"), ("replay.capacity@2", "cannot change between"),
+                         ("ewc.lambda@2", "unknown setting")):  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Method.parse("ewc", {bad: 1.0})

@@ -109,3 +109,35 @@ def test_each_stages_learning_rate_and_warmup_reach_the_training_loop(cache_env,
     run = SeedRun(TwoHead, {"det": None}, [], RunSettings(warmup_steps=5), UnitStore(tmp_path, 0))
     assert run.settings_for(Stage("det", 10, warmup_steps=3)).warmup_steps == 3
     assert run.settings_for(Stage("det", 10)).warmup_steps == 5
+
+
+def test_per_stage_values_reach_the_regularizer_of_their_stage(tmp_path, monkeypatch):
+    """``ewc.lam@3`` is EWC's λ while stage 3 trains; stage 2 keeps ``ewc.lam``; a profile's stage
+    setting applies where the method sets none."""
+    tasks = {n: ToyTask(n, torch.randn(6, 3, generator=torch.Generator().manual_seed(k)), k) for k, n in
+             enumerate("abc")}  # fmt: skip
+    seen = {}
+    real_train = protocol.train
+
+    def train(model, job, run):
+        if job.reg is not None:
+            seen[job.desc] = job.reg["ewc"].lam
+        return real_train(model, job, run)
+
+    monkeypatch.setattr(protocol, "train", train)
+    stages = [Stage("a", 4, 0.01), Stage("b", 4, 0.01, settings={"ewc.lam": 7.0}), Stage("c", 4, 0.01)]
+    run = SeedRun(TwoHead3, tasks, stages, RunSettings(batch_size=8, resamples=10, progress=False),
+                  UnitStore(tmp_path, 0, log_line=lambda s: None))  # fmt: skip
+    method_stages(run, Method.parse("ewc", {"ewc.lam": 2.0, "ewc.lam@3": 5.0}))
+    assert seen == {"ewc stage 2 (b)": 7.0, "ewc stage 3 (c)": 5.0}
+
+
+class TwoHead3(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(6, 16)
+        self.a, self.b, self.c = (torch.nn.Linear(16, 3) for _ in range(3))
+
+    def forward(self, x):
+        h = torch.relu(self.body(x))
+        return {"a": self.a(h), "b": self.b(h), "c": self.c(h)}

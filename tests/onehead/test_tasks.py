@@ -3,6 +3,8 @@ its extras and names; a fourth task is one new class (and its output in the mode
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from clreg.onehead.protocol import SeedRun, Stage, method_stages
 from clreg.onehead.store import UnitStore
 from clreg.onehead.synthetic import SHAPES, SyntheticConfig, generate
 from clreg.onehead.tasks import ClassificationTask, evaluate, make_tasks
+from clreg.onehead.tasks import detection as detection_module
 from clreg.onehead.training import RunSettings, train_task
 
 
@@ -87,3 +90,57 @@ def test_a_fourth_task_is_one_class_and_its_output(syn, tmp_path) -> None:
     states = method_stages(run, Method.parse("ewc+lwf"))
     assert set(states[-1].evals) == {"cls", "scene"} and 0.0 <= states[-1].evals["scene"].value <= 1.0
     assert states[-1].reg is not None
+
+
+def _export_without_manifest(syn: Path, tmp_path: Path, edit_val=None) -> Path:
+    """The generated data as a user's export: no manifest, so the data names its own categories."""
+    root = tmp_path / "export"
+    shutil.copytree(syn, root, ignore=shutil.ignore_patterns("manifest.json"))
+    if edit_val is not None:
+        labels = root / "mini_coco_det" / "val" / "labels.json"
+        labels.write_text(json.dumps(edit_val(json.loads(labels.read_text()))))
+    return root
+
+
+def test_an_export_of_ten_other_categories_uses_its_own_and_says_so(syn, tmp_path) -> None:
+    root = _export_without_manifest(syn, tmp_path)
+    det = make_tasks(root, "val", size=64)["det"]
+    assert det.class_names == list(SHAPES)  # labels.json's ten, in the order of their ids
+    assert det.class_source.startswith("the data's own 10 categories") and "'person'" in det.class_source
+    named = make_tasks(root, "val", size=64, categories=["star", "ring"])["det"]
+    assert named.class_names == ["star", "ring"] and named.class_source == "named by --categories"
+    assert make_tasks(syn, "val", size=64)["det"].class_source == "the data's manifest"
+
+
+def test_a_detection_of_a_category_the_split_lacks_scores_as_nothing(syn, tmp_path, monkeypatch) -> None:
+    """A label whose category is absent from the evaluation split (its images have none) matches no
+    box: the metric equals that of the other detections alone, where it used to raise KeyError."""
+
+    def drop_star(raw):
+        star = next(c["id"] for c in raw["categories"] if c["name"] == "star")
+        raw["categories"] = [c for c in raw["categories"] if c["id"] != star]
+        raw["annotations"] = [a for a in raw["annotations"] if a["category_id"] != star]
+        return raw
+
+    det = make_tasks(_export_without_manifest(syn, tmp_path, drop_star), "val", size=64, categories=SHAPES)["det"]
+    assert det.eval_data.category_id(SHAPES.index("star")) is None and "star" not in det.category_map()
+    boxes = det.eval_data.boxes
+
+    def decode(heatmap, box, stride):
+        """Each image's true boxes at score 0.9, and a 'star' box on top of the first at 0.95."""
+        out = []
+        for i in range(heatmap.shape[0]):
+            true = boxes[det.eval_data.images[decode.first + i]["id"]]
+            b = torch.tensor([x for x, _ in true]).reshape(-1, 4) * 64 / 64
+            labels = torch.tensor([c for _, c in true])
+            star = torch.tensor([SHAPES.index("star")])
+            out.append({"boxes": torch.cat([b[:1], b]), "scores": torch.tensor([0.95] + [0.9] * len(b)),
+                        "labels": torch.cat([star, labels])})  # fmt: skip
+        decode.first += heatmap.shape[0]
+        return out
+
+    decode.first = 0
+    monkeypatch.setattr(detection_module, "decode_detections", decode)
+    metric = det.evaluate(UnifiedOneHead(width=16).eval())
+    assert metric.value() == pytest.approx(1.0)  # the true boxes alone; the 'star' one was dropped
+    assert "star" not in det.extras(metric)["per_class_ap"]

@@ -6,7 +6,8 @@ into a configuration and hand it to the experiment layer; report errors as one l
     clreg-onehead [run] [--profile quick|scratch|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
                   [--data-root DIR] [--backbone-weights FILE | --pretrained | --random-init]
                   [--device cpu] [--amp] [--out DIR] [--seeds N] [--steps N] [--bn train|freeze]
-                  [--set name=value ...] [--tune | --baselines-only] [--no-joint] [--quiet]
+                  [--categories a,b,...] [--set name=value ...] [--tune | --baselines-only] [--no-joint]
+                  [--quiet]
     clreg-onehead evaluate --checkpoint FILE --data-root DIR [--tasks seg,det,cls] [--split val]
 
 With no arguments: the quick profile on the synthetic default data (generated and cached on first
@@ -48,6 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", help="comma-separated methods, '+' joins a combination (default: the profile's)")
     p.add_argument(
         "--data-root", help="a folder with mini_voc_seg, mini_coco_det and imagenette_160 (default: synthetic)"
+    )
+    p.add_argument(
+        "--categories",
+        metavar="NAME,NAME,...",
+        help="the detection categories by name (default: the data's manifest, the default ten, or the data's own ten)",
     )
     wg = p.add_mutually_exclusive_group()
     wg.add_argument("--backbone-weights", help="a local timm mobilenetv3_small_100 checkpoint for the backbone")
@@ -114,6 +120,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         joint=not args.no_joint,
         mode=mode,
         quiet=args.quiet,
+        categories=tuple(args.categories.split(",")) if args.categories else None,
     )
 
 

@@ -57,6 +57,7 @@ class RunRequest:
     joint: bool = True
     mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
     quiet: bool = False
+    categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
 
 
 @dataclass(frozen=True)
@@ -113,6 +114,7 @@ class BenchmarkConfig:
     quiet: bool = False
     channels_last: bool = True
     eval_split: str | None = None  # known once the data is there
+    categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -152,6 +154,7 @@ class BenchmarkConfig:
             "resamples": p.resamples,
             "tune": self.mode == "tune",
         }
+        out |= {"categories": list(self.categories)} if self.categories is not None else {}
         return out | ({"eval_split": self.eval_split} if self.eval_split is not None else {})
 
     def comparable(self) -> dict[str, Any]:
@@ -202,6 +205,15 @@ def _provenance(prof: Profile, sets: Mapping[str, float]) -> str:
     return base + (f"; overridden by --set {', '.join(f'{k}={v:g}' for k, v in sets.items())}" if sets else "")
 
 
+def _categories(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    names = tuple(n.strip() for n in names if n.strip())
+    if not names or len(set(names)) != len(names):
+        raise ValueError(f"--categories needs distinct category names, got {list(names)}")
+    return names
+
+
 def resolve(req: RunRequest) -> BenchmarkConfig:
     """The configuration a request asks for; a ValueError names what is wrong with it."""
     _check_counts(req)
@@ -232,6 +244,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         mode=req.mode,
         out=Path(req.out) if req.out else default_out,
         quiet=req.quiet,
+        categories=_categories(req.categories),
     )
 
 

@@ -231,7 +231,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     built, consolidate_s = _consolidated(run, method, model, prev, prev_task)
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
-    built.set_stage_values(stage.settings)
+    built.set_stage_values({**stage.settings, **method.stage_values(i + 1)})
     s = method.settings
     replay = (
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])

@@ -26,7 +26,7 @@ Example:
     (torch.Size([3, 64, 64]), torch.Size([64, 64]), torch.int64)
 """
 
-from .coco import COCO_DEFAULT_CATEGORIES, DetectionData
+from .coco import COCO_DEFAULT_CATEGORIES, DetectionData, choose_categories
 from .common import Crop, DataFormatError, ImageData, LoadSummary, check_split_overlap, normalize
 from .folders import ClassificationData
 from .voc import VOC_CLASSES, SegmentationData
@@ -42,5 +42,6 @@ __all__ = [
     "LoadSummary",
     "SegmentationData",
     "check_split_overlap",
+    "choose_categories",
     "normalize",
 ]

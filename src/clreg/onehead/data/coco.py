@@ -21,7 +21,7 @@ from torch import Tensor
 from ..targets import DetectionEncoder
 from .common import DataFormatError, ImageData, LoadSummary, layout_error, to_tensor
 
-__all__ = ["COCO_DEFAULT_CATEGORIES", "DET_LAYOUTS", "DetectionData", "find_coco_split"]
+__all__ = ["COCO_DEFAULT_CATEGORIES", "DET_LAYOUTS", "DetectionData", "choose_categories", "find_coco_split"]
 
 COCO_DEFAULT_CATEGORIES = ("person", "car", "dog", "cat", "chair", "dining table", "book", "bottle", "cup", "bird")
 DET_LAYOUTS = (
@@ -44,6 +44,21 @@ def find_coco_split(root: Path, split: str) -> tuple[Path, Path]:
             raise DataFormatError(f"{ann} found but no image folder {root / split / 'data'}")
         return ann, root / split / "data"
     raise layout_error("detection", root, split, DET_LAYOUTS)
+
+
+def choose_categories(root: Path, split: str = "train") -> tuple[list[str], str]:
+    """The detection categories of a data root that names none (no ``--categories``, no manifest), and
+    why: the default ten when ``split`` has them all; else the data's own categories when it names
+    exactly ten (in the order of their ids); else the defaults it has, the others named as missing."""
+    ann_file, _ = find_coco_split(root, split)
+    cats = sorted(_read_instances(ann_file)["categories"], key=lambda c: c["id"])
+    names = [c["name"] for c in cats]
+    missing = [n for n in COCO_DEFAULT_CATEGORIES if n not in names]
+    if not missing:
+        return list(COCO_DEFAULT_CATEGORIES), "the default categories"
+    if len(names) == len(COCO_DEFAULT_CATEGORIES):
+        return names, f"the data's own {len(names)} categories ({ann_file.name} lacks the default {missing})"
+    return list(COCO_DEFAULT_CATEGORIES), f"the default categories ({ann_file.name} lacks {missing}: pass --categories)"
 
 
 class DetectionData(ImageData):
@@ -150,9 +165,9 @@ class DetectionData(ImageData):
     def image_info(self, index: int) -> dict[str, Any]:
         return self.images[index]
 
-    def category_id(self, label: int) -> int:
-        """This split's COCO category id of a label."""
-        return self.cat_ids[self.categories[label]]
+    def category_id(self, label: int) -> int | None:
+        """This split's COCO category id of a label; ``None`` when this split lacks the category."""
+        return self.cat_ids.get(self.categories[label])
 
     def _item(self, index: int) -> tuple[Tensor, dict[str, Tensor]]:
         im = self.images[index]

@@ -62,6 +62,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
         "config": config.record(),
         "seeds": list(config.seeds),
         "within_rules": config.within_rules,
+        "classes": {k: {"names": t.class_names, "source": t.class_source} for k, t in ws.tasks.items()},
         "summary": summary,
         "resources": _resources(ws),
         "provenance": provenance(),

@@ -114,5 +114,8 @@ def open_workspace(config: BenchmarkConfig) -> Workspace:
     data = replace(config.data, hash=data_hash(root, FOLDERS.values()))
     config = replace(config, eval_split=split, data=data)
     check_resume(config)
-    tasks = make_tasks(root, eval_split=split, size=config.profile.size, seed=0)
+    tasks = make_tasks(root, eval_split=split, size=config.profile.size, seed=0, categories=config.categories)
+    for t in tasks.values():
+        if t.class_source not in ("given", "the data's manifest"):
+            log(f"{t.title} classes: {t.class_source}: {', '.join(t.class_names)}")
     return Workspace(config, root, tasks, log)

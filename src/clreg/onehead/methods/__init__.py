@@ -8,7 +8,7 @@ one :func:`register_part` call.
 """
 
 from . import parts as _parts  # noqa: F401  (registers the built-in parts)
-from .method import Built, Method, check_settings, parse_methods, stage_one_trackers
+from .method import Built, Method, check_settings, parse_methods, split_stage_key, stage_one_trackers
 from .registry import COMMON_SETTINGS, DEFAULT_SETTINGS, PARTS, Part, check_stage_settings, register_part
 
 ALLOWED_PARTS = frozenset(name for name, p in PARTS.items() if p.within_rules)  # the challenge's remedies
@@ -25,5 +25,6 @@ __all__ = [
     "check_stage_settings",
     "parse_methods",
     "register_part",
+    "split_stage_key",
     "stage_one_trackers",
 ]

@@ -21,7 +21,7 @@ from ...regularizers import Compose, Regularizer
 from ...replay import ReplayBuffer
 from .registry import DEFAULT_SETTINGS, PARTS, check_stage_settings
 
-__all__ = ["Built", "Method", "parse_methods", "stage_one_trackers"]
+__all__ = ["Built", "Method", "check_settings", "parse_methods", "split_stage_key", "stage_one_trackers"]
 
 
 def parse_methods(text: str) -> list[str]:
@@ -34,12 +34,26 @@ def parse_methods(text: str) -> list[str]:
     return names
 
 
+def split_stage_key(key: str) -> tuple[str, int | None]:
+    """``"ewc.lam@3"`` → ``("ewc.lam", 3)`` (the value for stage 3); ``"ewc.lam"`` → ``("ewc.lam", None)``."""
+    base, at, stage = key.partition("@")
+    if not at:
+        return key, None
+    if not stage.isdigit() or int(stage) < 1:
+        raise ValueError(f"setting {key!r}: a stage is a number from 1, as in 'ewc.lam@3'")
+    return base, int(stage)
+
+
 def check_settings(settings: Mapping[str, Any]) -> dict[str, float]:
-    """``settings`` as floats, every key a registered setting (else a ValueError naming it)."""
+    """``settings`` as floats, every key a registered setting or ``<setting>@<stage>`` for one that may
+    change per stage (else a ValueError naming it)."""
     out = {}
     for k, v in settings.items():
-        if k not in DEFAULT_SETTINGS:
+        base, stage = split_stage_key(k)
+        if base not in DEFAULT_SETTINGS:
             raise ValueError(f"unknown setting {k!r}; known: {', '.join(sorted(DEFAULT_SETTINGS))}")
+        if stage is not None:
+            check_stage_settings({base: v})
         out[k] = float(v)
     return out
 
@@ -106,8 +120,17 @@ class Method:
         return any(PARTS[p].replay_buffer is not None for p in self.parts)
 
     def relevant_settings(self) -> dict[str, float]:
-        """The settings this method reads."""
+        """The settings this method reads (its parts', per-stage ones included, and ``lr``)."""
         return {k: v for k, v in self.settings.items() if k == "lr" or k.split(".")[0] in self.parts}
+
+    def stage_values(self, stage: int) -> dict[str, float]:
+        """The per-stage settings (``"<setting>@<stage>"``) this method sets for stage ``stage`` (1-based)."""
+        out = {}
+        for k, v in self.relevant_settings().items():
+            base, at = split_stage_key(k)
+            if at == stage:
+                out[base] = v
+        return out
 
     def key(self, stage_settings: Sequence[Mapping[str, float]]) -> str:
         """The method's name and a digest of the settings it reads and the per-stage overrides, so

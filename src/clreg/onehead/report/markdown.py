@@ -38,7 +38,18 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{cfg['size']} px; seeds {results['seeds']}; BatchNorm statistics: {cfg['bn']}; backbone: "
         f"{cfg['backbone_description']}.",
         f"Method settings: {cfg['settings_provenance']}.",
+        *_chosen_classes(results),
         "",
+    ]
+
+
+def _chosen_classes(results: dict[str, Any]) -> list[str]:
+    """A line for each task whose classes the data chose (not a manifest, a checkpoint or a flag)."""
+    given = ("given", "the data's manifest")
+    return [
+        f"Classes of {task}: {c['source']}: {', '.join(c['names'])}."
+        for task, c in results.get("classes", {}).items()
+        if c["source"] and c["source"] not in given
     ]
 
 

@@ -57,16 +57,21 @@ def make_tasks(
     class_names: dict[str, list[str]] | None = None,
 ) -> dict[str, BenchmarkTask]:
     """Every registered task on a data root holding each task's folder. ``class_names`` (e.g. a
-    synthetic manifest's, read from ``root/manifest.json`` when not given) names each task's classes;
-    ``categories`` the detection categories."""
+    checkpoint's, or a synthetic manifest's, read from ``root/manifest.json`` when not given) names
+    each task's classes; ``categories`` the detection categories. Each task's ``class_source`` says
+    where its names came from."""
     root = Path(root)
     manifest = root / "manifest.json"
+    source = "given"
     if class_names is None and manifest.is_file():
-        class_names = json.loads(manifest.read_text())["class_names"]
+        class_names, source = json.loads(manifest.read_text())["class_names"], "the data's manifest"
     names: dict[str, Any] = dict(class_names or {})
+    sources = {name: source for name in names}
     if categories:
-        names["det"] = list(categories)
+        names["det"], sources["det"] = list(categories), "named by --categories"
     tasks = {name: t.load(root, eval_split, size, seed, names.get(name)) for name, t in TASK_TYPES.items()}
+    for name, t in tasks.items():
+        t.class_source = sources.get(name, t.class_source)
     for t in tasks.values():
         check_split_overlap(t.split_files(t.train_data), t.split_files(t.eval_data), t.title)
     return tasks

@@ -78,6 +78,7 @@ class BenchmarkTask(abc.ABC):
     def __init__(self, train_data: Dataset, eval_data: Dataset, fit_data: Dataset | None, class_names: Sequence[str]):
         self.train_data, self.eval_data, self.fit_data = train_data, eval_data, fit_data
         self.class_names = list(class_names)
+        self.class_source = ""  # where the class names came from, when the data chose them
 
     @property
     def num_classes(self) -> int:

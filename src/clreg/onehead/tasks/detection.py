@@ -11,7 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from ...spec import OutputSpec, TaskSpec
-from ..data import COCO_DEFAULT_CATEGORIES, DetectionData
+from ..data import DetectionData, choose_categories
 from ..losses import detection_loss
 from ..metrics import DetectionMetric
 from ..targets import decode_detections
@@ -29,12 +29,15 @@ class DetectionTask(BenchmarkTask):
 
     @classmethod
     def load(cls, root: Path, eval_split: str, size: int, seed: int, names: Sequence[str] | None) -> DetectionTask:
+        """The categories are ``names`` when given, else chosen from the data (:func:`choose_categories`)."""
         d = root / cls.folder
-        cats = list(names or COCO_DEFAULT_CATEGORIES)
+        cats, source = (list(names), "given") if names else choose_categories(d)
         train = DetectionData(d, "train", size, cats, train=True, seed=seed)
         evaluation = DetectionData(d, eval_split, size, cats)
         fit = DetectionData(d, "train", size, cats)
-        return cls(train, evaluation, fit, cats)
+        task = cls(train, evaluation, fit, cats)
+        task.class_source = source
+        return task
 
     def split_files(self, data: DetectionData) -> list[str]:
         return [i["file_name"] for i in data.images]
@@ -65,12 +68,18 @@ class DetectionTask(BenchmarkTask):
             size = [info["width"], info["height"], info["width"], info["height"]]
             scale = torch.tensor(size, dtype=torch.float64) / data.size
             cats = [data.category_id(int(label)) for label in d["labels"]]
-            metric.update(info["id"], d["boxes"].double().cpu() * scale, d["scores"].cpu(), cats)
+            keep = [i for i, c in enumerate(cats) if c is not None]  # a category this split lacks matches nothing
+            boxes, scores = d["boxes"].double().cpu() * scale, d["scores"].cpu()
+            if len(keep) < len(cats):
+                boxes, scores, cats = boxes[keep], scores[keep], [cats[i] for i in keep]
+            metric.update(info["id"], boxes, scores, cats)
 
     def extras(self, metric: DetectionMetric) -> dict[str, Any]:
         ap = metric.per_class_ap()
         names = {self.eval_data.category_id(i): n for i, n in enumerate(self.class_names)}
+        names.pop(None, None)
         return {"map_50_95": metric.map_50_95(), "per_class_ap": {names.get(k, str(k)): v for k, v in ap.items()}}
 
     def category_map(self) -> dict[str, int]:
-        return {n: self.eval_data.category_id(i) for i, n in enumerate(self.class_names)}
+        ids = {n: self.eval_data.category_id(i) for i, n in enumerate(self.class_names)}
+        return {n: i for n, i in ids.items() if i is not None}
