@@ -69,3 +69,14 @@ def test_named_categories_reach_the_detection_task_and_the_record(cache_env, tmp
     assert ws.tasks["det"].class_names == ["star", "ring"] and ws.make_model().det_classes == 2
     with pytest.raises(ValueError, match="distinct category names"):
         resolve(RunRequest(profile="tiny", categories=("star", "star")))
+
+
+def test_a_setting_may_be_one_methods_own() -> None:
+    cfg = resolve(RunRequest(profile="tiny", methods="ewc,ewc+lwf", sets={"ewc+lwf:ewc.lam": 5.0, "lr": 1e-3}))
+    assert cfg.settings_for("ewc+lwf")["ewc.lam"] == 5.0 and cfg.settings_for("ewc")["ewc.lam"] == 10.0
+    assert cfg.settings_for("ewc")["lr"] == cfg.settings_for("ewc+lwf")["lr"] == 1e-3
+    assert cfg.record()["method_settings"] == {"ewc+lwf": {"ewc.lam": 5.0}}
+    with pytest.raises(ValueError, match="unknown method part"):
+        resolve(RunRequest(profile="tiny", sets={"ewc+kfac:ewc.lam": 5.0}))
+    with pytest.raises(ValueError, match="unknown setting"):
+        resolve(RunRequest(profile="tiny", sets={"ewc:ewc.lambda": 5.0}))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -21,6 +22,7 @@ pytest.importorskip("pycocotools")
 
 from clreg import ReplayBuffer
 from clreg.onehead.cli import main
+from clreg.onehead.profiles import PROFILES
 
 TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
 
@@ -224,3 +226,31 @@ def test_the_report_gives_each_tasks_extra_scores(tiny_run):
     for m in ("naive", "ewc"):
         assert f"{m} {res['methods'][m]['final']['det']['map_50_95']:.3f}" in line
     assert line.endswith(f"single-task {res['baselines']['det']['map_50_95']:.3f}.")
+
+
+def test_tune_searches_baseline_learning_rates_per_stage_values_and_combinations(cache_env, tmp_path, monkeypatch):
+    """The baselines' learning rate is chosen per task first; a combination starts from its parts'
+    choices and searches its own keys; a variant with fixed settings competes with the plain one."""
+    grid = {"baseline.lr": (1e-3, 2e-2), "ewc.lam@3": (1.0, 100.0), "lwf.alpha": (0.5, 2.0)}
+    variants = {"ewc": [{"fixed": {}, "grid": grid}, {"fixed": {"ewc.lam@2": 50.0}, "grid": {"ewc.lam@3": (3.0,)}}]}
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tune_grid=grid, tune_variants=variants))
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--methods", "ewc,lwf,ewc+lwf", "--out", str(out), "--quiet",
+                 "--no-joint"]) == 0  # fmt: skip
+    tune = json.loads((out / "tune.json").read_text())
+    lrs = tune["baseline_lr"]
+    for task, trials in lrs["trials"].items():
+        assert [t["lr"] for t in trials] == [1e-3, 2e-2]
+        assert lrs["chosen"][task] == max(trials, key=lambda t: t["value"])["lr"]
+        assert tune["baselines"][task] == max(t["value"] for t in trials)
+    ewc = tune["methods"]["ewc"]
+    assert [v["fixed"] for v in ewc["variants"]] == [{}, {"ewc.lam@2": 50.0}]
+    best = max(ewc["variants"], key=lambda v: max((t["score"], t["mean"]) for t in v["trials"]))
+    assert ewc["chosen"] == best["chosen"]
+    combo = tune["methods"]["ewc+lwf"]
+    first = combo["trials"][0]["settings"]
+    assert first["lwf.alpha"] == tune["methods"]["lwf"]["chosen"]["lwf.alpha"]  # started from its parts
+    assert [t["settings"]["ewc.lam@3"] for t in combo["trials"][:2]] == [1.0, 100.0]
+    assert {t["settings"]["lwf.alpha"] for t in combo["trials"][2:]} == {0.5, 2.0}
+    units = {p.name for p in (out / "state" / "seed0").glob("*.pt")}
+    assert {"stage1@lr0.001.pt", "stage1@lr0.02.pt", "single__det@lr0.02.pt"} <= units

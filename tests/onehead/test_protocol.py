@@ -141,3 +141,19 @@ class TwoHead3(torch.nn.Module):
     def forward(self, x):
         h = torch.relu(self.body(x))
         return {"a": self.a(h), "b": self.b(h), "c": self.c(h)}
+
+
+def test_the_baselines_learning_rate_is_the_stages_own_and_names_its_units(tmp_path):
+    """A stage's baseline_lr trains its baseline (and, for stage 1, every method's first stage) and
+    names the unit; a method's later stages keep the method's own learning rate."""
+    tasks = {"a": ToyTask("a", torch.randn(6, 3), 0), "b": ToyTask("b", torch.randn(6, 3), 1)}
+    stages = [Stage("a", 2, baseline_lr=0.05), Stage("b", 2, baseline_lr=0.01)]
+    run = SeedRun(TwoHead, tasks, stages, RunSettings(batch_size=8, resamples=10, progress=False),
+                  UnitStore(tmp_path, 0, log_line=lambda s: None), baseline_lr=0.3)  # fmt: skip
+    m = Method.parse("naive", {"lr": 0.002})
+    assert run.lr(stages[0], None) == 0.05 and run.lr(stages[1], m) == 0.002
+    assert run.lr(Stage("b", 2), None) == 0.3 and run.lr(Stage("b", 2, lr=0.7), m) == 0.7
+    method_stages(run, m)
+    names = sorted(p.name for p in (tmp_path / "state" / "seed0").glob("*.pt"))
+    assert names[1] == "stage1@lr0.05.pt" and names[0].startswith("naive@")
+    assert m.key([{}, {}], start="stage1@lr0.05") != m.key([{}, {}])  # another first stage: other units

@@ -7,11 +7,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given
+from hypothesis import strategies as st
 
 pytest.importorskip("timm")
 
 import clreg
-from clreg.onehead.training import Replay, RunSettings, TrainJob, cosine_schedule, train, train_task
+from clreg.onehead.protocol import Stage, joint_plan
+from clreg.onehead.training import Replay, RunSettings, TrainJob, active_tasks, cosine_schedule, train, train_task
 from toy_data import ToyData
 
 
@@ -92,3 +95,42 @@ def test_the_regularizers_hooks_are_removed_and_a_diverging_loss_stops():
         train_task(
             Net(), _Task("a", ToyData(torch.randn(6, 3), 4, 0)), 1, run=RunSettings(batch_size=8, progress=False)
         )
+
+
+@given(steps=st.integers(1, 400), fractions=st.lists(st.floats(0, 1), min_size=1, max_size=4))
+def test_a_balanced_schedule_gives_each_task_its_batches_spread_evenly(steps, fractions) -> None:
+    per_task = [round(f * steps) for f in fractions]
+    counts = [0] * len(per_task)
+    last = [-1] * len(per_task)
+    for s in range(steps):
+        for k in active_tasks(s, steps, per_task, len(per_task)):
+            counts[k] += 1
+            gap = s - last[k]
+            assert gap <= -(-steps // max(1, per_task[k])) or last[k] < 0  # never more than ⌈S/b⌉ apart
+            last[k] = s
+    assert counts == per_task
+
+
+def test_joint_plans_keep_the_sequences_compute() -> None:
+    stages = [Stage("seg", 600), Stage("det", 300), Stage("cls", 400)]
+    assert joint_plan(stages, "equal") == (433, None)
+    assert joint_plan(stages, "balanced") == (600, [600, 300, 400])
+    with pytest.raises(ValueError, match="joint schedule"):
+        joint_plan(stages, "random")
+
+
+def test_task_weights_scale_each_tasks_loss() -> None:
+    """Two identical tasks with weights 1 and 0 give the one-task step; weights 0.5 and 0.5 too."""
+    w = torch.randn(6, 3, generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for key, (tasks, weights) in {"one": (1, None), "zero": (2, [1.0, 0.0]), "halves": (2, [0.5, 0.5])}.items():
+        torch.manual_seed(0)
+        net = Net()
+        same = [_Task("a", ToyData(w, 16, 0)) for _ in range(tasks)]
+        train(net, TrainJob(same, 3, 1e-2, 0, task_weights=weights), RunSettings(batch_size=8, progress=False))
+        runs[key] = [p.detach().clone() for p in net.parameters()]
+    for key in ("zero", "halves"):
+        for a, b in zip(runs["one"], runs[key]):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="one value per task"):
+        TrainJob([_Task("a", ToyData(w, 16, 0))], 3, 1e-2, 0, task_weights=[1.0, 2.0])

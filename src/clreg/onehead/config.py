@@ -30,7 +30,16 @@ MODES = ("run", "baselines", "tune")
 # not compared when resuming: where it runs, how many seeds (each seed's units are separate), which
 # methods and their settings (a method's units are keyed by its name and settings; the baselines'
 # learning rate is compared as "baseline_lr") and whether the joint reference is run
-IGNORED_ON_RESUME = ("device", "seeds", "methods", "within_rules", "joint", "settings", "settings_provenance")
+IGNORED_ON_RESUME = (
+    "device",
+    "seeds",
+    "methods",
+    "within_rules",
+    "joint",
+    "settings",
+    "method_settings",
+    "settings_provenance",
+)
 PRETEXT_DESCRIPTION = (
     "the shipped synthetic-pretext backbone (clreg.onehead.pretext: a dense map of which of the 10 shape "
     "kinds is where, on 15 000 images from seeds disjoint from the tasks'; the kinds overlap the tasks' vocabulary)"
@@ -53,7 +62,7 @@ class RunRequest:
     seeds: int = 1
     steps: int | None = None  # every stage's budget; None: the profile's
     bn: str = "train"
-    sets: Mapping[str, float] = field(default_factory=dict)  # method settings
+    sets: Mapping[str, float] = field(default_factory=dict)  # method settings: "NAME" or "METHOD:NAME" -> value
     joint: bool = True
     mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
     quiet: bool = False
@@ -99,7 +108,7 @@ class BenchmarkConfig:
 
     profile: Profile
     methods: tuple[str, ...]
-    settings: dict[str, float]
+    settings: dict[str, float]  # every method's, unless method_settings says otherwise
     settings_provenance: str
     steps: tuple[int, ...]
     bn: str
@@ -115,6 +124,11 @@ class BenchmarkConfig:
     channels_last: bool = True
     eval_split: str | None = None  # known once the data is there
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
+    method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method, over settings
+
+    def settings_for(self, method: str) -> dict[str, float]:
+        """The settings method ``method`` runs with: the shared ones, then its own."""
+        return {**self.settings, **self.method_settings.get(method, {})}
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -133,11 +147,13 @@ class BenchmarkConfig:
             "methods": list(self.methods),
             "within_rules": self.within_rules,
             "settings": dict(self.settings),
+            **({"method_settings": self.method_settings} if self.method_settings else {}),
             "baseline_lr": self.settings["lr"],
             "settings_provenance": self.settings_provenance,
             "stage_settings": [dict(s) for s in p.stage_settings],
             "stage_lr": list(p.stage_lr),
             "stage_warmup": list(p.stage_warmup),
+            **({"stage_baseline_lr": list(p.baseline_lr)} if any(x is not None for x in p.baseline_lr) else {}),
             "steps": list(self.steps),
             "batch_size": p.batch_size,
             "size": p.size,
@@ -151,6 +167,7 @@ class BenchmarkConfig:
             "amp": self.amp,
             "channels_last": self.channels_last,
             "joint": self.joint,
+            "joint_schedule": p.joint_schedule,
             "resamples": p.resamples,
             "tune": self.mode == "tune",
         }
@@ -205,6 +222,31 @@ def _provenance(prof: Profile, sets: Mapping[str, float]) -> str:
     return base + (f"; overridden by --set {', '.join(f'{k}={v:g}' for k, v in sets.items())}" if sets else "")
 
 
+def _split_sets(sets: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+    """``--set`` values: ``NAME`` for every method, ``METHOD:NAME`` for one (each checked)."""
+    shared: dict[str, float] = {}
+    own: dict[str, dict[str, float]] = {}
+    for key, value in sets.items():
+        method, colon, name = key.rpartition(":")
+        if not colon:
+            shared |= check_settings({key: value})
+            continue
+        try:
+            method = Method.parse(method).name
+        except ValueError as err:
+            raise ValueError(f"--set {key}: {err}") from None
+        own.setdefault(method, {}).update(check_settings({name: value}))
+    return shared, own
+
+
+def _merge_method_settings(*layers: Mapping[str, Mapping[str, float]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for layer in layers:
+        for method, values in layer.items():
+            out.setdefault(method, {}).update(values)
+    return out
+
+
 def _categories(names: tuple[str, ...] | None) -> tuple[str, ...] | None:
     if names is None:
         return None
@@ -227,11 +269,15 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
     check_settings(prof.settings)
     for overrides in prof.stage_settings:
         check_stage_settings(overrides)
+    for overrides in prof.method_settings.values():
+        check_settings(overrides)
+    shared, own = _split_sets(req.sets)
     default_out = Path("onehead-results") / (prof.name + ("-tune" if req.mode == "tune" else ""))
     return BenchmarkConfig(
         profile=prof,
         methods=tuple(methods),
-        settings={**DEFAULT_SETTINGS, **prof.settings, **check_settings(req.sets)},
+        settings={**DEFAULT_SETTINGS, **prof.settings, **shared},
+        method_settings=_merge_method_settings(prof.method_settings, own),
         settings_provenance=_provenance(prof, req.sets),
         steps=prof.steps,
         bn=req.bn,

@@ -53,9 +53,13 @@ class Profile:
     stage_settings: tuple[dict[str, float], ...] = ((), (), ())  # type: ignore[assignment]
     stage_lr: tuple[float | None, ...] = (None, None, None)
     stage_warmup: tuple[int, ...] = (0, 0, 0)  # steps of linear learning-rate warmup per stage's task
+    baseline_lr: tuple[float | None, ...] = (None, None, None)  # per task: the baseline's (None: stage_lr or lr)
+    method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method: its own values
     resamples: int = 1000
     latency: bool = True
-    tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)
+    joint_schedule: str = "equal"  # the joint reference's schedule (clreg.onehead.protocol.joint_plan)
+    tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
+    tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
 
 
 _TUNE_GRID = {

@@ -45,9 +45,14 @@ __all__ = [
 class Stage:
     task: str
     steps: int
-    lr: float | None = None  # None: the method's "lr" setting (the baselines': the run's)
+    lr: float | None = None  # None: the method's "lr" setting (the baselines': see baseline_lr)
     settings: Mapping[str, float] = field(default_factory=dict)  # per-stage overrides, e.g. {"ewc.lam": 3.0}
     warmup_steps: int | None = None  # None: the RunSettings' warmup
+    baseline_lr: float | None = None  # the task's baseline (and, for stage 1, every method's first stage)
+
+    def unit(self, name: str) -> str:
+        """The name of a baseline unit of this stage: with its own baseline learning rate, if set."""
+        return name if self.baseline_lr is None else f"{name}@lr{self.baseline_lr:g}"
 
 
 @dataclass
@@ -62,6 +67,7 @@ class SeedRun:
         store: where this seed's units are kept.
         baseline_lr: the learning rate of the baselines, the joint reference and stage 1.
         wrap: an optional ``model -> model`` applied for training (e.g. DDP).
+        joint_schedule: how the joint reference takes its tasks' batches (:func:`joint_plan`).
     """
 
     make_model: Callable[[], nn.Module]
@@ -71,6 +77,7 @@ class SeedRun:
     store: UnitStore
     baseline_lr: float = 2e-3
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
+    joint_schedule: str = "equal"  # see joint_plan
 
     def __post_init__(self) -> None:
         unknown = [s.task for s in self.stages if s.task not in self.tasks]
@@ -103,6 +110,10 @@ class SeedRun:
         return self.run if stage.warmup_steps is None else replace(self.run, warmup_steps=stage.warmup_steps)
 
     def lr(self, stage: Stage, method: Method | None) -> float:
+        """A method's learning rate in ``stage`` (the stage's own, else the method's ``lr``), or with
+        ``method=None`` the baselines' (the stage's ``baseline_lr``, else its own, else the run's)."""
+        if method is None and stage.baseline_lr is not None:
+            return stage.baseline_lr
         if stage.lr is not None:
             return stage.lr
         return method.settings["lr"] if method is not None else self.baseline_lr
@@ -127,7 +138,7 @@ def stage_one(run: SeedRun) -> UnitState:
             trackers={name: t.state_dict() for name, t in trackers.items()},
         )
 
-    return run.store.run("stage1", fn)
+    return run.store.run(s.unit("stage1"), fn)
 
 
 def single_task(run: SeedRun, index: int) -> UnitState:
@@ -135,7 +146,7 @@ def single_task(run: SeedRun, index: int) -> UnitState:
     if index == 0:
         return stage_one(run)
     s = run.stages[index]
-    unit = f"single/{s.task}"
+    unit = s.unit(f"single/{s.task}")
 
     def fn() -> UnitState:
         model = run.fresh_model(unit)
@@ -147,27 +158,42 @@ def single_task(run: SeedRun, index: int) -> UnitState:
     return run.store.run(unit, fn)
 
 
+JOINT_SCHEDULES = ("equal", "balanced")
+
+
+def joint_plan(stages: list[Stage], schedule: str) -> tuple[int, list[int] | None]:
+    """(steps, batches per task) of the joint reference, both schedules giving the sequence's compute:
+    ``equal``, Σ steps / T steps of one batch of every task; ``balanced``, each task the batches of its
+    own stage (its baseline's), spread evenly over max-steps steps."""
+    if schedule not in JOINT_SCHEDULES:
+        raise ValueError(f"joint schedule must be one of {JOINT_SCHEDULES}, got {schedule!r}")
+    if schedule == "equal":
+        return max(1, round(sum(s.steps for s in stages) / len(stages))), None
+    return max(s.steps for s in stages), [s.steps for s in stages]
+
+
 def joint(run: SeedRun) -> UnitState:
-    """All tasks together: each step one batch of every task, for the sequence's total number of
-    samples per task (Σ steps / number of tasks steps; the same compute as the sequence)."""
-    steps = max(1, round(sum(s.steps for s in run.stages) / len(run.stages)))
+    """All tasks together in one model, from the seed's init, with the baselines' learning rate; the
+    schedule (:func:`joint_plan`) is the run's ``joint_schedule``."""
+    steps, per_task = joint_plan(run.stages, run.joint_schedule)
     first = run.stages[0]
 
     def fn() -> UnitState:
         model = run.fresh_model("joint")
         tasks = [run.tasks[s.task] for s in run.stages]
-        job = TrainJob(tasks, steps, run.lr(first, None), stable_seed(run.seed, "joint"), desc="joint")
+        job = TrainJob(tasks, steps, run.lr(first, None), stable_seed(run.seed, "joint"), desc="joint",
+                       batches_per_task=per_task)  # fmt: skip
         res = train(run.wrap(model), job, run.settings_for(first))
         return UnitState(run.evaluate(model), train=res.record())
 
-    return run.store.run("joint", fn)
+    return run.store.run(first.unit("joint"), fn)
 
 
 def method_stages(run: SeedRun, method: Method) -> list[UnitState]:
     """Stages 2… of ``method``, each from the previous one's saved state; returns every stage's
     state (stage 1's shared one first)."""
     states = [stage_one(run)]
-    key = method.key([s.settings for s in run.stages])
+    key = method.key([s.settings for s in run.stages], start=run.stages[0].unit("stage1"))
     for i in range(1, len(run.stages)):
         prev = states[-1]
         states.append(run.store.run(f"{key}/stage{i + 1}", lambda i=i, prev=prev: method_stage(run, method, i, prev)))

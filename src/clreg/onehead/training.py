@@ -27,7 +27,17 @@ if TYPE_CHECKING:
     from ..replay import ReplayBuffer
     from .tasks import Task
 
-__all__ = ["Replay", "RunSettings", "TrainJob", "TrainResult", "collate", "cosine_schedule", "train", "train_task"]
+__all__ = [
+    "Replay",
+    "RunSettings",
+    "TrainJob",
+    "TrainResult",
+    "active_tasks",
+    "collate",
+    "cosine_schedule",
+    "train",
+    "train_task",
+]
 
 
 @dataclass(frozen=True)
@@ -78,6 +88,30 @@ class TrainJob:
     trackers: Sequence[Any] = field(default_factory=tuple)  # path trackers: track(optimizer), detach()
     freeze_bn: bool = False
     desc: str = ""
+    batches_per_task: Sequence[int] | None = None  # None: a batch of every task each step; else see active_tasks
+    task_weights: Sequence[float] | None = None  # each task's loss weight (None: 1 each)
+
+    def __post_init__(self) -> None:
+        n = len(self.tasks)
+        for name, v in (("batches_per_task", self.batches_per_task), ("task_weights", self.task_weights)):
+            if v is not None and len(v) != n:
+                raise ValueError(f"{name} needs one value per task ({n}), got {len(v)}")
+        if self.batches_per_task is not None and not all(0 <= b <= self.steps for b in self.batches_per_task):
+            raise ValueError(f"batches_per_task must lie in [0, steps={self.steps}], got {list(self.batches_per_task)}")
+
+
+def active_tasks(step: int, steps: int, batches_per_task: Sequence[int] | None, n_tasks: int) -> list[int]:
+    r"""The tasks that take a batch at ``step``: all of them, or, with ``batches_per_task`` (b_k of
+    ``steps`` S), task k at the steps where :math:`\lfloor (s+1) b_k / S \rfloor > \lfloor s b_k / S \rfloor`:
+    b_k steps spread evenly over the S (a task with b_k = S at every step).
+
+    Example:
+        >>> [active_tasks(s, 4, [4, 2, 1], 3) for s in range(4)]
+        [[0], [0, 1], [0], [0, 1, 2]]
+    """
+    if batches_per_task is None:
+        return list(range(n_tasks))
+    return [k for k, b in enumerate(batches_per_task) if (step + 1) * b // steps > step * b // steps]
 
 
 @dataclass
@@ -188,9 +222,13 @@ def _optimizer(model: nn.Module, lr: float, run: RunSettings) -> torch.optim.Opt
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=run.weight_decay, foreach=True)
 
 
-def _step_parts(job: TrainJob, streams: list[Iterator], g: torch.Generator, world: int) -> list[tuple[Any, ...]]:
-    """(task, inputs, targets, weight) of one step: a batch of every task, then the replayed samples."""
-    parts = [(t, *next(s), 1.0) for t, s in zip(job.tasks, streams)]
+def _step_parts(
+    job: TrainJob, step: int, streams: list[Iterator], g: torch.Generator, world: int
+) -> list[tuple[Any, ...]]:
+    """(task, inputs, targets, weight) of one step: a batch of every active task, then replayed samples."""
+    weights = job.task_weights or [1.0] * len(job.tasks)
+    active = active_tasks(step, job.steps, job.batches_per_task, len(job.tasks))
+    parts = [(job.tasks[k], *next(streams[k]), weights[k]) for k in active]
     replay = job.replay
     if replay is not None and len(replay.buffer):
         for name, (x, y) in replay.buffer.sample(max(1, replay.per_step // world), generator=g).items():
@@ -242,7 +280,7 @@ def train(model: nn.Module, job: TrainJob, run: RunSettings) -> TrainResult:
     t0, running = time.perf_counter(), 0.0
     try:
         for step in range(job.steps):
-            loss = _loss(model, _step_parts(job, streams, g, world), job, run, autocast)
+            loss = _loss(model, _step_parts(job, step, streams, g, world), job, run, autocast)
             value = loss.item()
             if not math.isfinite(value):
                 raise FloatingPointError(f"{job.desc}: the loss became {value} at step {step}")

@@ -50,7 +50,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
     """Run (or resume) the benchmark ``config`` describes; returns the JSON-ready results (rank 0)."""
     ws = open_workspace(config)
     config = ws.config
-    methods = [Method.parse(name, config.settings) for name in config.methods]
+    methods = [Method.parse(name, config.settings_for(name)) for name in config.methods]
     seeds = [run_seed(ws.seed_run(seed), methods, config.joint) for seed in config.seeds]
     if rank_and_world()[0] != 0:
         return None

@@ -1,9 +1,21 @@
-"""The tune: a coordinate search over the profile's grid on the validation split, one setting at a
-time per method, each candidate scored as the challenge judges (the worst task's final / baseline)."""
+"""The tune: on the validation split, seed 0, first the baselines' learning rate per task, then a
+coordinate search over the profile's grid for every method, each candidate scored as the challenge
+judges (its worst task's final / baseline, the mean over tasks breaking ties).
+
+A single-part method searches each grid key it reads in turn (its learning rate ``lr``, per-stage
+values such as ``ewc.lam@2`` and ``ewc.lam@3``, …), starting from the profile's values. A ``+``
+combination starts from the values its parts chose and then searches its own keys in the same way,
+so it ends with values of its own. A method may have variants (``Profile.tune_variants``: fixed
+settings and a grid of their own, e.g. EWC with each task's Fisher normalised by its mean, whose λ
+lives on another scale): each is searched and the best kept. Every candidate's units are keyed by its
+settings, so a repeated candidate is read back, not trained again, and a killed tune resumes.
+"""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from typing import Any
 
 from ..config import BenchmarkConfig
@@ -11,12 +23,33 @@ from ..methods import Method
 from ..protocol import SeedRun, method_stages, single_task
 from ..provenance import provenance
 from ..report import lambda_figure
-from .workspace import open_workspace
+from .workspace import Workspace, open_workspace
 
-__all__ = ["tune"]
+__all__ = ["BASELINE_LR", "tune"]
+
+BASELINE_LR = "baseline.lr"  # the grid key of the baselines' learning rate (searched per task)
+
+Grid = Mapping[str, Sequence[float]]
 
 
-def _trial(run: SeedRun, method: Method, settings: dict[str, float], base: dict[str, float]) -> dict[str, Any]:
+def _best(trials: list[dict[str, Any]]) -> dict[str, Any]:
+    return max(trials, key=lambda t: (t["score"], t["mean"]))
+
+
+def _tune_baselines(ws: Workspace, lrs: Sequence[float]) -> tuple[SeedRun, dict[str, Any]]:
+    """Each task's baseline at every learning rate of ``lrs`` (val); the seed's run with the best."""
+    base = ws.seed_run(0)
+    trials: dict[str, list[dict[str, Any]]] = {s.task: [] for s in base.stages}
+    for lr in lrs:
+        run = replace(base, stages=[replace(s, baseline_lr=lr) for s in base.stages])
+        for i, s in enumerate(run.stages):
+            trials[s.task].append({"lr": lr, "value": single_task(run, i).evals[s.task].value})
+    chosen = {task: max(t, key=lambda x: x["value"])["lr"] for task, t in trials.items()}
+    run = replace(base, stages=[replace(s, baseline_lr=chosen[s.task]) for s in base.stages])
+    return run, {"grid": list(lrs), "trials": trials, "chosen": chosen}
+
+
+def _trial(run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float]) -> dict[str, Any]:
     """One candidate: its final / baseline per task, its score (the worst) and the mean (tie-break)."""
     states = method_stages(run, method.with_settings(settings))
     finals = {t: states[-1].evals[t].value / max(b, 1e-9) for t, b in base.items()}
@@ -24,34 +57,66 @@ def _trial(run: SeedRun, method: Method, settings: dict[str, float], base: dict[
     return {"settings": dict(settings), "score": score, "mean": mean, "final": finals}
 
 
-def _search(run: SeedRun, method: Method, grid: dict[str, Any], base: dict[str, float], done: dict) -> dict:
-    """A ``+`` combination runs once with the values its parts chose; a single part searches each
-    setting of the grid it reads in turn (the learning rate only for naive fine-tuning)."""
-    chosen = dict(method.relevant_settings())
+def _reads(method: Method, key: str) -> bool:
+    """Whether ``method`` reads grid key ``key`` (``lr``, or a setting of one of its parts, per stage or not)."""
+    base = key.split("@")[0]
+    return base == "lr" or base.split(".")[0] in method.parts
+
+
+def _coordinate_search(
+    run: SeedRun, method: Method, start: dict[str, float], grid: Grid, base: dict[str, float]
+) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """Each key of ``grid`` the method reads, in turn, over its values, the others held at the best
+    so far; returns the chosen settings and every trial."""
+    chosen, trials = dict(start), []
+    for key in [k for k in grid if _reads(method, k)]:
+        tried = [_trial(run, method, {**chosen, key: float(v)}, base) for v in grid[key]]
+        chosen[key] = _best(tried)["settings"][key]
+        trials += tried
+    return chosen, trials
+
+
+def _start(method: Method, done: dict[str, Any], fixed: Mapping[str, float]) -> dict[str, float]:
+    """A combination starts from its parts' choices (their learning rates aside); a part from its settings."""
+    start = dict(method.relevant_settings())
     if len(method.parts) > 1:
         for part in method.parts:
             picked = done.get(part, {}).get("chosen", {})
-            chosen.update({k: v for k, v in picked.items() if k != "lr"})
-        return {"chosen": chosen, "trials": [_trial(run, method, chosen, base)]}
-    trials = []
-    for key in [k for k in grid if k in chosen and (k != "lr" or method.name == "naive")]:
-        tried = [_trial(run, method, {**chosen, key: value}, base) for value in grid[key]]
-        chosen[key] = max(tried, key=lambda t: (t["score"], t["mean"]))["settings"][key]
-        trials += tried
-    return {"chosen": chosen, "trials": trials}
+            start.update({k: v for k, v in picked.items() if k.split("@")[0] != "lr"})
+    return {**start, **fixed}
+
+
+def _search(run: SeedRun, method: Method, ws: Workspace, base: dict[str, float], done: dict) -> dict[str, Any]:
+    """Every variant of the method (one by default), each by coordinate search; the best one kept."""
+    profile = ws.config.profile
+    variants = profile.tune_variants.get(method.name, [{"fixed": {}, "grid": profile.tune_grid}])
+    results = []
+    for v in variants:
+        grid = {k: g for k, g in v["grid"].items() if k != BASELINE_LR}
+        chosen, trials = _coordinate_search(run, method, _start(method, done, v["fixed"]), grid, base)
+        results.append({"fixed": dict(v["fixed"]), "chosen": chosen, "trials": trials})
+    best = max(
+        results, key=lambda r: (_best(r["trials"])["score"], _best(r["trials"])["mean"]) if r["trials"] else (0, 0)
+    )
+    return {"chosen": best["chosen"], "trials": [t for r in results for t in r["trials"]], "variants": results}
 
 
 def tune(config: BenchmarkConfig) -> dict[str, Any]:
-    """``tune.json`` (the grid, the baselines, every trial and each method's choice) and the EWC
-    λ-sensitivity figure, from seed 0 on the validation split."""
+    """``tune.json`` (the grids, the baselines' learning rates, every trial and each method's choice)
+    and the EWC λ-sensitivity figure, from seed 0 on the validation split."""
     ws = open_workspace(config)
     config = ws.config
-    run = ws.seed_run(0)
-    base = {st.task: single_task(run, i).evals[st.task].value for i, st in enumerate(run.stages)}
     grid = config.profile.tune_grid
-    report: dict[str, Any] = {"grid": grid, "baselines": base, "methods": {}, "split": "val"}
+    if BASELINE_LR in grid:
+        run, baselines = _tune_baselines(ws, grid[BASELINE_LR])
+        ws.log(f"tune baselines: learning rate per task {baselines['chosen']}")
+    else:
+        run, baselines = ws.seed_run(0), {}
+    base = {st.task: single_task(run, i).evals[st.task].value for i, st in enumerate(run.stages)}
+    report: dict[str, Any] = {"grid": grid, "baselines": base, "baseline_lr": baselines, "methods": {}, "split": "val"}
     for name in config.methods:
-        report["methods"][name] = _search(run, Method.parse(name, config.settings), grid, base, report["methods"])
+        method = Method.parse(name, config.settings_for(name))
+        report["methods"][name] = _search(run, method, ws, base, report["methods"])
         ws.log(f"tune {name}: {report['methods'][name]['chosen']}")
     report["provenance"] = provenance()
     config.out.mkdir(parents=True, exist_ok=True)

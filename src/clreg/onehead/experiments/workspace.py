@@ -87,8 +87,8 @@ class Workspace:
     @property
     def stages(self) -> list[Stage]:
         p = self.config.profile
-        parts = zip(self.config.tasks, self.config.steps, p.stage_lr, p.stage_settings, p.stage_warmup)
-        return [Stage(t, n, lr, dict(s), warmup_steps=w) for t, n, lr, s, w in parts]
+        parts = zip(self.config.tasks, self.config.steps, p.stage_lr, p.stage_settings, p.stage_warmup, p.baseline_lr)
+        return [Stage(t, n, lr, dict(s), warmup_steps=w, baseline_lr=b) for t, n, lr, s, w, b in parts]
 
     @property
     def run_settings(self) -> RunSettings:
@@ -101,7 +101,8 @@ class Workspace:
         wrap = _ddp_wrap if rank_and_world()[1] > 1 else (lambda m: m)
         store = UnitStore(self.config.out, seed, self.log)
         return SeedRun(self.make_model, self.tasks, self.stages, self.run_settings, store,
-                       baseline_lr=self.config.settings["lr"], wrap=wrap)  # fmt: skip
+                       baseline_lr=self.config.settings["lr"], wrap=wrap,
+                       joint_schedule=self.config.profile.joint_schedule)  # fmt: skip
 
 
 def open_workspace(config: BenchmarkConfig) -> Workspace:

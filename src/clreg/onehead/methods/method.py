@@ -132,10 +132,12 @@ class Method:
                 out[base] = v
         return out
 
-    def key(self, stage_settings: Sequence[Mapping[str, float]]) -> str:
-        """The method's name and a digest of the settings it reads and the per-stage overrides, so
-        units of other settings never mix and changing one method's settings reuses everything else."""
-        blob = json.dumps([self.relevant_settings(), [dict(s) for s in stage_settings]], sort_keys=True)
+    def key(self, stage_settings: Sequence[Mapping[str, float]], start: str = "stage1") -> str:
+        """The method's name and a digest of the settings it reads, the per-stage overrides and the
+        first-stage unit it starts from, so units of other settings never mix and changing one
+        method's settings reuses everything else."""
+        parts: list[Any] = [self.relevant_settings(), [dict(s) for s in stage_settings]]
+        blob = json.dumps(parts + ([start] if start != "stage1" else []), sort_keys=True)
         return f"{self.name}@{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
     def build(self, model: nn.Module, seed: int = 0) -> Built:
