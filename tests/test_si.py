@@ -128,6 +128,7 @@ def test_si_path_excludes_every_clreg_penalty(si_mode: str) -> None:
     ewc.importance.tensors[0].fill_(1.0)  # F = 1, anchor 0
     ewc._bump_tasks()
     si = clreg.SI(model, c=C, xi=XI)
+    ewc.ledger = si.ledger  # built apart: they share a ledger only when told to
     si.importance.tensors[0].copy_(torch.tensor([0.5, 1.0, 2.0]))  # an active own penalty, anchor θ0
     si._bump_tasks()
     opt = torch.optim.SGD(model.parameters(), lr=LR)

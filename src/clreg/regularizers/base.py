@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from .._params import ParamSelector, ParamSet
 from ..spec import TaskSpec
+from .ledger import GradientLedger
 
 __all__ = ["FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
 
@@ -65,6 +66,7 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         self._n_tasks_py = 0
         self._handles: list[Any] = []
         self.last_value: Tensor = torch.zeros(())
+        self._ledger = GradientLedger()
 
     # -- parameters -------------------------------------------------------------------------------
     @property
@@ -84,6 +86,23 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
     def _bump_tasks(self) -> None:
         self.n_tasks += 1
         self._n_tasks_py = int(self.n_tasks)
+
+    @property
+    def ledger(self) -> GradientLedger:
+        """The :class:`~clreg.GradientLedger` through which penalties tell SI what they added to ``.grad``
+        (a fresh one per regularizer; :class:`~clreg.Compose` gives its members one). Set the same
+        ledger on regularizers built apart to make them share it."""
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: GradientLedger) -> None:
+        if not isinstance(ledger, GradientLedger):
+            raise TypeError(f"ledger must be a clreg.GradientLedger, got {type(ledger).__name__}")
+        old, self._ledger = self._ledger, ledger
+        self._ledger_changed(old)
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        """Hook for subclasses: the ledger was replaced (``old`` is the previous one)."""
 
     # -- the interface ----------------------------------------------------------------------------
     @abc.abstractmethod

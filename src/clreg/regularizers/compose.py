@@ -20,6 +20,7 @@ from torch import Tensor, nn
 
 from ..spec import TaskSpec
 from .base import Regularizer
+from .ledger import GradientLedger
 
 __all__ = ["Compose"]
 
@@ -27,7 +28,12 @@ __all__ = ["Compose"]
 class Compose(nn.Module):
     """The sum of its members: ``forward`` adds their values, ``consolidate`` hands each the same data
     and spec, ``attach`` attaches those that can be, and ``last_values`` holds each member's last
-    value (for logging), keyed by its lower-case class name (``ewc``, ``lwf``, ``ewc_1`` …)."""
+    value (for logging), keyed by its lower-case class name (``ewc``, ``lwf``, ``ewc_1`` …).
+
+    The members share one :class:`~clreg.GradientLedger` (the first member's, given at construction
+    to every member, nested ``Compose`` included), so an SI member's path excludes exactly what the
+    other members' penalties add to ``.grad``. ``compose.ledger = ...`` gives all of them another one.
+    """
 
     def __init__(self, *regularizers: Regularizer) -> None:
         super().__init__()
@@ -44,6 +50,20 @@ class Compose(nn.Module):
             while name in self.names:
                 name, k = f"{base}_{k}", k + 1
             self.names.append(name)
+        self.ledger = regularizers[0].ledger
+
+    @property
+    def ledger(self) -> GradientLedger:
+        """The ledger every member holds."""
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: GradientLedger) -> None:
+        if not isinstance(ledger, GradientLedger):
+            raise TypeError(f"ledger must be a clreg.GradientLedger, got {type(ledger).__name__}")
+        self._ledger = ledger
+        for r in self.members:
+            r.ledger = ledger
 
     def __getitem__(self, key: int | str) -> Regularizer:
         if isinstance(key, str):

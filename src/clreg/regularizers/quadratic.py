@@ -30,8 +30,8 @@ from ..functional.penalty import (
     quadratic_penalty_grad,
     quadratic_penalty_value,
 )
-from . import _ledger
 from .base import Regularizer
+from .ledger import GradientLedger
 
 __all__ = ["QuadraticPenalty"]
 
@@ -49,12 +49,15 @@ class QuadraticPenalty(Regularizer):
         self.n_tasks = self.n_tasks.to(device)
         self._weighted_anchor: list[Tensor] | None = None
         self._sqrt: list[Tensor] | None = None
-        self._recording = _ledger.Switch()
+        self._recording = self.ledger.switch()
 
     @property
     @abc.abstractmethod
     def scale(self) -> float:
         """The factor s in front of the quadratic (λ/2 for EWC, c for SI, λ for MAS)."""
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        self._recording = self.ledger.switch()
 
     # -- caches -----------------------------------------------------------------------------------
     def _state_changed(self) -> None:
@@ -102,7 +105,7 @@ class QuadraticPenalty(Regularizer):
                         self.anchor.tensors,
                         self.scale,
                         self.offset.to(self.importance.tensors[0].dtype),
-                        recorder=_ledger.record_scaled if self._recording(params) else None,
+                        recorder=self.ledger.record_scaled if self._recording(params) else None,
                         sqrt_importance=self.sqrt_importance(),
                     )
         self.last_value = value.detach()
@@ -137,7 +140,7 @@ class QuadraticPenalty(Regularizer):
         if record:
             added = quadratic_penalty_grad(ps, imp, self._subset(self.anchor.tensors, idx), self.scale)
             torch._foreach_add_(grads, added)
-            _ledger.record_unscaled(ps, added)
+            self.ledger.record_unscaled(ps, added)
         else:
             add_quadratic_penalty_grad_(grads, ps, imp, self._subset(self.weighted_anchor(), idx), self.scale)
 

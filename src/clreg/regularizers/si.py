@@ -16,10 +16,13 @@ The path needs every step's gradient and parameter change. Three ways to give th
 * autograd mode with an explicit ``si.update(model)`` after each ``optimizer.step()``.
 
 The gradient in the path is, by default (``path_gradient="task"``), the gradient at hand minus exactly
-what clreg's quadratic penalties (EWC, OnlineEWC, MAS, SI) added to it; ``"total"`` keeps the total.
-With a GradScaler in autograd mode pass it (``track(optimizer, scaler=...)``) so the penalties'
-recorded gradients are unscaled like ``.grad``. A user's clipping of ``.grad`` is not undone, and LwF's
-gradient (not closed-form) is not subtracted.
+what the quadratic penalties (EWC, OnlineEWC, MAS, SI itself) that share SI's
+:class:`~clreg.GradientLedger` added to it; ``"total"`` keeps the total. SI registers as a tracker of
+its ledger (``si.ledger``); the members of one :class:`~clreg.Compose` share a ledger, and regularizers
+built apart share one when the same ledger is set on each (``ewc.ledger = si.ledger``). A penalty with
+another ledger is not subtracted: its gradient is in the path. With a GradScaler in autograd mode pass
+it (``track(optimizer, scaler=...)``) so the penalties' recorded gradients are unscaled like ``.grad``.
+A user's clipping of ``.grad`` is not undone, and LwF's gradient (not closed-form) is not subtracted.
 
 Example:
     >>> import torch, clreg
@@ -44,8 +47,8 @@ from .._params import ParamSelector
 from .._store import TensorStore
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
-from . import _ledger
 from .base import check_finite, check_range
+from .ledger import GradientLedger
 from .quadratic import QuadraticPenalty
 
 __all__ = ["SI"]
@@ -117,7 +120,18 @@ class SI(QuadraticPenalty):
         if value not in ("task", "total"):
             raise ValueError(f"path_gradient must be 'task' or 'total', got {value!r}")
         self._path_gradient = value
-        _ledger.want(self, value == "task")
+        self._register_with_ledger()
+
+    def _register_with_ledger(self) -> None:
+        if self._path_gradient == "task":
+            self.ledger.register(self)
+        else:
+            self.ledger.unregister(self)
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        old.unregister(self)
+        self._register_with_ledger()
+        super()._ledger_changed(old)
 
     @property
     def scale(self) -> float:
@@ -137,7 +151,7 @@ class SI(QuadraticPenalty):
         self._tracking = True
         self._scaler = scaler
         self.previous.set([p.detach() for p in self._pset.last()])
-        _ledger.clear(self._pset.last())
+        self.ledger.clear(self._pset.last())
 
     def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
         """Penalty gradient before each step and path tracking after it, on ``optimizer``."""
@@ -192,7 +206,7 @@ class SI(QuadraticPenalty):
         snap = self._subset(self._snapshot, idx)
         with torch.no_grad():
             torch._foreach_copy_(snap, grads)
-            for g, a in zip(snap, _ledger.take(ps, self._loss_scale())):  # added before this hook ran
+            for g, a in zip(snap, self.ledger.take(ps, self._loss_scale())):  # added before this hook ran
                 if a is not None:
                     g.sub_(a.to(g.dtype))
             self._add_penalty_grad(idx, ps, grads, record=False)
@@ -207,11 +221,11 @@ class SI(QuadraticPenalty):
                 ps, pv, om = (self._subset(t, idx) for t in (params, prev, omega))
                 if from_snapshot:
                     grads = self._subset(self._snapshot, idx)
-                    _ledger.clear(ps)  # added after the snapshot: not in it
+                    self.ledger.clear(ps)  # added after the snapshot: not in it
                 else:
                     grads = [p.grad for p in ps]
                     if self._path_gradient == "task":
-                        added = _ledger.take(ps, self._loss_scale())
+                        added = self.ledger.take(ps, self._loss_scale())
                         if any(a is not None for a in added):
                             grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
                 if grads[0].dtype != pv[0].dtype:
