@@ -14,9 +14,12 @@ from .._params import ParamSelector, ParamSet
 from ..spec import TaskSpec
 from .ledger import GradientLedger
 
-__all__ = ["FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
+__all__ = ["CAPABILITIES", "FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
 
 FORMAT_VERSION = 1
+
+CAPABILITIES = ("attachable", "tracks_path")
+"""The class attributes that say what a regularizer can do on an optimizer's steps."""
 
 
 def check_range(name: str, value: float, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
@@ -48,7 +51,13 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
     * ``reg(model, inputs=..., outputs=...)`` returns a scalar tensor to add to the task loss (a zero
       tensor before the first consolidation);
     * ``reg.consolidate(model, data, spec)`` at the end of a task;
-    * ``reg.attach(optimizer)`` (optional) applies the penalty's gradient on the optimizer's steps.
+    * ``reg.attach(optimizer, scaler=None)`` applies the penalty's gradient on the optimizer's steps,
+      where the class says it can (``attachable``);
+    * ``reg.track(optimizer, scaler=None)`` follows the optimizer's path (what SI integrates), where
+      the class says it can (``tracks_path``).
+
+    The two capabilities are class attributes, so a caller asks for them without naming a class
+    (``Compose.members_that("tracks_path")``).
 
     State lives in buffers with a format version: ``state_dict()`` of one instance loads with
     ``strict=True`` into a fresh instance built on the same model. The user's model is never held as
@@ -56,6 +65,10 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
     """
 
     format_version: ClassVar[int] = FORMAT_VERSION
+    attachable: ClassVar[bool] = False
+    """True where :meth:`attach` can apply the penalty's gradient from an optimizer hook (a closed form)."""
+    tracks_path: ClassVar[bool] = False
+    """True where :meth:`track` follows an optimizer's steps (SI's path integral)."""
 
     def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
         super().__init__()
@@ -120,10 +133,15 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
 
     _attached = False
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
-        """Apply this regularizer on ``optimizer``'s steps. Regularizers without a closed-form
-        gradient (LwF) cannot be attached."""
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
+        """Apply this regularizer on ``optimizer``'s steps (where ``attachable``; ``scaler``, a
+        GradScaler, matters to those that also track the path). Regularizers without a closed-form
+        gradient (LwF) cannot be attached: a TypeError."""
         raise TypeError(f"{type(self).__name__} has no closed-form gradient and cannot be attached")
+
+    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
+        """Follow ``optimizer``'s steps for a path integral (where ``tracks_path``; else a TypeError)."""
+        raise TypeError(f"{type(self).__name__} does not track an optimizer's path")
 
     def detach(self) -> None:
         """Remove the optimizer hooks added by :meth:`attach`."""

@@ -9,6 +9,13 @@ Example:
     0.0
     >>> sorted(reg.last_values)
     ['ewc', 'lwf']
+
+Members by name or by capability, without naming a class:
+    >>> reg = clreg.Compose(clreg.EWC(model), clreg.Compose(clreg.SI(model), clreg.LwF(model)))
+    >>> [type(r).__name__ for r in reg.members_that("attachable")]
+    ['EWC', 'SI']
+    >>> reg.members_that("tracks_path") == [reg[1]["si"]]
+    True
 """
 
 from __future__ import annotations
@@ -19,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from ..spec import TaskSpec
-from .base import Regularizer
+from .base import CAPABILITIES, Regularizer
 from .ledger import GradientLedger
 
 __all__ = ["Compose"]
@@ -33,6 +40,11 @@ class Compose(nn.Module):
     The members share one :class:`~clreg.GradientLedger` (the first member's, given at construction
     to every member, nested ``Compose`` included), so an SI member's path excludes exactly what the
     other members' penalties add to ``.grad``. ``compose.ledger = ...`` gives all of them another one.
+
+    A member is reached by name (``reg["si"]``; the names are in ``reg.names``) or by what it can do:
+    ``reg.members_that("tracks_path")`` (the members that follow an optimizer's path, SI) or
+    ``reg.members_that("attachable")`` (those with a closed-form gradient), so a caller never needs
+    to import a regularizer class to find one. ``members`` holds the members as given.
     """
 
     def __init__(self, *regularizers: Regularizer) -> None:
@@ -66,6 +78,7 @@ class Compose(nn.Module):
             r.ledger = ledger
 
     def __getitem__(self, key: int | str) -> Regularizer:
+        """A member by position or by name (``reg["si"]``, see :attr:`names`)."""
         if isinstance(key, str):
             return self.members[self.names.index(key)]  # type: ignore[return-value]
         return self.members[key]  # type: ignore[return-value]
@@ -91,17 +104,34 @@ class Compose(nn.Module):
         for r in self.members:
             r.consolidate(model, data, spec)
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
-        """Attach every member with a closed-form gradient; LwF stays in the autograd mode.
-        ``scaler`` goes to SI members (see :meth:`clreg.SI.attach`)."""
-        from .lwf import LwF
-        from .si import SI
-
+    def members_that(self, capability: str) -> list[Regularizer]:
+        """The members (nested ``Compose`` looked through, in order) whose class has ``capability``,
+        one of :data:`~clreg.regularizers.base.CAPABILITIES`: ``"attachable"`` or ``"tracks_path"``."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"capability must be one of {CAPABILITIES}, got {capability!r}")
+        found: list[Regularizer] = []
         for r in self.members:
-            if isinstance(r, (SI, Compose)):
-                r.attach(optimizer, scaler=scaler)
-            elif not isinstance(r, LwF):
-                r.attach(optimizer)
+            if isinstance(r, Compose):
+                found += r.members_that(capability)
+            elif getattr(type(r), capability):
+                found.append(r)
+        return found
+
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
+        """Attach every ``attachable`` member (LwF stays in the autograd mode); ``scaler`` goes to
+        each (see :meth:`clreg.SI.attach`)."""
+        for r in self.members_that("attachable"):
+            r.attach(optimizer, scaler=scaler)
+        return self
+
+    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
+        """Path tracking alone (:meth:`clreg.SI.track`) for every member that ``tracks_path``; a
+        ValueError when none does."""
+        trackers = self.members_that("tracks_path")
+        if not trackers:
+            raise ValueError(f"no member of this Compose tracks an optimizer's path (members: {self.names})")
+        for r in trackers:
+            r.track(optimizer, scaler=scaler)
         return self
 
     def detach(self) -> None:

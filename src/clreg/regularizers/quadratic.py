@@ -39,6 +39,8 @@ __all__ = ["QuadraticPenalty"]
 class QuadraticPenalty(Regularizer):
     """A penalty s [Σ A (θ − m)² + C] with buffers ``importance`` (A), ``anchor`` (m), ``offset`` (C)."""
 
+    attachable = True
+
     def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
         super().__init__(model, params)
         names = self._pset.names
@@ -112,8 +114,9 @@ class QuadraticPenalty(Regularizer):
         return value
 
     # -- attached mode ----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer) -> QuadraticPenalty:
-        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``."""
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> QuadraticPenalty:
+        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``
+        (``scaler`` is not needed: the pre-hook runs after GradScaler's unscale)."""
         if self.attached:
             raise ValueError(f"{type(self).__name__} is already attached; call detach() first")
         params = self._pset.last()

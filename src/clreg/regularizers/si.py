@@ -61,6 +61,8 @@ class SI(QuadraticPenalty):
     ``previous`` (θ after the last tracked step) and ``steps`` (tracked steps since consolidation).
     """
 
+    tracks_path = True
+
     def __init__(
         self,
         model: nn.Module,
