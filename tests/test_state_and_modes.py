@@ -327,3 +327,27 @@ def test_compiled_training_step(kind: str) -> None:
     out = compiled(x)
     eager = reg(model, inputs=x, outputs=model(x))
     torch.testing.assert_close(reg(compiled, inputs=x, outputs=out), eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("ewc", ["lam"]),
+        ("online_ewc", ["lam", "gamma"]),
+        ("si", ["c", "xi", "clamp", "path_gradient"]),
+        ("mas", ["lam", "normalize"]),
+        ("lwf", ["temperature", "alpha", "t_squared"]),
+    ],
+)
+def test_saved_hyperparameters_are_declared_and_validated_on_load(kind: str, names: list[str]) -> None:
+    model, reg = consolidated(kind)
+    assert list(type(reg).hyperparameters) == names
+    sd = reg.state_dict()
+    config = sd["_extra_state"]["config"]
+    assert list(config)[: len(names)] == names and all(config[n] == getattr(reg, n) for n in names)
+    bad = {**sd, "_extra_state": {**sd["_extra_state"], "config": {**config, names[0]: -1.0}}}
+    with pytest.raises(ValueError, match=f"{names[0]} must be in"):
+        build(kind, model).load_state_dict(bad)
+    unknown = {**sd, "_extra_state": {**sd["_extra_state"], "config": {**config, "beta": 1.0}}}
+    with pytest.raises(ValueError, match=r"hyperparameters \['beta'\]"):
+        build(kind, model).load_state_dict(unknown)

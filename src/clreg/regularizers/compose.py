@@ -100,6 +100,10 @@ class Compose(nn.Module):
         """Each member's last value, as floats."""
         return {n: float(r.last_value) for n, r in zip(self.names, self.members)}
 
+    def state_bytes(self) -> int:
+        """The members' :meth:`~clreg.Regularizer.state_bytes`, summed."""
+        return sum(r.state_bytes() for r in self.members)
+
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         for r in self.members:
             r.consolidate(model, data, spec)

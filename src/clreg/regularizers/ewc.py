@@ -94,6 +94,8 @@ class EWC(QuadraticPenalty):
         params: parameter names or a predicate ``(name, param) -> bool`` (e.g. to leave out norms).
     """
 
+    hyperparameters = ("lam",)
+
     def __init__(
         self,
         model: nn.Module,
@@ -122,9 +124,6 @@ class EWC(QuadraticPenalty):
     @property
     def scale(self) -> float:
         return self._lam / 2.0
-
-    def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam}
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """Estimate this task's Fisher on ``data`` and fold it, weighted by ``spec.weight``, in."""

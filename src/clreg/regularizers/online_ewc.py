@@ -35,6 +35,8 @@ __all__ = ["OnlineEWC"]
 class OnlineEWC(EWC):
     """EWC with one running Fisher decayed by γ and one anchor. Arguments as :class:`EWC`, plus γ."""
 
+    hyperparameters = ("lam", "gamma")
+
     def __init__(
         self,
         model: nn.Module,
@@ -69,9 +71,6 @@ class OnlineEWC(EWC):
     @gamma.setter
     def gamma(self, value: float) -> None:
         self._gamma = check_range("gamma", value, 0.0, 1.0)
-
-    def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam, "gamma": self._gamma}
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """F* ← γ F* + w F_t and θ* ← θ."""

@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._store import TensorStore
 from ..functional.penalty import (
     add_quadratic_penalty_grad_,
     quadratic_penalty,
@@ -43,12 +42,9 @@ class QuadraticPenalty(Regularizer):
 
     def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
         super().__init__(model, params)
-        names = self._pset.names
-        device = self._pset.last()[0].device
-        self.importance = TensorStore(names, self._pset.zeros(device))
-        self.anchor = TensorStore(names, self._pset.zeros(device))
-        self.register_buffer("offset", torch.zeros((), dtype=torch.float64, device=device))
-        self.n_tasks = self.n_tasks.to(device)
+        self.add_state("importance", per_parameter=True)
+        self.add_state("anchor", per_parameter=True)
+        self.add_state("offset", torch.zeros((), dtype=torch.float64))
         self._weighted_anchor: list[Tensor] | None = None
         self._sqrt: list[Tensor] | None = None
         self._recording = self.ledger.switch()
@@ -154,8 +150,5 @@ class QuadraticPenalty(Regularizer):
         if targets is not None:
             self._add_penalty_grad(*targets, record=self._recording(self._pset.last()))
 
-    def state_bytes(self) -> int:
-        """Bytes of state held (saved buffers plus caches)."""
-        total = sum(b.numel() * b.element_size() for b in self.buffers())
-        caches = [self._weighted_anchor or [], self._sqrt or []]
-        return total + sum(t.numel() * t.element_size() for c in caches for t in c)
+    def _cache_tensors(self) -> list[Tensor]:
+        return [*(self._weighted_anchor or []), *(self._sqrt or [])]

@@ -44,7 +44,6 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._store import TensorStore
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
 from .base import check_finite, check_range
@@ -62,6 +61,7 @@ class SI(QuadraticPenalty):
     """
 
     tracks_path = True
+    hyperparameters = ("c", "xi", "clamp", "path_gradient")
 
     def __init__(
         self,
@@ -75,14 +75,12 @@ class SI(QuadraticPenalty):
     ) -> None:
         super().__init__(model, params)
         self.c, self.xi, self.clamp, self.path_gradient = c, xi, clamp, path_gradient
-        params_now = self._pset.last()
-        device = params_now[0].device
-        self.omega = TensorStore(self._pset.names, self._pset.zeros(device))
-        self.previous = TensorStore(
-            self._pset.names, [p.detach().to(a.dtype, copy=True) for p, a in zip(params_now, self.omega.tensors)]
-        )
-        self.anchor.set([p.detach() for p in params_now])
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self.add_state("omega", per_parameter=True)
+        self.add_state("previous", per_parameter=True)
+        self.add_state("steps", torch.zeros((), dtype=torch.int64))
+        params_now = [p.detach() for p in self._pset.last()]
+        self.previous.set(params_now)
+        self.anchor.set(params_now)
         self._tracking = False
         self._scaler: Any = None
 
@@ -142,9 +140,6 @@ class SI(QuadraticPenalty):
     def tracked_parameters(self) -> list[Tensor]:
         """The parameters whose path this SI integrates (penalties over them record what they add)."""
         return self._pset.last()
-
-    def _config(self) -> dict[str, Any]:
-        return {"c": self._c, "xi": self._xi, "clamp": self._clamp, "path_gradient": self._path_gradient}
 
     # -- path tracking ----------------------------------------------------------------------------
     def _start_tracking(self, scaler: Any) -> None:
@@ -238,9 +233,8 @@ class SI(QuadraticPenalty):
             self.previous.set([p.detach() for p in params])
         self.steps += 1
 
-    def state_bytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in self._snapshot) if self._snapshot is not None else 0
-        return super().state_bytes() + extra
+    def _cache_tensors(self) -> list[Tensor]:
+        return [*super()._cache_tensors(), *(self._snapshot or [])]
 
     # -- consolidation ----------------------------------------------------------------------------
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
