@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -309,3 +311,29 @@ def test_estimator_and_kind_errors() -> None:
         fisher_diagonal(torch.nn.Linear(4, 3), TensorDataset(torch.zeros(3, 4)), estimator="empirical")
     with pytest.raises(TypeError, match="data must be"):
         fisher_diagonal(torch.nn.Linear(4, 3), 5)
+
+
+def test_request_is_validated_once_and_every_valid_pair_has_one_objective() -> None:
+    from clreg.functional.fisher import _OBJECTIVES, FisherRequest
+
+    def loss(out, target):
+        return out.sum(1)
+
+    for estimator in ("exact", "mc", "empirical"):
+        for per_sample_loss in (None, loss):
+            try:
+                req = FisherRequest.of(None, per_sample_loss, None, estimator, 1)
+            except ValueError:
+                assert per_sample_loss is not None and estimator in ("exact", "mc")
+                continue
+            assert (req.estimator, req.per_sample_loss is not None) in _OBJECTIVES
+    assert FisherRequest.of(None, loss, None, None, 1).estimator == "empirical"
+    assert FisherRequest.of(None, None, TaskSpec(), None, 2).outputs == (OutputSpec(),)
+    with pytest.raises(ValueError, match="either spec or outputs"):
+        FisherRequest.of(OutputSpec(), None, TaskSpec(), None, 1)
+    with pytest.raises(ValueError, match="mc_samples must be an int >= 1"):
+        FisherRequest.of(None, None, None, "mc", 0)
+    with pytest.raises(ValueError, match="exact Fisher takes one softmax output"):
+        fisher_diagonal(MultiHead(), dense_data(), outputs=[OutputSpec(select="cls")] * 2, estimator="exact")
+    with pytest.raises(FrozenInstanceError):
+        FisherRequest.of(None, None, None, "mc", 1).mc_samples = 2
