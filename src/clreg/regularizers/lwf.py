@@ -166,6 +166,7 @@ class LwF(Regularizer):
             return value
         if inputs is None:
             raise ValueError("LwF needs the batch's inputs: reg(model, inputs=x, outputs=out)")
+        self._resolve(model)  # the model LwF was built on: its parameters' names and shapes are checked
         if outputs is None:
             outputs = model(inputs)
         teacher_out = self.teacher(model, inputs)
