@@ -1,14 +1,16 @@
-"""OnlineEWC takes EWC's Fisher options as they are; the options are validated once."""
+"""OnlineEWC: γ = 0 is EWC on the last task, γ decays the running Fisher; it takes EWC's Fisher options as
+they are, validated once."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import pytest
+import torch
 
 import clreg
 from clreg.regularizers.ewc import FisherOptions
-from models import MLP
+from models import MLP, classification, train_a_bit
 
 
 def test_online_ewc_passes_every_fisher_option_to_ewc() -> None:
@@ -42,3 +44,23 @@ def test_fisher_options_are_frozen_and_validated() -> None:
         clreg.EWC(MLP(), seed="0")
     with pytest.raises(TypeError, match="progress must be callable"):
         FisherOptions(progress=3)
+
+
+def test_online_ewc_gamma_zero_is_ewc_on_last_task_and_gamma_decays() -> None:
+    torch.manual_seed(1)
+    model = MLP()
+    online = clreg.OnlineEWC(model, lam=3.0, gamma=0.0, estimator="exact")
+    decayed = clreg.OnlineEWC(model, lam=3.0, gamma=0.5, estimator="exact")
+    fishers = []
+    for t in range(2):
+        data = classification(t)
+        train_a_bit(model, data)
+        online.consolidate(model, data)
+        decayed.consolidate(model, data)
+        fishers.append(clreg.functional.fisher_diagonal(model, data, estimator="exact"))
+    last = clreg.EWC(model, lam=3.0, estimator="exact")
+    last.consolidate(model, data)
+    train_a_bit(model, classification(5))
+    torch.testing.assert_close(online(model), last(model))
+    for name, big in zip(decayed.param_names, decayed.importance.tensors):
+        torch.testing.assert_close(big, 0.5 * fishers[0][name] + fishers[1][name])

@@ -1,4 +1,5 @@
-"""``Compose``: members reached by name and by capability; attach and track without type checks."""
+"""``Compose``: the sum of its members, routed data, a round trip; members reached by name and by capability;
+attach and track without type checks."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import pytest
 import torch
 
 import clreg
-from models import MLP
+from models import MLP, classification, train_task
 
 
 def test_capabilities_are_class_attributes() -> None:
@@ -65,3 +66,26 @@ def test_a_saved_path_loads_into_the_member_found_by_capability_or_name() -> Non
     tracker.load_state_dict(first.state_dict())
     tracker.c = 0.3
     assert reg["si"].c == 0.3 and torch.equal(reg["si"].omega.tensors[0], first.omega.tensors[0])
+
+
+def test_compose_sums_routes_and_round_trips() -> None:
+    torch.manual_seed(0)
+    model = MLP()
+    reg = clreg.Compose(clreg.EWC(model, lam=2.0), clreg.LwF(model), clreg.EWC(model, lam=1.0))
+    assert reg.names == ["ewc", "lwf", "ewc_1"]
+    train_task(model, reg, classification(0, n=12))
+    x = torch.randn(3, 4)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    out = model(x)
+    total = reg(model, inputs=x, outputs=out)
+    parts = [r(model, inputs=x, outputs=out) for r in reg.members]
+    torch.testing.assert_close(total, sum(parts))
+    assert set(reg.last_values) == {"ewc", "lwf", "ewc_1"} and reg.last_values["lwf"] > 0
+    fresh = clreg.Compose(clreg.EWC(model), clreg.LwF(model), clreg.EWC(model))
+    fresh.load_state_dict(reg.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(model, inputs=x, outputs=out), total)
+    assert reg["lwf"] is reg.members[1]
+    with pytest.raises(TypeError, match="clreg regularizers"):
+        clreg.Compose(torch.nn.Linear(1, 1))
