@@ -1,9 +1,14 @@
-"""Small models for the tests."""
+"""Small models, data and references shared by the tests."""
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
+from hypothesis import strategies as st
 from torch import nn
+from torch.utils.data import TensorDataset
+
+import clreg
 
 
 class MultiHead(nn.Module):
@@ -54,4 +59,63 @@ def per_sample_grads(model: nn.Module, loss_of_sample, n: int) -> list[dict[str,
         loss = loss_of_sample(i)
         g = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         out.append({k: (torch.zeros_like(p) if gi is None else gi) for (k, p), gi in zip(params.items(), g)})
+    return out
+
+
+def classification(seed: int = 0, n: int = 16) -> TensorDataset:
+    """n samples of 4 features with labels in {0, 1, 2}."""
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def train_a_bit(model: nn.Module, data: TensorDataset, steps: int = 5) -> None:
+    """Plain SGD on the cross-entropy, no regularizer."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    x, y = data.tensors
+    for _ in range(steps):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+
+def train_task(model: nn.Module, reg: nn.Module, ds: TensorDataset, steps: int = 4, lr: float = 0.3) -> None:
+    """SGD with the regularizer in the loss (SI tracking the optimizer), then the task's consolidation."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    if isinstance(reg, clreg.SI):
+        reg.track(opt)
+    x, y = ds.tensors
+    for _ in range(steps):
+        opt.zero_grad()
+        out = model(x)
+        (F.cross_entropy(out, y) + reg(model, inputs=x, outputs=out)).backward()
+        opt.step()
+    reg.detach()
+    reg.consolidate(model, ds, clreg.TaskSpec())
+
+
+def explicit_ewc(theta, tasks, lam):
+    """(λ/2) Σ_t w_t Σ_i F_t,i (θ_i − θ*_t,i)², task by task, for ``tasks`` of (w, fisher, anchor)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for w, fisher, anchor in tasks:
+        for t, f, a in zip(theta, fisher, anchor):
+            total = total + w * (f * (t - a) ** 2).sum()
+    return lam / 2 * total
+
+
+shapes = st.lists(  # lists of small 2-d shapes, for the hypothesis tests of the penalty
+    st.tuples(st.integers(1, 4), st.integers(1, 3)), min_size=1, max_size=4
+)
+
+
+def rand_like_shapes(shapes, dtype, seed, nonneg=False, zero_frac=0.0):
+    """Seeded random tensors of ``shapes`` (nonnegative, with a fraction of exact zeros, if asked)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for s in shapes:
+        t = torch.randn(s, generator=g, dtype=torch.float64).to(dtype)
+        if nonneg:
+            t = t.abs()
+            if zero_frac:
+                t[torch.rand(s, generator=g) < zero_frac] = 0
+        out.append(t)
     return out

@@ -27,6 +27,7 @@ def run(*args: str, timeout: int = 120) -> str:
         ("lwf_multi_output.py", ["naive fine-tuning: head a", "LwF (alpha="]),
         ("replay_compose.py", ["last values: {'ewc':", "EWC + LwF + replay:     task 1"]),
         ("checkpoint_resume.py", ["restored exactly: True"]),
+        ("custom_regularizer.py", ["L2Anchor passes the clreg.testing contract"]),
     ],
 )
 def test_example_smoke(script: str, expect: list[str]) -> None:

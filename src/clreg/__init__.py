@@ -12,7 +12,17 @@ Example:
 
 from . import distributed, functional
 from ._version import __version__
-from .regularizers import EWC, MAS, SI, Compose, LwF, OnlineEWC, QuadraticPenalty, Regularizer
+from .regularizers import (
+    EWC,
+    MAS,
+    SI,
+    Compose,
+    GradientLedger,
+    LwF,
+    OnlineEWC,
+    QuadraticPenalty,
+    Regularizer,
+)
 from .replay import ReplayBuffer
 from .spec import OutputSpec, TaskSpec, select_output
 
@@ -21,6 +31,7 @@ __all__ = [
     "MAS",
     "SI",
     "Compose",
+    "GradientLedger",
     "LwF",
     "OnlineEWC",
     "OutputSpec",

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
+
+
+def tensor_bytes(tensors: Iterable[Tensor]) -> int:
+    """Bytes held by ``tensors`` (elements times element size)."""
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def buffer_key(name: str) -> str:

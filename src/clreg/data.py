@@ -15,7 +15,7 @@ iterable each rank reads at most its share (``max_samples // world``, one more o
 from __future__ import annotations
 
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,6 +31,8 @@ __all__ = [
     "iter_chunks",
     "stable_seed",
     "tree_index",
+    "tree_leaves",
+    "tree_map",
     "tree_slice",
     "tree_to",
     "tree_unsqueeze",
@@ -57,44 +59,49 @@ class Chunk:
     keys: Tensor
 
 
-def tree_to(tree: Any, device: torch.device) -> Any:
+def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
+    """``fn`` applied to every tensor in ``tree``: dicts, lists and tuples are rebuilt (a dict as a dict,
+    a list or tuple as ``type(tree)(...)``), anything else is returned unchanged.
+
+    Example:
+        >>> import torch
+        >>> tree_map(lambda t: t * 2, {"a": torch.ones(1), "b": (torch.zeros(1), "tag")})
+        {'a': tensor([2.]), 'b': (tensor([0.]), 'tag')}
+    """
     if isinstance(tree, Tensor):
-        return tree.to(device, non_blocking=True)
+        return fn(tree)
     if isinstance(tree, dict):
-        return {k: tree_to(v, device) for k, v in tree.items()}
+        return {k: tree_map(fn, v) for k, v in tree.items()}
     if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_to(v, device) for v in tree)
+        return type(tree)(tree_map(fn, v) for v in tree)
     return tree
+
+
+def tree_leaves(tree: Any) -> list[Tensor]:
+    """The tensors in ``tree``, in the order :func:`tree_map` visits them (other leaves are left out)."""
+    leaves: list[Tensor] = []
+    tree_map(leaves.append, tree)
+    return leaves
+
+
+def tree_to(tree: Any, device: torch.device) -> Any:
+    """Every tensor moved to ``device`` (non-blocking)."""
+    return tree_map(lambda t: t.to(device, non_blocking=True), tree)
 
 
 def tree_unsqueeze(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.unsqueeze(0)
-    if isinstance(tree, dict):
-        return {k: tree_unsqueeze(v) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_unsqueeze(v) for v in tree)
-    return tree
+    """Every tensor with a new leading dimension of size 1."""
+    return tree_map(lambda t: t.unsqueeze(0), tree)
 
 
 def tree_index(tree: Any, i: int) -> Any:
-    if isinstance(tree, Tensor):
-        return tree[i]
-    if isinstance(tree, dict):
-        return {k: tree_index(v, i) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_index(v, i) for v in tree)
-    return tree
+    """Every tensor indexed by ``i`` along its first dimension."""
+    return tree_map(lambda t: t[i], tree)
 
 
 def tree_slice(tree: Any, sl: slice) -> Any:
-    if isinstance(tree, Tensor):
-        return tree[sl]
-    if isinstance(tree, dict):
-        return {k: tree_slice(v, sl) for k, v in tree.items()}
-    if isinstance(tree, (list, tuple)):
-        return type(tree)(tree_slice(v, sl) for v in tree)
-    return tree
+    """Every tensor sliced by ``sl`` along its first dimension."""
+    return tree_map(lambda t: t[sl], tree)
 
 
 def batch_size_of(tree: Any) -> int:

@@ -28,7 +28,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data import batch_size_of, is_map_dataset, stable_seed, tree_index
+from ._store import tensor_bytes
+from .data import batch_size_of, is_map_dataset, stable_seed, tree_index, tree_leaves, tree_map
 from .distributed import all_gather_objects, rank_and_world
 from .regularizers.base import FORMAT_VERSION
 
@@ -38,15 +39,7 @@ _POLICIES = ("reservoir", "first")
 
 
 def _to_cpu(tree: Any) -> Any:
-    if isinstance(tree, Tensor):
-        return tree.detach().cpu().clone()
-    if isinstance(tree, dict):
-        return {k: _to_cpu(v) for k, v in tree.items()}
-    if isinstance(tree, list):
-        return [_to_cpu(v) for v in tree]
-    if isinstance(tree, tuple):
-        return tuple(_to_cpu(v) for v in tree)
-    return tree
+    return tree_map(lambda t: t.detach().cpu().clone(), tree)
 
 
 def _collate(items: list[Any]) -> Any:
@@ -207,14 +200,4 @@ class ReplayBuffer(nn.Module):
 
     def state_bytes(self) -> int:
         """Bytes of the stored tensors."""
-
-        def size(tree: Any) -> int:
-            if isinstance(tree, Tensor):
-                return tree.numel() * tree.element_size()
-            if isinstance(tree, dict):
-                return sum(size(v) for v in tree.values())
-            if isinstance(tree, (list, tuple)):
-                return sum(size(v) for v in tree)
-            return 0
-
-        return sum(size(s) for mem in self._memory.values() for s in mem)
+        return tensor_bytes(t for mem in self._memory.values() for s in mem for t in tree_leaves(s))

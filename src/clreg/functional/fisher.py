@@ -50,6 +50,7 @@ Example:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,7 +62,7 @@ from .._params import ParamSelector, unwrap_model
 from ..data import Chunk, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
-from ._per_sample import PerSampleEngine, ProgressFn, eval_mode, model_device
+from ._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
 
 __all__ = ["ESTIMATORS", "default_estimator", "fisher_diagonal"]
 
@@ -209,98 +210,18 @@ def fisher_diagonal(
             was as fast warm and twice as fast cold (see ``benchmarks/step_overhead.py``).
         progress: called as ``progress(samples_done, total_or_None)``.
     """
-    if spec is not None:
-        if outputs is not None or per_sample_loss is not None:
-            raise ValueError("give either spec or outputs/per_sample_loss, not both")
-        outputs, per_sample_loss = spec.outputs, spec.per_sample_loss
-    outs = _as_outputs(outputs)
-    estimator = estimator or default_estimator(per_sample_loss)
-    if estimator not in ESTIMATORS:
-        raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-    if not isinstance(mc_samples, int) or mc_samples < 1:
-        raise ValueError(f"mc_samples must be an int >= 1, got {mc_samples!r}")
-    if per_sample_loss is not None:
-        if estimator in ("exact", "mc"):
-            raise ValueError(
-                f"estimator {estimator!r} needs a likelihood over softmax outputs; with a per-sample loss "
-                "use 'empirical' (the empirical Fisher of that loss) or 'batched'"
-            )
-    else:
-        bad = [o.kind for o in outs if o.kind != "softmax"]
-        if bad:
-            raise ValueError(
-                f"a Fisher over {bad[0]} outputs needs a per-sample loss (TaskSpec(per_sample_loss=...)); "
-                "only softmax outputs have a built-in likelihood"
-            )
+    req = FisherRequest.of(outputs, per_sample_loss, spec, estimator, mc_samples, seed)
     inner = unwrap_model(model)
-    if estimator == "batched":
-        return _batched(inner, data, outs, per_sample_loss, params, max_samples, batch_size, progress)
-
-    if vectorize is None:
-        vectorize = estimator != "exact"
-    engine = PerSampleEngine(inner, params, vectorize=vectorize)
-    extra = None
-    k = 1
-    if estimator == "exact":
-        if len(outs) != 1:
-            raise ValueError("the exact Fisher takes one softmax output; use 'mc' for several")
-        shape = _probe_shapes(inner, data, outs)[0]
-        if len(shape) != 1:
-            raise ValueError(
-                f"the exact Fisher is for (B, C) logits; got an output of shape (B, {', '.join(map(str, shape))}): "
-                "use 'mc' for dense outputs"
-            )
-        spec0 = outs[0]
-        k = shape[0]
-
-        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
-            logp = F.log_softmax(_logits(out, spec0), dim=1)[0]
-            return logp, logp.detach().exp()
-
-    elif estimator == "mc":
-        shapes = _probe_shapes(inner, data, outs)
-        k = mc_samples
-
-        def extra(ch: Chunk) -> tuple[Tensor, ...]:
-            return tuple(_draws(seed * 7919 + j, ch.keys, mc_samples, s) for j, s in enumerate(shapes))
-
-        def objective(out: Any, target: Any, noise: Any) -> tuple[Tensor, Tensor]:
-            total: Tensor | float = 0.0
-            for o, u in zip(outs, noise):
-                z = _logits(out, o)  # (1, C, *loc)
-                labels = (z.detach() + _gumbel(u)).argmax(dim=1)  # (k, *loc): k independent draws
-                valid = None
-                if o.ignore_index is not None and target is not None:
-                    true = target_of(target, o).reshape(z.shape[:1] + z.shape[2:])
-                    valid = (true != o.ignore_index).expand_as(labels)
-                total = total + scaled_loglik_draws(z, labels, valid)
-            v = total if isinstance(total, Tensor) else torch.zeros(mc_samples)
-            return v, torch.full_like(v, 1.0 / mc_samples).detach()
-
-    elif per_sample_loss is not None:  # empirical Fisher of a loss
-
-        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
-            loss = per_sample_loss(out, target)
-            if loss.dim() != 1:
-                raise ValueError(f"per_sample_loss must return Tensor[B], got shape {tuple(loss.shape)}")
-            v = loss.reshape(1).float()
-            return v, torch.ones_like(v)
-
-    else:  # empirical with true labels
-
-        def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
-            total = 0.0
-            for o in outs:
-                total = total + scaled_loglik(_logits(out, o), target_of(target, o), o.ignore_index)
-            v = total.reshape(1)
-            return v, torch.ones_like(v)
-
+    if req.estimator == "batched":
+        return _batched(inner, data, req, params, max_samples, batch_size, progress)
+    engine = PerSampleEngine(inner, params, vectorize=req.estimator != "exact" if vectorize is None else vectorize)
+    objective = _OBJECTIVES[req.estimator, req.per_sample_loss is not None](req, inner, data)
     sums, n = engine.run(
         data,
-        objective,
+        objective.fn,
         reduce="square",
-        k=k,
-        extra=extra,
+        k=objective.k,
+        extra=objective.extra,
         chunk_size=chunk_size,
         max_samples=max_samples,
         progress=progress,
@@ -308,16 +229,166 @@ def fisher_diagonal(
     return {name: s.div_(n) for name, s in sums.items()}
 
 
+# -- the request ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FisherRequest:
+    """What a Fisher is asked of: validated once (:meth:`of`), then dispatched on the estimator."""
+
+    outputs: tuple[OutputSpec, ...]
+    per_sample_loss: PerSampleLoss | None
+    estimator: str
+    mc_samples: int
+    seed: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        outputs: OutputSpec | Sequence[OutputSpec] | None,
+        per_sample_loss: PerSampleLoss | None,
+        spec: TaskSpec | None,
+        estimator: str | None,
+        mc_samples: int,
+        seed: int = 0,
+    ) -> FisherRequest:
+        """The request of :func:`fisher_diagonal`'s arguments, or the ValueError that refuses it."""
+        if spec is not None:
+            if outputs is not None or per_sample_loss is not None:
+                raise ValueError("give either spec or outputs/per_sample_loss, not both")
+            outputs, per_sample_loss = spec.outputs, spec.per_sample_loss
+        req = cls(
+            _as_outputs(outputs), per_sample_loss, estimator or default_estimator(per_sample_loss), mc_samples, seed
+        )
+        req._check()
+        return req
+
+    def _check(self) -> None:
+        if self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {self.estimator!r}")
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"mc_samples must be an int >= 1, got {self.mc_samples!r}")
+        if self.per_sample_loss is not None:
+            if self.estimator in ("exact", "mc"):
+                raise ValueError(
+                    f"estimator {self.estimator!r} needs a likelihood over softmax outputs; with a per-sample loss "
+                    "use 'empirical' (the empirical Fisher of that loss) or 'batched'"
+                )
+            return
+        bad = [o.kind for o in self.outputs if o.kind != "softmax"]
+        if bad:
+            raise ValueError(
+                f"a Fisher over {bad[0]} outputs needs a per-sample loss (TaskSpec(per_sample_loss=...)); "
+                "only softmax outputs have a built-in likelihood"
+            )
+        if self.estimator == "exact" and len(self.outputs) != 1:
+            raise ValueError("the exact Fisher takes one softmax output; use 'mc' for several")
+
+
+# -- one objective per estimator --------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PerSampleObjective:
+    """What the per-sample engine needs: the objective, its K values per sample, the per-chunk extra."""
+
+    fn: Objective
+    k: int = 1
+    extra: Callable[[Chunk], Any] | None = None
+
+
+def _exact(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
+    r""":math:`\sum_c p_c\, g_c^2` over the C classes of one (B, C) output: K = C values, weights p."""
+    shape = _probe_shapes(model, data, req.outputs)[0]
+    if len(shape) != 1:
+        raise ValueError(
+            f"the exact Fisher is for (B, C) logits; got an output of shape (B, {', '.join(map(str, shape))}): "
+            "use 'mc' for dense outputs"
+        )
+    spec0 = req.outputs[0]
+
+    def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+        logp = F.log_softmax(_logits(out, spec0), dim=1)[0]
+        return logp, logp.detach().exp()
+
+    return PerSampleObjective(objective, k=shape[0])
+
+
+def _mc(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
+    """k labels drawn per sample (Gumbel-max, keyed by the sample), each weighted 1/k; dense outputs
+    draw independently per location."""
+    shapes = _probe_shapes(model, data, req.outputs)
+    outs, seed, k = req.outputs, req.seed, req.mc_samples
+
+    def extra(ch: Chunk) -> tuple[Tensor, ...]:
+        return tuple(_draws(seed * 7919 + j, ch.keys, k, s) for j, s in enumerate(shapes))
+
+    def objective(out: Any, target: Any, noise: Any) -> tuple[Tensor, Tensor]:
+        total: Tensor | float = 0.0
+        for o, u in zip(outs, noise):
+            z = _logits(out, o)  # (1, C, *loc)
+            labels = (z.detach() + _gumbel(u)).argmax(dim=1)  # (k, *loc): k independent draws
+            valid = None
+            if o.ignore_index is not None and target is not None:
+                true = target_of(target, o).reshape(z.shape[:1] + z.shape[2:])
+                valid = (true != o.ignore_index).expand_as(labels)
+            total = total + scaled_loglik_draws(z, labels, valid)
+        v = total if isinstance(total, Tensor) else torch.zeros(k)
+        return v, torch.full_like(v, 1.0 / k).detach()
+
+    return PerSampleObjective(objective, k=k, extra=extra)
+
+
+def _empirical_labels(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
+    """The log-likelihood of the true labels, summed over the outputs."""
+    outs = req.outputs
+
+    def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+        total = 0.0
+        for o in outs:
+            total = total + scaled_loglik(_logits(out, o), target_of(target, o), o.ignore_index)
+        v = total.reshape(1)
+        return v, torch.ones_like(v)
+
+    return PerSampleObjective(objective)
+
+
+def _empirical_loss(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
+    """The per-sample loss, as a negative log-likelihood: the empirical Fisher of that loss."""
+    per_sample_loss: PerSampleLoss = req.per_sample_loss  # type: ignore[assignment]  # the table's key
+
+    def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
+        loss = per_sample_loss(out, target)
+        if loss.dim() != 1:
+            raise ValueError(f"per_sample_loss must return Tensor[B], got shape {tuple(loss.shape)}")
+        v = loss.reshape(1).float()
+        return v, torch.ones_like(v)
+
+    return PerSampleObjective(objective)
+
+
+_OBJECTIVES: dict[tuple[str, bool], Callable[[FisherRequest, nn.Module, Any], PerSampleObjective]] = {
+    ("exact", False): _exact,
+    ("mc", False): _mc,
+    ("empirical", False): _empirical_labels,
+    ("empirical", True): _empirical_loss,
+}
+"""(estimator, whether a per-sample loss is given) → the objective's builder; ``batched`` runs apart."""
+
+
+# -- batched ----------------------------------------------------------------------------------------
+
+
 def _batched(
     model: nn.Module,
     data: Any,
-    outs: Sequence[OutputSpec],
-    per_sample_loss: Callable | None,
+    req: FisherRequest,
     params: ParamSelector,
     max_samples: int | None,
     batch_size: int,
     progress: ProgressFn | None,
 ) -> dict[str, Tensor]:
+    """The mean over batches of the squared gradient of the batch-mean loss (true labels)."""
     engine = PerSampleEngine(model, params)
     names = list(engine.selected)
     plist = [engine.selected[n] for n in names]
@@ -330,20 +401,7 @@ def _batched(
         for ch in iter_chunks(data, chunk, max_samples):
             x, y = tree_to(ch.inputs, device), tree_to(ch.targets, device)
             with torch.enable_grad():
-                out = model(x)
-                if per_sample_loss is not None:
-                    loss = per_sample_loss(out, y).float().mean()
-                else:
-                    loss = 0.0
-                    for o in outs:
-                        z = _logits(out, o)
-                        lab = target_of(y, o).reshape(z.shape[:1] + z.shape[2:]).long()
-                        ign = -100 if o.ignore_index is None else o.ignore_index
-                        nll = F.cross_entropy(z, lab, ignore_index=ign, reduction="none")
-                        if nll.dim() > 1:  # dense: the pixel mean per sample, then the batch mean
-                            valid = (lab != ign).flatten(1).sum(1).clamp(min=1)
-                            nll = nll.flatten(1).sum(1) / valid
-                        loss = loss + nll.mean()
+                loss = _batch_loss(model(x), y, req)
                 grads = torch.autograd.grad(loss, plist, allow_unused=True)
             for name, g in zip(names, grads):
                 if g is not None:
@@ -357,3 +415,21 @@ def _batched(
     if nb == 0:
         raise ValueError("the data gave no batches: cannot estimate a Fisher from empty data")
     return {engine.canon[name]: s.div_(nb) for name, s in sums.items()}
+
+
+def _batch_loss(out: Any, y: Any, req: FisherRequest) -> Tensor:
+    """The batch-mean loss: the per-sample loss, or the true labels' negative log-likelihood (dense
+    outputs: the pixel mean per sample, then the batch mean)."""
+    if req.per_sample_loss is not None:
+        return req.per_sample_loss(out, y).float().mean()
+    loss = 0.0
+    for o in req.outputs:
+        z = _logits(out, o)
+        lab = target_of(y, o).reshape(z.shape[:1] + z.shape[2:]).long()
+        ign = -100 if o.ignore_index is None else o.ignore_index
+        nll = F.cross_entropy(z, lab, ignore_index=ign, reduction="none")
+        if nll.dim() > 1:
+            valid = (lab != ign).flatten(1).sum(1).clamp(min=1)
+            nll = nll.flatten(1).sum(1) / valid
+        loss = loss + nll.mean()
+    return loss

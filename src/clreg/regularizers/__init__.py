@@ -3,10 +3,11 @@
 from .base import Regularizer
 from .compose import Compose
 from .ewc import EWC
+from .ledger import GradientLedger
 from .lwf import LwF
 from .mas import MAS
 from .online_ewc import OnlineEWC
 from .quadratic import QuadraticPenalty
 from .si import SI
 
-__all__ = ["EWC", "MAS", "SI", "Compose", "LwF", "OnlineEWC", "QuadraticPenalty", "Regularizer"]
+__all__ = ["EWC", "MAS", "SI", "Compose", "GradientLedger", "LwF", "OnlineEWC", "QuadraticPenalty", "Regularizer"]

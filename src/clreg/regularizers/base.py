@@ -4,18 +4,23 @@ from __future__ import annotations
 
 import abc
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector, ParamSet
+from .._store import TensorStore, tensor_bytes
 from ..spec import TaskSpec
+from .ledger import GradientLedger
 
-__all__ = ["FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
+__all__ = ["CAPABILITIES", "FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
 
 FORMAT_VERSION = 1
+
+CAPABILITIES = ("attachable", "tracks_path")
+"""The class attributes that say what a regularizer can do on an optimizer's steps."""
 
 
 def check_range(name: str, value: float, low: float = 0.0, high: float = math.inf, low_open: bool = False) -> float:
@@ -47,24 +52,40 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
     * ``reg(model, inputs=..., outputs=...)`` returns a scalar tensor to add to the task loss (a zero
       tensor before the first consolidation);
     * ``reg.consolidate(model, data, spec)`` at the end of a task;
-    * ``reg.attach(optimizer)`` (optional) applies the penalty's gradient on the optimizer's steps.
+    * ``reg.attach(optimizer, scaler=None)`` applies the penalty's gradient on the optimizer's steps,
+      where the class says it can (``attachable``);
+    * ``reg.track(optimizer, scaler=None)`` follows the optimizer's path (what SI integrates), where
+      the class says it can (``tracks_path``).
+
+    The two capabilities are class attributes, so a caller asks for them without naming a class
+    (``Compose.members_that("tracks_path")``).
 
     State lives in buffers with a format version: ``state_dict()`` of one instance loads with
     ``strict=True`` into a fresh instance built on the same model. The user's model is never held as
-    a submodule.
+    a submodule. A subclass declares its state once, with :meth:`add_state`, its saved
+    hyperparameters in ``hyperparameters`` (read and written through its properties, so a loaded
+    value is validated like a new one), and the tensors it derives from the state and keeps across
+    steps in :meth:`_cache_tensors`; :meth:`state_bytes` counts both.
     """
 
     format_version: ClassVar[int] = FORMAT_VERSION
+    attachable: ClassVar[bool] = False
+    """True where :meth:`attach` can apply the penalty's gradient from an optimizer hook (a closed form)."""
+    tracks_path: ClassVar[bool] = False
+    """True where :meth:`track` follows an optimizer's steps (SI's path integral)."""
+    hyperparameters: ClassVar[tuple[str, ...]] = ()
+    """The attributes saved with the state (``get_extra_state()["config"]``), in this order."""
 
     def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
         super().__init__()
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected the model (an nn.Module), got {type(model).__name__}")
         self._pset = ParamSet(model, params)
-        self.register_buffer("n_tasks", torch.zeros((), dtype=torch.int64))
+        self.add_state("n_tasks", torch.zeros((), dtype=torch.int64))
         self._n_tasks_py = 0
         self._handles: list[Any] = []
         self.last_value: Tensor = torch.zeros(())
+        self._ledger = GradientLedger()
 
     # -- parameters -------------------------------------------------------------------------------
     @property
@@ -85,6 +106,23 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         self.n_tasks += 1
         self._n_tasks_py = int(self.n_tasks)
 
+    @property
+    def ledger(self) -> GradientLedger:
+        """The :class:`~clreg.GradientLedger` through which penalties tell SI what they added to ``.grad``
+        (a fresh one per regularizer; :class:`~clreg.Compose` gives its members one). Set the same
+        ledger on regularizers built apart to make them share it."""
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: GradientLedger) -> None:
+        if not isinstance(ledger, GradientLedger):
+            raise TypeError(f"ledger must be a clreg.GradientLedger, got {type(ledger).__name__}")
+        old, self._ledger = self._ledger, ledger
+        self._ledger_changed(old)
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        """Hook for subclasses: the ledger was replaced (``old`` is the previous one)."""
+
     # -- the interface ----------------------------------------------------------------------------
     @abc.abstractmethod
     def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
@@ -101,10 +139,15 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
 
     _attached = False
 
-    def attach(self, optimizer: torch.optim.Optimizer) -> Regularizer:
-        """Apply this regularizer on ``optimizer``'s steps. Regularizers without a closed-form
-        gradient (LwF) cannot be attached."""
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
+        """Apply this regularizer on ``optimizer``'s steps (where ``attachable``; ``scaler``, a
+        GradScaler, matters to those that also track the path). Regularizers without a closed-form
+        gradient (LwF) cannot be attached: a TypeError."""
         raise TypeError(f"{type(self).__name__} has no closed-form gradient and cannot be attached")
+
+    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
+        """Follow ``optimizer``'s steps for a path integral (where ``tracks_path``; else a TypeError)."""
+        raise TypeError(f"{type(self).__name__} does not track an optimizer's path")
 
     def detach(self) -> None:
         """Remove the optimizer hooks added by :meth:`attach`."""
@@ -124,13 +167,49 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         return mask
 
     # -- state ------------------------------------------------------------------------------------
+    def add_state(
+        self, name: str, default: Tensor | Mapping[str, Tensor] | None = None, *, per_parameter: bool = False
+    ) -> None:
+        """Declare a piece of state, saved in ``state_dict`` and moved by ``.to()``.
+
+        * ``per_parameter=True``: a :class:`~clreg._store.TensorStore` with one buffer per selected
+          parameter, zeros in the state dtype (the wider of float32 and the parameter's dtype) on the
+          parameters' device, read as ``self.<name>.tensors``;
+        * ``default`` a mapping name → tensor: a store of those tensors as given (state over other
+          tensors than the selected parameters, such as LwF's teacher);
+        * ``default`` a tensor: a plain buffer, put on the parameters' device.
+        """
+        device = self._pset.last()[0].device
+        if per_parameter:
+            if default is not None:
+                raise TypeError(f"a per-parameter state starts at zero: give no default for {name!r}")
+            self.add_module(name, TensorStore(self._pset.names, self._pset.zeros(device)))
+        elif isinstance(default, Mapping):
+            self.add_module(name, TensorStore(list(default), list(default.values())))
+        elif isinstance(default, Tensor):
+            self.register_buffer(name, default.to(device))
+        else:
+            raise TypeError(f"state {name!r} needs a tensor or a mapping of tensors, got {type(default).__name__}")
+
     def _config(self) -> dict[str, Any]:
-        """Hyperparameters saved with the state (plain data)."""
-        return {}
+        """Hyperparameters saved with the state (plain data): ``hyperparameters``, read."""
+        return {name: getattr(self, name) for name in self.hyperparameters}
 
     def _set_config(self, config: dict[str, Any]) -> None:
-        for k, v in config.items():
-            setattr(self, k, v)
+        unknown = sorted(set(config) - set(self.hyperparameters))
+        if unknown:
+            raise ValueError(f"state has hyperparameters {unknown} that a {type(self).__name__} does not have")
+        for name in self.hyperparameters:
+            if name in config:
+                setattr(self, name, config[name])
+
+    def _cache_tensors(self) -> list[Tensor]:
+        """Hook for subclasses: tensors derived from the state and kept across steps (not saved)."""
+        return []
+
+    def state_bytes(self) -> int:
+        """Bytes of state held: every buffer plus the caches derived from it."""
+        return tensor_bytes(self.buffers()) + tensor_bytes(self._cache_tensors())
 
     def get_extra_state(self) -> dict[str, Any]:
         return {

@@ -9,6 +9,13 @@ Example:
     0.0
     >>> sorted(reg.last_values)
     ['ewc', 'lwf']
+
+Members by name or by capability, without naming a class:
+    >>> reg = clreg.Compose(clreg.EWC(model), clreg.Compose(clreg.SI(model), clreg.LwF(model)))
+    >>> [type(r).__name__ for r in reg.members_that("attachable")]
+    ['EWC', 'SI']
+    >>> reg.members_that("tracks_path") == [reg[1]["si"]]
+    True
 """
 
 from __future__ import annotations
@@ -19,7 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from ..spec import TaskSpec
-from .base import Regularizer
+from .base import CAPABILITIES, Regularizer
+from .ledger import GradientLedger
 
 __all__ = ["Compose"]
 
@@ -27,7 +35,17 @@ __all__ = ["Compose"]
 class Compose(nn.Module):
     """The sum of its members: ``forward`` adds their values, ``consolidate`` hands each the same data
     and spec, ``attach`` attaches those that can be, and ``last_values`` holds each member's last
-    value (for logging), keyed by its lower-case class name (``ewc``, ``lwf``, ``ewc_1`` …)."""
+    value (for logging), keyed by its lower-case class name (``ewc``, ``lwf``, ``ewc_1`` …).
+
+    The members share one :class:`~clreg.GradientLedger` (the first member's, given at construction
+    to every member, nested ``Compose`` included), so an SI member's path excludes exactly what the
+    other members' penalties add to ``.grad``. ``compose.ledger = ...`` gives all of them another one.
+
+    A member is reached by name (``reg["si"]``; the names are in ``reg.names``) or by what it can do:
+    ``reg.members_that("tracks_path")`` (the members that follow an optimizer's path, SI) or
+    ``reg.members_that("attachable")`` (those with a closed-form gradient), so a caller never needs
+    to import a regularizer class to find one. ``members`` holds the members as given.
+    """
 
     def __init__(self, *regularizers: Regularizer) -> None:
         super().__init__()
@@ -44,8 +62,23 @@ class Compose(nn.Module):
             while name in self.names:
                 name, k = f"{base}_{k}", k + 1
             self.names.append(name)
+        self.ledger = regularizers[0].ledger
+
+    @property
+    def ledger(self) -> GradientLedger:
+        """The ledger every member holds."""
+        return self._ledger
+
+    @ledger.setter
+    def ledger(self, ledger: GradientLedger) -> None:
+        if not isinstance(ledger, GradientLedger):
+            raise TypeError(f"ledger must be a clreg.GradientLedger, got {type(ledger).__name__}")
+        self._ledger = ledger
+        for r in self.members:
+            r.ledger = ledger
 
     def __getitem__(self, key: int | str) -> Regularizer:
+        """A member by position or by name (``reg["si"]``, see :attr:`names`)."""
         if isinstance(key, str):
             return self.members[self.names.index(key)]  # type: ignore[return-value]
         return self.members[key]  # type: ignore[return-value]
@@ -67,21 +100,42 @@ class Compose(nn.Module):
         """Each member's last value, as floats."""
         return {n: float(r.last_value) for n, r in zip(self.names, self.members)}
 
+    def state_bytes(self) -> int:
+        """The members' :meth:`~clreg.Regularizer.state_bytes`, summed."""
+        return sum(r.state_bytes() for r in self.members)
+
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         for r in self.members:
             r.consolidate(model, data, spec)
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
-        """Attach every member with a closed-form gradient; LwF stays in the autograd mode.
-        ``scaler`` goes to SI members (see :meth:`clreg.SI.attach`)."""
-        from .lwf import LwF
-        from .si import SI
-
+    def members_that(self, capability: str) -> list[Regularizer]:
+        """The members (nested ``Compose`` looked through, in order) whose class has ``capability``,
+        one of :data:`~clreg.regularizers.base.CAPABILITIES`: ``"attachable"`` or ``"tracks_path"``."""
+        if capability not in CAPABILITIES:
+            raise ValueError(f"capability must be one of {CAPABILITIES}, got {capability!r}")
+        found: list[Regularizer] = []
         for r in self.members:
-            if isinstance(r, (SI, Compose)):
-                r.attach(optimizer, scaler=scaler)
-            elif not isinstance(r, LwF):
-                r.attach(optimizer)
+            if isinstance(r, Compose):
+                found += r.members_that(capability)
+            elif getattr(type(r), capability):
+                found.append(r)
+        return found
+
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
+        """Attach every ``attachable`` member (LwF stays in the autograd mode); ``scaler`` goes to
+        each (see :meth:`clreg.SI.attach`)."""
+        for r in self.members_that("attachable"):
+            r.attach(optimizer, scaler=scaler)
+        return self
+
+    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
+        """Path tracking alone (:meth:`clreg.SI.track`) for every member that ``tracks_path``; a
+        ValueError when none does."""
+        trackers = self.members_that("tracks_path")
+        if not trackers:
+            raise ValueError(f"no member of this Compose tracks an optimizer's path (members: {self.names})")
+        for r in trackers:
+            r.track(optimizer, scaler=scaler)
         return self
 
     def detach(self) -> None:

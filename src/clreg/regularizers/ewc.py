@@ -23,44 +23,55 @@ Example:
 from __future__ import annotations
 
 import logging
-from typing import Any
+import operator
+from dataclasses import dataclass
+from typing import Any, TypedDict
 
 from torch import nn
 
 from .._params import ParamSelector
+from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
 from ..functional.fisher import ESTIMATORS, default_estimator, fisher_diagonal
 from ..spec import TaskSpec
 from .base import check_finite, check_range
 from .quadratic import QuadraticPenalty
 
-__all__ = ["EWC"]
+__all__ = ["EWC", "EWCOptions", "FisherOptions"]
 
 log = logging.getLogger("clreg")
 
 
+@dataclass(frozen=True)
 class FisherOptions:
-    """Fisher estimation settings shared by EWC and OnlineEWC."""
+    """How EWC and OnlineEWC estimate each task's Fisher (see :func:`~clreg.functional.fisher_diagonal`);
+    validated once, at construction. The ``mc`` draws of task t are seeded by ``seed + t``."""
 
-    def __init__(
-        self,
-        estimator: str | None,
-        mc_samples: int,
-        max_samples: int | None,
-        chunk_size: int | None,
-        seed: int,
-        progress: Any,
-    ) -> None:
-        if estimator is not None and estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS} or None, got {estimator!r}")
-        self.estimator = estimator
-        self.mc_samples = mc_samples
-        self.max_samples = max_samples
-        self.chunk_size = chunk_size
-        self.seed = seed
-        self.progress = progress
+    estimator: str | None = None
+    mc_samples: int = 1
+    max_samples: int | None = None
+    chunk_size: int | None = None
+    seed: int = 0
+    progress: ProgressFn | None = None
+
+    def __post_init__(self) -> None:
+        if self.estimator is not None and self.estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS} or None, got {self.estimator!r}")
+        if not isinstance(self.mc_samples, int) or self.mc_samples < 1:
+            raise ValueError(f"mc_samples must be an int >= 1, got {self.mc_samples!r}")
+        for name in ("max_samples", "chunk_size"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an int >= 1 or None, got {value!r}")
+        try:
+            operator.index(self.seed)
+        except TypeError as err:
+            raise TypeError(f"seed must be an int, got {type(self.seed).__name__}") from err
+        if self.progress is not None and not callable(self.progress):
+            raise TypeError(f"progress must be callable or None, got {type(self.progress).__name__}")
 
     def fisher(self, owner: str, names: list[str], model: nn.Module, data: Any, spec: TaskSpec, task: int) -> dict:
+        """Task ``task``'s Fisher of ``model`` on ``data`` over the parameters ``names``, checked finite."""
         if data is None:
             raise ValueError(f"{owner}.consolidate needs the task's data to estimate a Fisher")
         est = self.estimator or default_estimator(spec.per_sample_loss)
@@ -82,6 +93,18 @@ class FisherOptions:
         return fisher
 
 
+class EWCOptions(TypedDict, total=False):
+    """The keywords EWC takes after ``lam`` (its subclasses pass them on as ``**options``)."""
+
+    estimator: str | None
+    mc_samples: int
+    max_samples: int | None
+    chunk_size: int | None
+    seed: int
+    params: ParamSelector
+    progress: ProgressFn | None
+
+
 class EWC(QuadraticPenalty):
     """EWC over any number of past tasks at O(P) cost.
 
@@ -94,6 +117,8 @@ class EWC(QuadraticPenalty):
         params: parameter names or a predicate ``(name, param) -> bool`` (e.g. to leave out norms).
     """
 
+    hyperparameters = ("lam",)
+
     def __init__(
         self,
         model: nn.Module,
@@ -105,7 +130,7 @@ class EWC(QuadraticPenalty):
         chunk_size: int | None = None,
         seed: int = 0,
         params: ParamSelector = None,
-        progress: Any = None,
+        progress: ProgressFn | None = None,
     ) -> None:
         super().__init__(model, params)
         self.lam = lam
@@ -122,9 +147,6 @@ class EWC(QuadraticPenalty):
     @property
     def scale(self) -> float:
         return self._lam / 2.0
-
-    def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam}
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """Estimate this task's Fisher on ``data`` and fold it, weighted by ``spec.weight``, in."""

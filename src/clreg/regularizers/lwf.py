@@ -34,13 +34,14 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from .._params import ParamSelector, canonical_name, unwrap_model
-from .._store import TensorStore
 from ..functional._per_sample import eval_mode
 from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from ..spec import OutputSpec, TaskSpec, select_output, select_tensor
 from .base import Regularizer, check_range
 
 __all__ = ["LwF"]
+
+_OUTPUT_KEYS = ("task_outputs", "task_outputs_callable")
 
 
 class LwF(Regularizer):
@@ -53,7 +54,13 @@ class LwF(Regularizer):
         t_squared: multiply softmax terms by T² (Hinton et al., 2015), keeping gradient scale.
         outputs: the outputs to distil; default: those of the consolidated tasks' specs.
         eps: the floor of Σw for weighted regression outputs.
+
+    State: ``teacher_params`` and ``teacher_buffers``, every parameter and buffer of the model (not
+    only the selected ones: the teacher runs the whole model). The saved record holds the
+    ``hyperparameters`` and the outputs of the consolidated tasks.
     """
+
+    hyperparameters = ("temperature", "alpha", "t_squared")
 
     def __init__(
         self,
@@ -77,13 +84,8 @@ class LwF(Regularizer):
         named_b = [(n, b) for n, b in inner.named_buffers()]
         self._p_names = [n for n, _ in named_p]
         self._b_names = [n for n, _ in named_b]
-        self.teacher_params = TensorStore(
-            [canonical_name(n) for n in self._p_names], [torch.zeros_like(p.detach()) for _, p in named_p]
-        )
-        self.teacher_buffers = TensorStore(
-            [canonical_name(n) for n in self._b_names], [torch.zeros_like(b) for _, b in named_b]
-        )
-        self.n_tasks = self.n_tasks.to(named_p[0][1].device)
+        self.add_state("teacher_params", {canonical_name(n): torch.zeros_like(p.detach()) for n, p in named_p})
+        self.add_state("teacher_buffers", {canonical_name(n): torch.zeros_like(b) for n, b in named_b})
 
     @property
     def temperature(self) -> float:
@@ -111,17 +113,13 @@ class LwF(Regularizer):
     def _config(self) -> dict[str, Any]:
         cfgs = [o.to_config() for o in self._task_outputs]
         return {
-            "temperature": self._temperature,
-            "alpha": self._alpha,
-            "t_squared": self.t_squared,
+            **super()._config(),
             "task_outputs": [c for c in cfgs if c is not None],
             "task_outputs_callable": sum(c is None for c in cfgs),
         }
 
     def _set_config(self, config: dict[str, Any]) -> None:
-        self.temperature = config["temperature"]
-        self.alpha = config["alpha"]
-        self.t_squared = config["t_squared"]
+        super()._set_config({k: v for k, v in config.items() if k not in _OUTPUT_KEYS})
         if config.get("task_outputs_callable") and self._fixed_outputs is None:
             raise ValueError(
                 "this LwF state distils outputs chosen by callables, which a checkpoint cannot hold: "
@@ -168,6 +166,7 @@ class LwF(Regularizer):
             return value
         if inputs is None:
             raise ValueError("LwF needs the batch's inputs: reg(model, inputs=x, outputs=out)")
+        self._resolve(model)  # the model LwF was built on: its parameters' names and shapes are checked
         if outputs is None:
             outputs = model(inputs)
         teacher_out = self.teacher(model, inputs)
@@ -192,6 +191,3 @@ class LwF(Regularizer):
                 raise ValueError(f"LwF weight for output {o.select!r} must be a Tensor, got {type(w).__name__}")
             weight = w
         return regression_distillation(s, t, weight=weight, channels=o.channels, norm=o.norm, eps=self.eps)
-
-    def state_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for b in self.buffers())

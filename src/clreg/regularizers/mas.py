@@ -37,6 +37,8 @@ __all__ = ["MAS"]
 class MAS(QuadraticPenalty):
     """MAS: label-free importance from the output norm's gradient."""
 
+    hyperparameters = ("lam", "normalize")
+
     def __init__(
         self,
         model: nn.Module,
@@ -50,7 +52,7 @@ class MAS(QuadraticPenalty):
     ) -> None:
         super().__init__(model, params)
         self.lam = lam
-        self.normalize = bool(normalize)
+        self.normalize = normalize
         self.max_samples, self.chunk_size, self.progress = max_samples, chunk_size, progress
 
     @property
@@ -65,8 +67,14 @@ class MAS(QuadraticPenalty):
     def scale(self) -> float:
         return self._lam
 
-    def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam, "normalize": self.normalize}
+    @property
+    def normalize(self) -> bool:
+        """Average ‖f‖² over output elements instead of summing (see :func:`~clreg.functional.mas_importance`)."""
+        return self._normalize
+
+    @normalize.setter
+    def normalize(self, value: bool) -> None:
+        self._normalize = bool(value)
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """Ω += w·MAS importance on ``data`` (of ``spec.outputs``, or the whole output); θ* ← θ."""
@@ -78,7 +86,7 @@ class MAS(QuadraticPenalty):
             model,
             data,
             outputs=spec.outputs,
-            normalize=self.normalize,
+            normalize=self._normalize,
             params=self._pset.names,
             max_samples=self.max_samples,
             chunk_size=self.chunk_size,

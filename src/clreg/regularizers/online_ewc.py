@@ -19,15 +19,17 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .._params import ParamSelector
 from ..spec import TaskSpec
 from .base import check_range
-from .ewc import EWC
+from .ewc import EWC, EWCOptions
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 __all__ = ["OnlineEWC"]
 
@@ -35,31 +37,10 @@ __all__ = ["OnlineEWC"]
 class OnlineEWC(EWC):
     """EWC with one running Fisher decayed by γ and one anchor. Arguments as :class:`EWC`, plus γ."""
 
-    def __init__(
-        self,
-        model: nn.Module,
-        lam: float = 1.0,
-        gamma: float = 1.0,
-        *,
-        estimator: str | None = None,
-        mc_samples: int = 1,
-        max_samples: int | None = None,
-        chunk_size: int | None = None,
-        seed: int = 0,
-        params: ParamSelector = None,
-        progress: Any = None,
-    ) -> None:
-        super().__init__(
-            model,
-            lam,
-            estimator=estimator,
-            mc_samples=mc_samples,
-            max_samples=max_samples,
-            chunk_size=chunk_size,
-            seed=seed,
-            params=params,
-            progress=progress,
-        )
+    hyperparameters = ("lam", "gamma")
+
+    def __init__(self, model: nn.Module, lam: float = 1.0, gamma: float = 1.0, **options: Unpack[EWCOptions]) -> None:
+        super().__init__(model, lam, **options)
         self.gamma = gamma
 
     @property
@@ -69,9 +50,6 @@ class OnlineEWC(EWC):
     @gamma.setter
     def gamma(self, value: float) -> None:
         self._gamma = check_range("gamma", value, 0.0, 1.0)
-
-    def _config(self) -> dict[str, Any]:
-        return {"lam": self._lam, "gamma": self._gamma}
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """F* ← γ F* + w F_t and θ* ← θ."""

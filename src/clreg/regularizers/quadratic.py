@@ -23,15 +23,14 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._store import TensorStore
 from ..functional.penalty import (
     add_quadratic_penalty_grad_,
     quadratic_penalty,
     quadratic_penalty_grad,
     quadratic_penalty_value,
 )
-from . import _ledger
 from .base import Regularizer
+from .ledger import GradientLedger
 
 __all__ = ["QuadraticPenalty"]
 
@@ -39,22 +38,24 @@ __all__ = ["QuadraticPenalty"]
 class QuadraticPenalty(Regularizer):
     """A penalty s [Σ A (θ − m)² + C] with buffers ``importance`` (A), ``anchor`` (m), ``offset`` (C)."""
 
+    attachable = True
+
     def __init__(self, model: nn.Module, params: ParamSelector = None) -> None:
         super().__init__(model, params)
-        names = self._pset.names
-        device = self._pset.last()[0].device
-        self.importance = TensorStore(names, self._pset.zeros(device))
-        self.anchor = TensorStore(names, self._pset.zeros(device))
-        self.register_buffer("offset", torch.zeros((), dtype=torch.float64, device=device))
-        self.n_tasks = self.n_tasks.to(device)
+        self.add_state("importance", per_parameter=True)
+        self.add_state("anchor", per_parameter=True)
+        self.add_state("offset", torch.zeros((), dtype=torch.float64))
         self._weighted_anchor: list[Tensor] | None = None
         self._sqrt: list[Tensor] | None = None
-        self._recording = _ledger.Switch()
+        self._recording = self.ledger.switch()
 
     @property
     @abc.abstractmethod
     def scale(self) -> float:
         """The factor s in front of the quadratic (λ/2 for EWC, c for SI, λ for MAS)."""
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        self._recording = self.ledger.switch()
 
     # -- caches -----------------------------------------------------------------------------------
     def _state_changed(self) -> None:
@@ -102,15 +103,16 @@ class QuadraticPenalty(Regularizer):
                         self.anchor.tensors,
                         self.scale,
                         self.offset.to(self.importance.tensors[0].dtype),
-                        recorder=_ledger.record_scaled if self._recording(params) else None,
+                        recorder=self.ledger.record_scaled if self._recording(params) else None,
                         sqrt_importance=self.sqrt_importance(),
                     )
         self.last_value = value.detach()
         return value
 
     # -- attached mode ----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer) -> QuadraticPenalty:
-        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``."""
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> QuadraticPenalty:
+        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``
+        (``scaler`` is not needed: the pre-hook runs after GradScaler's unscale)."""
         if self.attached:
             raise ValueError(f"{type(self).__name__} is already attached; call detach() first")
         params = self._pset.last()
@@ -137,7 +139,7 @@ class QuadraticPenalty(Regularizer):
         if record:
             added = quadratic_penalty_grad(ps, imp, self._subset(self.anchor.tensors, idx), self.scale)
             torch._foreach_add_(grads, added)
-            _ledger.record_unscaled(ps, added)
+            self.ledger.record_unscaled(ps, added)
         else:
             add_quadratic_penalty_grad_(grads, ps, imp, self._subset(self.weighted_anchor(), idx), self.scale)
 
@@ -148,8 +150,5 @@ class QuadraticPenalty(Regularizer):
         if targets is not None:
             self._add_penalty_grad(*targets, record=self._recording(self._pset.last()))
 
-    def state_bytes(self) -> int:
-        """Bytes of state held (saved buffers plus caches)."""
-        total = sum(b.numel() * b.element_size() for b in self.buffers())
-        caches = [self._weighted_anchor or [], self._sqrt or []]
-        return total + sum(t.numel() * t.element_size() for c in caches for t in c)
+    def _cache_tensors(self) -> list[Tensor]:
+        return [*(self._weighted_anchor or []), *(self._sqrt or [])]

@@ -16,10 +16,13 @@ The path needs every step's gradient and parameter change. Three ways to give th
 * autograd mode with an explicit ``si.update(model)`` after each ``optimizer.step()``.
 
 The gradient in the path is, by default (``path_gradient="task"``), the gradient at hand minus exactly
-what clreg's quadratic penalties (EWC, OnlineEWC, MAS, SI) added to it; ``"total"`` keeps the total.
-With a GradScaler in autograd mode pass it (``track(optimizer, scaler=...)``) so the penalties'
-recorded gradients are unscaled like ``.grad``. A user's clipping of ``.grad`` is not undone, and LwF's
-gradient (not closed-form) is not subtracted.
+what the quadratic penalties (EWC, OnlineEWC, MAS, SI itself) that share SI's
+:class:`~clreg.GradientLedger` added to it; ``"total"`` keeps the total. SI registers as a tracker of
+its ledger (``si.ledger``); the members of one :class:`~clreg.Compose` share a ledger, and regularizers
+built apart share one when the same ledger is set on each (``ewc.ledger = si.ledger``). A penalty with
+another ledger is not subtracted: its gradient is in the path. With a GradScaler in autograd mode pass
+it (``track(optimizer, scaler=...)``) so the penalties' recorded gradients are unscaled like ``.grad``.
+A user's clipping of ``.grad`` is not undone, and LwF's gradient (not closed-form) is not subtracted.
 
 Example:
     >>> import torch, clreg
@@ -41,11 +44,10 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._store import TensorStore
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
-from . import _ledger
 from .base import check_finite, check_range
+from .ledger import GradientLedger
 from .quadratic import QuadraticPenalty
 
 __all__ = ["SI"]
@@ -57,6 +59,9 @@ class SI(QuadraticPenalty):
     Buffers: ``importance`` (Ω), ``anchor`` (θ* = θ_start), ``omega`` (the running path integral ω),
     ``previous`` (θ after the last tracked step) and ``steps`` (tracked steps since consolidation).
     """
+
+    tracks_path = True
+    hyperparameters = ("c", "xi", "clamp", "path_gradient")
 
     def __init__(
         self,
@@ -70,14 +75,12 @@ class SI(QuadraticPenalty):
     ) -> None:
         super().__init__(model, params)
         self.c, self.xi, self.clamp, self.path_gradient = c, xi, clamp, path_gradient
-        params_now = self._pset.last()
-        device = params_now[0].device
-        self.omega = TensorStore(self._pset.names, self._pset.zeros(device))
-        self.previous = TensorStore(
-            self._pset.names, [p.detach().to(a.dtype, copy=True) for p, a in zip(params_now, self.omega.tensors)]
-        )
-        self.anchor.set([p.detach() for p in params_now])
-        self.register_buffer("steps", torch.zeros((), dtype=torch.int64, device=device))
+        self.add_state("omega", per_parameter=True)
+        self.add_state("previous", per_parameter=True)
+        self.add_state("steps", torch.zeros((), dtype=torch.int64))
+        params_now = [p.detach() for p in self._pset.last()]
+        self.previous.set(params_now)
+        self.anchor.set(params_now)
         self._tracking = False
         self._scaler: Any = None
 
@@ -117,7 +120,18 @@ class SI(QuadraticPenalty):
         if value not in ("task", "total"):
             raise ValueError(f"path_gradient must be 'task' or 'total', got {value!r}")
         self._path_gradient = value
-        _ledger.want(self, value == "task")
+        self._register_with_ledger()
+
+    def _register_with_ledger(self) -> None:
+        if self._path_gradient == "task":
+            self.ledger.register(self)
+        else:
+            self.ledger.unregister(self)
+
+    def _ledger_changed(self, old: GradientLedger) -> None:
+        old.unregister(self)
+        self._register_with_ledger()
+        super()._ledger_changed(old)
 
     @property
     def scale(self) -> float:
@@ -127,9 +141,6 @@ class SI(QuadraticPenalty):
         """The parameters whose path this SI integrates (penalties over them record what they add)."""
         return self._pset.last()
 
-    def _config(self) -> dict[str, Any]:
-        return {"c": self._c, "xi": self._xi, "clamp": self._clamp, "path_gradient": self._path_gradient}
-
     # -- path tracking ----------------------------------------------------------------------------
     def _start_tracking(self, scaler: Any) -> None:
         if self._tracking:
@@ -137,7 +148,7 @@ class SI(QuadraticPenalty):
         self._tracking = True
         self._scaler = scaler
         self.previous.set([p.detach() for p in self._pset.last()])
-        _ledger.clear(self._pset.last())
+        self.ledger.clear(self._pset.last())
 
     def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
         """Penalty gradient before each step and path tracking after it, on ``optimizer``."""
@@ -192,7 +203,7 @@ class SI(QuadraticPenalty):
         snap = self._subset(self._snapshot, idx)
         with torch.no_grad():
             torch._foreach_copy_(snap, grads)
-            for g, a in zip(snap, _ledger.take(ps, self._loss_scale())):  # added before this hook ran
+            for g, a in zip(snap, self.ledger.take(ps, self._loss_scale())):  # added before this hook ran
                 if a is not None:
                     g.sub_(a.to(g.dtype))
             self._add_penalty_grad(idx, ps, grads, record=False)
@@ -207,11 +218,11 @@ class SI(QuadraticPenalty):
                 ps, pv, om = (self._subset(t, idx) for t in (params, prev, omega))
                 if from_snapshot:
                     grads = self._subset(self._snapshot, idx)
-                    _ledger.clear(ps)  # added after the snapshot: not in it
+                    self.ledger.clear(ps)  # added after the snapshot: not in it
                 else:
                     grads = [p.grad for p in ps]
                     if self._path_gradient == "task":
-                        added = _ledger.take(ps, self._loss_scale())
+                        added = self.ledger.take(ps, self._loss_scale())
                         if any(a is not None for a in added):
                             grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
                 if grads[0].dtype != pv[0].dtype:
@@ -222,9 +233,8 @@ class SI(QuadraticPenalty):
             self.previous.set([p.detach() for p in params])
         self.steps += 1
 
-    def state_bytes(self) -> int:
-        extra = sum(t.numel() * t.element_size() for t in self._snapshot) if self._snapshot is not None else 0
-        return super().state_bytes() + extra
+    def _cache_tensors(self) -> list[Tensor]:
+        return [*super()._cache_tensors(), *(self._snapshot or [])]
 
     # -- consolidation ----------------------------------------------------------------------------
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:

@@ -1,8 +1,11 @@
-"""Checkpoints, devices, dtypes, the two modes under GradScaler / accumulation / clipping, compile."""
+"""Checkpoints (and one written in format version 1), the bytes held, devices, dtypes, the two modes under
+GradScaler / accumulation / clipping, compile."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
+from pathlib import Path
 
 import pytest
 import torch
@@ -11,14 +14,13 @@ from torch.utils.data import TensorDataset
 
 import clreg
 from clreg import OutputSpec, TaskSpec
-from models import MLP, MultiHead
+from models import MLP, MultiHead, classification, train_task
 
 KINDS = ["ewc", "online_ewc", "si", "mas", "lwf"]
 
 
 def data(seed: int = 0, n: int = 12) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+    return classification(seed, n)
 
 
 def build(kind: str, model: torch.nn.Module) -> clreg.Regularizer:
@@ -29,20 +31,6 @@ def build(kind: str, model: torch.nn.Module) -> clreg.Regularizer:
         "mas": lambda: clreg.MAS(model, lam=4.0),
         "lwf": lambda: clreg.LwF(model, temperature=2.0, alpha=1.5),
     }[kind]()
-
-
-def train_task(model, reg, ds, steps: int = 4, lr: float = 0.3):
-    opt = torch.optim.SGD(model.parameters(), lr=lr)
-    if isinstance(reg, clreg.SI):
-        reg.track(opt)
-    x, y = ds.tensors
-    for _ in range(steps):
-        opt.zero_grad()
-        out = model(x)
-        (F.cross_entropy(out, y) + reg(model, inputs=x, outputs=out)).backward()
-        opt.step()
-    reg.detach()
-    reg.consolidate(model, ds, TaskSpec())
 
 
 def consolidated(kind: str, seed: int = 0):
@@ -274,32 +262,6 @@ def test_attached_value_is_detached_and_equal() -> None:
         clreg.LwF(model).attach(torch.optim.SGD(model.parameters(), lr=0.1))
 
 
-# -- Compose ----------------------------------------------------------------------------------------
-
-
-def test_compose_sums_routes_and_round_trips() -> None:
-    torch.manual_seed(0)
-    model = MLP()
-    reg = clreg.Compose(clreg.EWC(model, lam=2.0), clreg.LwF(model), clreg.EWC(model, lam=1.0))
-    assert reg.names == ["ewc", "lwf", "ewc_1"]
-    train_task(model, reg, data(0))
-    x = torch.randn(3, 4)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1)
-    out = model(x)
-    total = reg(model, inputs=x, outputs=out)
-    parts = [r(model, inputs=x, outputs=out) for r in reg.members]
-    torch.testing.assert_close(total, sum(parts))
-    assert set(reg.last_values) == {"ewc", "lwf", "ewc_1"} and reg.last_values["lwf"] > 0
-    fresh = clreg.Compose(clreg.EWC(model), clreg.LwF(model), clreg.EWC(model))
-    fresh.load_state_dict(reg.state_dict(), strict=True)
-    torch.testing.assert_close(fresh(model, inputs=x, outputs=out), total)
-    assert reg["lwf"] is reg.members[1]
-    with pytest.raises(TypeError, match="clreg regularizers"):
-        clreg.Compose(torch.nn.Linear(1, 1))
-
-
 # -- torch.compile ----------------------------------------------------------------------------------
 
 
@@ -327,3 +289,148 @@ def test_compiled_training_step(kind: str) -> None:
     out = compiled(x)
     eager = reg(model, inputs=x, outputs=model(x))
     torch.testing.assert_close(reg(compiled, inputs=x, outputs=out), eager, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("kind", "names"),
+    [
+        ("ewc", ["lam"]),
+        ("online_ewc", ["lam", "gamma"]),
+        ("si", ["c", "xi", "clamp", "path_gradient"]),
+        ("mas", ["lam", "normalize"]),
+        ("lwf", ["temperature", "alpha", "t_squared"]),
+    ],
+)
+def test_saved_hyperparameters_are_declared_and_validated_on_load(kind: str, names: list[str]) -> None:
+    model, reg = consolidated(kind)
+    assert list(type(reg).hyperparameters) == names
+    sd = reg.state_dict()
+    config = sd["_extra_state"]["config"]
+    assert list(config)[: len(names)] == names and all(config[n] == getattr(reg, n) for n in names)
+    bad = {**sd, "_extra_state": {**sd["_extra_state"], "config": {**config, names[0]: -1.0}}}
+    with pytest.raises(ValueError, match=f"{names[0]} must be in"):
+        build(kind, model).load_state_dict(bad)
+    unknown = {**sd, "_extra_state": {**sd["_extra_state"], "config": {**config, "beta": 1.0}}}
+    with pytest.raises(ValueError, match=r"hyperparameters \['beta'\]"):
+        build(kind, model).load_state_dict(unknown)
+
+
+# -- a checkpoint written in format version 1 --------------------------------------------------------
+
+DATA = Path(__file__).resolve().parents[1] / "data"
+
+
+def _maker():
+    spec = importlib.util.spec_from_file_location("make_state_v1", DATA / "make_state_v1.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def saved() -> dict:
+    return torch.load(DATA / "state_v1.pt", weights_only=True)
+
+
+@pytest.mark.parametrize("name", ["ewc", "online_ewc", "si", "mas", "lwf", "compose"])
+def test_version_1_state_loads_and_gives_the_saved_penalty(saved: dict, name: str) -> None:
+    model = MLP()
+    model.load_state_dict(saved["model"])
+    reg = _maker().builders(model)[name]
+    reg.load_state_dict(saved["states"][name], strict=True)
+    x = saved["inputs"]
+    value = reg(model, inputs=x, outputs=model(x))
+    torch.testing.assert_close(value.detach(), saved["values"][name], rtol=0, atol=0)
+    grads = torch.autograd.grad(value, list(model.parameters()), allow_unused=True)
+    for g, p, ref in zip(grads, model.parameters(), saved["grads"][name]):
+        torch.testing.assert_close(torch.zeros_like(p) if g is None else g, ref, rtol=0, atol=0)
+    members = reg.members if isinstance(reg, clreg.Compose) else [reg]
+    assert [m.state_bytes() for m in members] == saved["state_bytes"][name]
+    for key, t in reg.state_dict().items():
+        if isinstance(t, torch.Tensor):
+            assert torch.equal(t, saved["states"][name][key]), key
+
+
+def test_version_1_replay_buffer_loads(saved: dict) -> None:
+    buf = clreg.ReplayBuffer(1)
+    buf.load_state_dict(saved["replay"], strict=True)
+    assert buf.tasks == ["det", "cls"] and buf.capacity_per_task == 3
+    assert buf.state_bytes() == saved["replay_bytes"]
+    draw = buf.sample(4, generator=torch.Generator().manual_seed(2))
+    for task, (x, _y) in saved["replay_next"].items():
+        assert torch.equal(draw[task][0], x)
+
+
+# -- the bytes held ---------------------------------------------------------------------------------
+
+F32, I64, F64 = 4, 8, 8
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def task(n: int = 6) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def attached_step(model: torch.nn.Module, reg: clreg.Regularizer) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    reg.attach(opt)
+    x, y = task().tensors
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()
+    reg.detach()
+
+
+def test_quadratic_penalties_count_buffers_then_caches() -> None:
+    model = MLP()
+    p = n_params(model)
+    for reg in (clreg.EWC(model), clreg.OnlineEWC(model, gamma=0.5), clreg.MAS(model)):
+        held = 2 * F32 * p + F64 + I64  # importance, anchor, offset, n_tasks
+        assert reg.state_bytes() == held
+        reg.consolidate(model, task())
+        reg(model)  # the autograd value keeps √A
+        assert reg.state_bytes() == held + F32 * p
+        attached_step(model, reg)  # the attached step keeps A·m
+        assert reg.state_bytes() == held + 2 * F32 * p
+
+
+def test_si_counts_its_path_and_the_gradient_snapshot() -> None:
+    model = MLP()
+    p = n_params(model)
+    si = clreg.SI(model)
+    held = 4 * F32 * p + F64 + 2 * I64  # importance, anchor, omega, previous; offset, n_tasks, steps
+    assert si.state_bytes() == held
+    attached_step(model, si)
+    si.consolidate(model)
+    si(model)
+    assert si.state_bytes() == held + F32 * p  # √A
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    si.attach(opt)
+    x, y = task().tensors
+    opt.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    opt.step()  # an own penalty and the task path: the task gradient is kept in a snapshot
+    assert si.state_bytes() == held + 3 * F32 * p  # √A, A·m, the snapshot
+
+
+def test_lwf_counts_every_parameter_and_buffer_of_the_model() -> None:
+    model = MultiHead(width=6)
+    lwf = clreg.LwF(model)
+    lwf.consolidate(model)
+    bn = model.trunk[1]
+    buffers = F32 * (bn.running_mean.numel() + bn.running_var.numel()) + I64  # num_batches_tracked
+    assert lwf.state_bytes() == F32 * n_params(model) + buffers + I64  # + n_tasks
+
+
+def test_compose_and_replay_buffer() -> None:
+    model = MLP()
+    reg = clreg.Compose(clreg.EWC(model), clreg.LwF(model))
+    assert reg.state_bytes() == reg["ewc"].state_bytes() + reg["lwf"].state_bytes()
+    buf = clreg.ReplayBuffer(2)
+    buf.add("det", [(torch.zeros(3), {"boxes": torch.zeros(k, 4), "tag": "x"}) for k in (1, 3)])
+    buf.add("cls", [(torch.zeros(2, dtype=torch.float64), torch.tensor(1))])
+    assert buf.state_bytes() == F32 * (3 + 4 + 3 + 12) + F64 * 2 + I64

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import FrozenInstanceError
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,11 +62,8 @@ def test_empirical_equals_per_sample_loop_classification() -> None:
     close(fisher_diagonal(model, data, estimator="empirical", vectorize=False), ref)
 
 
-def test_exact_vmapped_equals_loop() -> None:
-    torch.manual_seed(2)
-    model = MLP()
-    data = classification_data()
-    x = data.tensors[0]
+def exact_fisher_loop(model: torch.nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The mean over samples of Σ_c p_c (∂ log p_c)², by a plain loop over samples and the 3 classes."""
     ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
     for i in range(len(x)):
         logp = F.log_softmax(model(x[i : i + 1]), 1)[0]
@@ -72,6 +71,14 @@ def test_exact_vmapped_equals_loop() -> None:
             g = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True)
             for (k, _), gi in zip(model.named_parameters(), g):
                 ref[k] += logp[c].exp().detach() * gi.square() / len(x)
+    return ref
+
+
+def test_exact_vmapped_equals_loop() -> None:
+    torch.manual_seed(2)
+    model = MLP()
+    data = classification_data()
+    ref = exact_fisher_loop(model, data.tensors[0])
     close(fisher_diagonal(model, data, estimator="exact"), ref)
     close(fisher_diagonal(model, data, estimator="exact", vectorize=False), ref)
 
@@ -263,15 +270,7 @@ def test_fallback_loop_warns_and_matches() -> None:
     data = classification_data()
     with pytest.warns(RuntimeWarning, match="cannot be vmapped"):
         got = fisher_diagonal(model, data, estimator="exact", vectorize=True)
-    x = data.tensors[0]
-    ref = {k: torch.zeros_like(p) for k, p in model.named_parameters()}
-    for i in range(len(x)):
-        logp = F.log_softmax(model(x[i : i + 1]), 1)[0]
-        for c in range(3):
-            gr = torch.autograd.grad(logp[c], list(model.parameters()), retain_graph=True)
-            for (k, _), gi in zip(model.named_parameters(), gr):
-                ref[k] += logp[c].exp().detach() * gi.square() / len(x)
-    close(got, ref)
+    close(got, exact_fisher_loop(model, data.tensors[0]))
 
 
 def test_params_selection_and_wrapped_model_names() -> None:
@@ -309,3 +308,29 @@ def test_estimator_and_kind_errors() -> None:
         fisher_diagonal(torch.nn.Linear(4, 3), TensorDataset(torch.zeros(3, 4)), estimator="empirical")
     with pytest.raises(TypeError, match="data must be"):
         fisher_diagonal(torch.nn.Linear(4, 3), 5)
+
+
+def test_request_is_validated_once_and_every_valid_pair_has_one_objective() -> None:
+    from clreg.functional.fisher import _OBJECTIVES, FisherRequest
+
+    def loss(out, target):
+        return out.sum(1)
+
+    for estimator in ("exact", "mc", "empirical"):
+        for per_sample_loss in (None, loss):
+            try:
+                req = FisherRequest.of(None, per_sample_loss, None, estimator, 1)
+            except ValueError:
+                assert per_sample_loss is not None and estimator in ("exact", "mc")
+                continue
+            assert (req.estimator, req.per_sample_loss is not None) in _OBJECTIVES
+    assert FisherRequest.of(None, loss, None, None, 1).estimator == "empirical"
+    assert FisherRequest.of(None, None, TaskSpec(), None, 2).outputs == (OutputSpec(),)
+    with pytest.raises(ValueError, match="either spec or outputs"):
+        FisherRequest.of(OutputSpec(), None, TaskSpec(), None, 1)
+    with pytest.raises(ValueError, match="mc_samples must be an int >= 1"):
+        FisherRequest.of(None, None, None, "mc", 0)
+    with pytest.raises(ValueError, match="exact Fisher takes one softmax output"):
+        fisher_diagonal(MultiHead(), dense_data(), outputs=[OutputSpec(select="cls")] * 2, estimator="exact")
+    with pytest.raises(FrozenInstanceError):
+        FisherRequest.of(None, None, None, "mc", 1).mc_samples = 2
