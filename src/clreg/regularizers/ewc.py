@@ -27,7 +27,7 @@ import operator
 from dataclasses import dataclass
 from typing import Any, TypedDict
 
-from torch import nn
+from torch import Tensor, nn
 
 from .._params import ParamSelector
 from ..functional._per_sample import ProgressFn
@@ -37,15 +37,27 @@ from ..spec import TaskSpec
 from .base import check_finite, check_range
 from .quadratic import QuadraticPenalty
 
-__all__ = ["EWC", "EWCOptions", "FisherOptions"]
+__all__ = ["EWC", "NORMALIZATIONS", "EWCOptions", "FisherOptions", "normalized"]
 
 log = logging.getLogger("clreg")
 
 
+NORMALIZATIONS = (None, "mean")
+
+
 @dataclass(frozen=True)
 class FisherOptions:
-    """How EWC and OnlineEWC estimate each task's Fisher (see :func:`~clreg.functional.fisher_diagonal`);
-    validated once, at construction. The ``mc`` draws of task t are seeded by ``seed + t``."""
+    r"""How EWC and OnlineEWC estimate each task's Fisher (see :func:`~clreg.functional.fisher_diagonal`);
+    validated once, at construction. The ``mc`` draws of task t are seeded by ``seed + t``.
+
+    ``normalize="mean"`` divides each task's Fisher by its mean over every selected entry,
+
+    .. math:: 	ilde F_t = F_t \Big/ \Bigl(	frac{1}{P} 	extstyle\sum_i F_{t,i}\Bigr),
+
+    so tasks whose Fisher has different scales (a pixel-averaged softmax against a detection loss's
+    empirical Fisher) weigh alike and λ multiplies a Fisher of mean 1 (its useful range moves with it).
+    A Fisher that is zero everywhere is kept as it is.
+    """
 
     estimator: str | None = None
     mc_samples: int = 1
@@ -53,6 +65,7 @@ class FisherOptions:
     chunk_size: int | None = None
     seed: int = 0
     progress: ProgressFn | None = None
+    normalize: str | None = None
 
     def __post_init__(self) -> None:
         if self.estimator is not None and self.estimator not in ESTIMATORS:
@@ -69,6 +82,8 @@ class FisherOptions:
             raise TypeError(f"seed must be an int, got {type(self.seed).__name__}") from err
         if self.progress is not None and not callable(self.progress):
             raise TypeError(f"progress must be callable or None, got {type(self.progress).__name__}")
+        if self.normalize not in NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
 
     def fisher(self, owner: str, names: list[str], model: nn.Module, data: Any, spec: TaskSpec, task: int) -> dict:
         """Task ``task``'s Fisher of ``model`` on ``data`` over the parameters ``names``, checked finite."""
@@ -90,7 +105,17 @@ class FisherOptions:
         what = "empirical Fisher of the per-sample loss" if spec.per_sample_loss is not None else f"{est} Fisher"
         log.info("%s: task %d consolidated with the %s", owner, task, what)
         check_finite("Fisher", fisher)
+        return normalized(fisher) if self.normalize == "mean" else fisher
+
+
+def normalized(fisher: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Each entry divided by the mean over all entries (in float64); a zero Fisher unchanged."""
+    total = sum(f.double().sum() for f in fisher.values())
+    count = sum(f.numel() for f in fisher.values())
+    mean = float(total) / max(count, 1)
+    if mean == 0.0:
         return fisher
+    return {n: f.div_(mean) for n, f in fisher.items()}
 
 
 class EWCOptions(TypedDict, total=False):
@@ -103,6 +128,7 @@ class EWCOptions(TypedDict, total=False):
     seed: int
     params: ParamSelector
     progress: ProgressFn | None
+    normalize: str | None
 
 
 class EWC(QuadraticPenalty):
@@ -115,6 +141,7 @@ class EWC(QuadraticPenalty):
             or ``empirical`` when the task spec gives a per-sample loss.
         mc_samples, max_samples, chunk_size, seed, progress: see :func:`~clreg.functional.fisher_diagonal`.
         params: parameter names or a predicate ``(name, param) -> bool`` (e.g. to leave out norms).
+        normalize: ``"mean"`` puts each task's Fisher on a comparable scale (see :class:`FisherOptions`).
     """
 
     hyperparameters = ("lam",)
@@ -131,10 +158,11 @@ class EWC(QuadraticPenalty):
         seed: int = 0,
         params: ParamSelector = None,
         progress: ProgressFn | None = None,
+        normalize: str | None = None,
     ) -> None:
         super().__init__(model, params)
         self.lam = lam
-        self.fisher_options = FisherOptions(estimator, mc_samples, max_samples, chunk_size, seed, progress)
+        self.fisher_options = FisherOptions(estimator, mc_samples, max_samples, chunk_size, seed, progress, normalize)
 
     @property
     def lam(self) -> float:

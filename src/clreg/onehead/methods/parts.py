@@ -4,11 +4,29 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import nn
+
 from ... import EWC, MAS, SI, LwF, OnlineEWC, ReplayBuffer
 from ...regularizers import Regularizer
 from .registry import Part, Settings, register_part
 
 __all__ = ["BUILTIN_PARTS"]
+
+
+def _norm(flag: float) -> str | None:
+    """A 0/1 setting as EWC's ``normalize`` (``"mean"`` or none)."""
+    if flag not in (0.0, 1.0):
+        raise ValueError(f"a normalize setting is 0 or 1, got {flag}")
+    return "mean" if flag else None
+
+
+def _ewc(model: nn.Module, s: Settings, seed: int) -> EWC:
+    return EWC(model, lam=s["ewc.lam"], seed=seed, normalize=_norm(s["ewc.normalize"]))
+
+
+def _online_ewc(model: nn.Module, s: Settings, seed: int) -> OnlineEWC:
+    gamma, normalize = s["online_ewc.gamma"], _norm(s["online_ewc.normalize"])
+    return OnlineEWC(model, lam=s["online_ewc.lam"], gamma=gamma, seed=seed, normalize=normalize)
 
 
 def _si_take_over(si: Regularizer, state: dict[str, Any], s: Settings) -> None:
@@ -23,17 +41,17 @@ BUILTIN_PARTS = tuple(
         Part("naive"),
         Part(
             "ewc",
-            {"ewc.lam": 1.0},
-            regularizer=lambda model, s, seed: EWC(model, lam=s["ewc.lam"], seed=seed),
+            {"ewc.lam": 1.0, "ewc.normalize": 0.0},  # normalize 1: each task's Fisher divided by its mean
+            regularizer=lambda model, s, seed: EWC(
+                model, lam=s["ewc.lam"], seed=seed, normalize=_norm(s["ewc.normalize"])
+            ),
             stage_attributes={"ewc.lam": "lam"},
         ),
         Part(
             "online_ewc",
-            {"online_ewc.lam": 1.0, "online_ewc.gamma": 1.0},
+            {"online_ewc.lam": 1.0, "online_ewc.gamma": 1.0, "online_ewc.normalize": 0.0},
             within_rules=False,
-            regularizer=lambda model, s, seed: OnlineEWC(
-                model, lam=s["online_ewc.lam"], gamma=s["online_ewc.gamma"], seed=seed
-            ),
+            regularizer=_online_ewc,
             stage_attributes={"online_ewc.lam": "lam"},
         ),
         Part(
