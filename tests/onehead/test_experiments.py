@@ -254,3 +254,15 @@ def test_tune_searches_baseline_learning_rates_per_stage_values_and_combinations
     assert {t["settings"]["lwf.alpha"] for t in combo["trials"][2:]} == {0.5, 2.0}
     units = {p.name for p in (out / "state" / "seed0").glob("*.pt")}
     assert {"stage1@lr0.001.pt", "stage1@lr0.02.pt", "single__det@lr0.02.pt"} <= units
+
+
+def test_tune_chooses_the_joint_schedule_on_val(cache_env, tmp_path):
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--methods", "naive", "--out", str(out), "--quiet"]) == 0
+    joint = json.loads((out / "tune.json").read_text())["joint"]
+    assert [t["schedule"] for t in joint["trials"]] == ["equal", "balanced"]
+    for t in joint["trials"]:
+        assert t["score"] == pytest.approx(min(t["final"].values()))
+    assert joint["chosen"] == max(joint["trials"], key=lambda t: t["score"])["schedule"]
+    units = {p.name for p in (out / "state" / "seed0").glob("joint*.pt")}
+    assert units == {"joint.pt", "joint-balanced.pt"}

@@ -107,3 +107,52 @@ def test_reset_task_outputs_puts_one_task_at_its_prior_and_leaves_the_others():
     torch.testing.assert_close(model(x)["cls"], torch.zeros(2, 4))
     with pytest.raises(ValueError, match="task must be one of"):
         model.reset_task_outputs("depth")
+
+
+_HUB_SCRIPT = """
+import sys, torch
+from clreg.onehead import UnifiedOneHead
+model = UnifiedOneHead(width=16, pretrained=True)
+want = torch.load(sys.argv[1], weights_only=True)
+got = model.backbone.state_dict()
+same = [k for k in got if k in want and torch.equal(got[k], want[k])]
+print(len(same), len(got))
+"""
+
+
+def _hub_cache(root, state) -> None:
+    """``state`` as timm's ImageNet checkpoint in the Hugging Face hub's cache layout under ``root``."""
+    from safetensors.torch import save_file
+
+    repo = root / "models--timm--mobilenetv3_small_100.lamb_in1k"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    (repo / "snapshots" / commit).mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in state.items()}, repo / "snapshots" / commit / "model.safetensors")
+
+
+def test_pretrained_weights_load_offline_from_the_hubs_cache_and_fail_clearly_without(tmp_path) -> None:
+    """``--pretrained`` takes the path a download takes: offline (``HF_HUB_OFFLINE=1``) it reads the
+    hub's local cache; with an empty cache it fails with a message that points to --backbone-weights."""
+    import os
+    import subprocess
+    import sys
+
+    import timm
+
+    torch.manual_seed(3)
+    full = timm.create_model("mobilenetv3_small_100", pretrained=False).state_dict()
+    _hub_cache(tmp_path / "hub", full)
+    torch.save(full, tmp_path / "want.pt")
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"), "HF_HOME": str(tmp_path)}
+    run = [sys.executable, "-c", _HUB_SCRIPT, str(tmp_path / "want.pt")]
+    r = subprocess.run(run, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    same, total = map(int, r.stdout.split())
+    assert same == total > 100  # every backbone tensor is the cached checkpoint's
+    empty = {**env, "HF_HUB_CACHE": str(tmp_path / "empty")}
+    cli = [sys.executable, "-m", "clreg.onehead", "--profile", "tiny", "--pretrained", "--out", str(tmp_path / "o")]
+    r = subprocess.run(cli, env=empty, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "could not fetch ImageNet weights" in r.stderr and "--backbone-weights" in r.stderr

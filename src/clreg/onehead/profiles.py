@@ -15,7 +15,14 @@ from typing import Any
 
 from .synthetic import SyntheticConfig
 
-__all__ = ["PROFILES", "QUICK_SETTINGS", "QUICK_SETTINGS_PROVENANCE", "Profile", "get_profile"]
+__all__ = [
+    "PROFILES",
+    "QUICK_SETTINGS",
+    "QUICK_SETTINGS_PROVENANCE",
+    "TUNE_METHODS",
+    "Profile",
+    "get_profile",
+]
 
 ALL_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,ewc+lwf+replay"
 
@@ -62,14 +69,34 @@ class Profile:
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
 
 
-_TUNE_GRID = {
-    "lr": (5e-4, 1e-3, 2e-3),
-    "ewc.lam": (1e3, 1e4, 1e5),
-    "online_ewc.lam": (1e3, 1e4, 1e5),
-    "si.c": (20.0, 200.0, 2000.0),
+# The quick profile's tune (`clreg-onehead --tune --methods TUNE_METHODS`): first the baselines'
+# learning rate per task, then each method's own keys (regularization strengths, EWC's, Online EWC's and
+# MAS's λ per stage), then its learning rate; EWC and Online EWC also with each task's Fisher normalised by
+# its mean, whose λ lives on another scale (about 30 normalised ≈ 1e5 raw for segmentation's Fisher).
+TUNE_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,lwf+replay,ewc+lwf,ewc+lwf+replay"
+_TUNE_GRID: dict[str, tuple[float, ...]] = {
+    "baseline.lr": (1e-3, 2e-3, 4e-3, 8e-3),
+    "ewc.lam@2": (1e3, 1e4, 1e5),
+    "ewc.lam@3": (1e3, 1e4, 1e5),
+    "online_ewc.lam@2": (1e3, 1e4, 1e5),
+    "online_ewc.lam@3": (1e3, 1e4, 1e5),
+    "si.c": (2.0, 20.0, 200.0),
     "lwf.alpha": (1.0, 3.0, 10.0),
-    "mas.lam": (1.0, 5.0, 25.0),
+    "mas.lam@2": (25.0, 100.0, 400.0),
+    "mas.lam@3": (25.0, 100.0, 400.0),
     "replay.per_step": (4.0, 8.0),
+    "lr": (5e-4, 1e-3, 2e-3),
+}
+_NORMALISED = {"ewc.lam@2": (1.0, 10.0, 100.0), "ewc.lam@3": (1.0, 10.0, 100.0)}
+_TUNE_VARIANTS: dict[str, list[dict[str, Any]]] = {
+    part: [
+        {"fixed": {}, "grid": _TUNE_GRID},
+        {
+            "fixed": {f"{part}.normalize": 1.0},
+            "grid": {**_TUNE_GRID, **{k.replace("ewc", part): v for k, v in _NORMALISED.items()}},
+        },
+    ]
+    for part in ("ewc", "online_ewc")
 }
 
 PROFILES: dict[str, Profile] = {
@@ -85,6 +112,7 @@ PROFILES: dict[str, Profile] = {
         settings=dict(QUICK_SETTINGS),
         stage_settings=({}, {}, {}),
         tune_grid=_TUNE_GRID,
+        tune_variants=_TUNE_VARIANTS,
     ),
     "tiny": Profile(
         name="tiny",

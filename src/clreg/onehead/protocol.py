@@ -186,7 +186,8 @@ def joint(run: SeedRun) -> UnitState:
         res = train(run.wrap(model), job, run.settings_for(first))
         return UnitState(run.evaluate(model), train=res.record())
 
-    return run.store.run(first.unit("joint"), fn)
+    name = "joint" if run.joint_schedule == "equal" else f"joint-{run.joint_schedule}"
+    return run.store.run(first.unit(name), fn)
 
 
 def method_stages(run: SeedRun, method: Method) -> list[UnitState]:

@@ -7,7 +7,9 @@ values such as ``ewc.lam@2`` and ``ewc.lam@3``, …), starting from the profile'
 combination starts from the values its parts chose and then searches its own keys in the same way,
 so it ends with values of its own. A method may have variants (``Profile.tune_variants``: fixed
 settings and a grid of their own, e.g. EWC with each task's Fisher normalised by its mean, whose λ
-lives on another scale): each is searched and the best kept. Every candidate's units are keyed by its
+lives on another scale): each is searched and the best kept. Unless ``--no-joint``, the joint
+reference is run under each schedule too, and the one whose worst task keeps most of its baseline
+is chosen. Every candidate's units are keyed by its
 settings, so a repeated candidate is read back, not trained again, and a killed tune resumes.
 """
 
@@ -20,7 +22,7 @@ from typing import Any
 
 from ..config import BenchmarkConfig
 from ..methods import Method
-from ..protocol import SeedRun, method_stages, single_task
+from ..protocol import JOINT_SCHEDULES, SeedRun, joint, method_stages, single_task
 from ..provenance import provenance
 from ..report import lambda_figure
 from .workspace import Workspace, open_workspace
@@ -49,6 +51,17 @@ def _tune_baselines(ws: Workspace, lrs: Sequence[float]) -> tuple[SeedRun, dict[
     return run, {"grid": list(lrs), "trials": trials, "chosen": chosen}
 
 
+def _tune_joint(run: SeedRun, base: dict[str, float]) -> dict[str, Any]:
+    """The joint reference under each schedule (val), scored like a method: its worst task's score
+    over that task's baseline; the best schedule is chosen."""
+    trials = []
+    for schedule in JOINT_SCHEDULES:
+        state = joint(replace(run, joint_schedule=schedule))
+        finals = {t: state.evals[t].value / max(b, 1e-9) for t, b in base.items()}
+        trials.append({"schedule": schedule, "final": finals, "score": min(finals.values())})
+    return {"trials": trials, "chosen": max(trials, key=lambda t: t["score"])["schedule"]}
+
+
 def _trial(run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float]) -> dict[str, Any]:
     """One candidate: its final / baseline per task, its score (the worst) and the mean (tie-break)."""
     states = method_stages(run, method.with_settings(settings))
@@ -70,7 +83,7 @@ def _coordinate_search(
     so far; returns the chosen settings and every trial."""
     chosen, trials = dict(start), []
     for key in [k for k in grid if _reads(method, k)]:
-        tried = [_trial(run, method, {**chosen, key: float(v)}, base) for v in grid[key]]
+        tried = [{**_trial(run, method, {**chosen, key: float(v)}, base), "key": key} for v in grid[key]]
         chosen[key] = _best(tried)["settings"][key]
         trials += tried
     return chosen, trials
@@ -86,19 +99,37 @@ def _start(method: Method, done: dict[str, Any], fixed: Mapping[str, float]) -> 
     return {**start, **fixed}
 
 
+def _variants(method: Method, ws: Workspace, done: dict) -> list[dict[str, Any]]:
+    """The method's variants; a combination has one, made of its parts' winning variants (their
+    fixed settings, and their grids for their own keys over the profile's)."""
+    profile = ws.config.profile
+    plain = {"fixed": {}, "grid": profile.tune_grid}
+    if len(method.parts) == 1:
+        return profile.tune_variants.get(method.name, [plain])
+    fixed, grid = {}, dict(profile.tune_grid)
+    for part in method.parts:
+        won = done.get(part, {}).get("variant", plain)
+        fixed.update(won["fixed"])
+        grid.update({k: v for k, v in won["grid"].items() if k.split("@")[0].split(".")[0] == part})
+    return [{"fixed": fixed, "grid": grid}]
+
+
+def _score(result: dict[str, Any]) -> tuple[float, float]:
+    return (_best(result["trials"])["score"], _best(result["trials"])["mean"]) if result["trials"] else (0.0, 0.0)
+
+
 def _search(run: SeedRun, method: Method, ws: Workspace, base: dict[str, float], done: dict) -> dict[str, Any]:
     """Every variant of the method (one by default), each by coordinate search; the best one kept."""
-    profile = ws.config.profile
-    variants = profile.tune_variants.get(method.name, [{"fixed": {}, "grid": profile.tune_grid}])
+    variants = _variants(method, ws, done)
     results = []
     for v in variants:
         grid = {k: g for k, g in v["grid"].items() if k != BASELINE_LR}
         chosen, trials = _coordinate_search(run, method, _start(method, done, v["fixed"]), grid, base)
-        results.append({"fixed": dict(v["fixed"]), "chosen": chosen, "trials": trials})
-    best = max(
-        results, key=lambda r: (_best(r["trials"])["score"], _best(r["trials"])["mean"]) if r["trials"] else (0, 0)
-    )
-    return {"chosen": best["chosen"], "trials": [t for r in results for t in r["trials"]], "variants": results}
+        results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
+    best = max(results, key=_score)
+    trials = [t for r in results for t in r["trials"]]
+    variant = {"fixed": best["fixed"], "grid": best["grid"]}
+    return {"chosen": best["chosen"], "variant": variant, "trials": trials, "variants": results}
 
 
 def tune(config: BenchmarkConfig) -> dict[str, Any]:
@@ -114,6 +145,9 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
         run, baselines = ws.seed_run(0), {}
     base = {st.task: single_task(run, i).evals[st.task].value for i, st in enumerate(run.stages)}
     report: dict[str, Any] = {"grid": grid, "baselines": base, "baseline_lr": baselines, "methods": {}, "split": "val"}
+    if config.joint:
+        report["joint"] = _tune_joint(run, base)
+        ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))
         report["methods"][name] = _search(run, method, ws, base, report["methods"])

@@ -13,7 +13,7 @@ from torch import nn
 
 from ...distributed import rank_and_world
 from ..config import BenchmarkConfig, check_resume
-from ..model import UnifiedOneHead
+from ..model import UnifiedOneHead, make_backbone
 from ..protocol import SeedRun, Stage
 from ..provenance import data_hash
 from ..store import UnitStore
@@ -105,11 +105,18 @@ class Workspace:
                        joint_schedule=self.config.profile.joint_schedule)  # fmt: skip
 
 
+def _check_backbone(config: BenchmarkConfig) -> None:
+    """ImageNet weights asked for are there (online, or in the hub's cache) before any work starts."""
+    if config.backbone.kind == "pretrained":
+        make_backbone(pretrained=True)
+
+
 def open_workspace(config: BenchmarkConfig) -> Workspace:
     """The data in place (generated when synthetic), the evaluation split chosen (val for a tune, else
     test where the data has one), the output folder checked for a resumable run, the tasks loaded."""
     log = logger(config.quiet)
     _check_device(config.device)
+    _check_backbone(config)
     root = _data_root(config, log)
     split = "val" if config.mode == "tune" or not has_split(root, "test") else "test"
     data = replace(config.data, hash=data_hash(root, FOLDERS.values()))

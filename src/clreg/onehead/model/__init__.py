@@ -2,7 +2,7 @@
 head tensor), :mod:`~clreg.onehead.model.backbone`, :mod:`~clreg.onehead.model.checkpoint` and
 :mod:`~clreg.onehead.model.latency`."""
 
-from .backbone import BACKBONE, load_backbone_weights, make_backbone
+from .backbone import BACKBONE, BackboneWeightsError, load_backbone_weights, make_backbone
 from .checkpoint import CHECKPOINT_VERSION, IMAGENET_MEAN, IMAGENET_STD, load_checkpoint, save_checkpoint
 from .latency import cpu_latency
 from .network import (
@@ -22,6 +22,7 @@ __all__ = [
     "HEATMAP_PRIOR_LOGIT",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "BackboneWeightsError",
     "HeadOutput",
     "UnifiedOneHead",
     "classification_output",

@@ -1,5 +1,7 @@
 """The backbone: timm's MobileNetV3-small as a features-only network (strides 8, 16, 32), from
-random weights, a local checkpoint, or timm's hub (ImageNet weights, online only)."""
+random weights, a local checkpoint, or timm's hub (ImageNet weights): online, or offline from the
+hub's local cache (``HF_HUB_OFFLINE=1`` with ``model.safetensors`` of
+``timm/mobilenetv3_small_100.lamb_in1k`` in ``$HF_HUB_CACHE``, the layout a download leaves there)."""
 
 from __future__ import annotations
 
@@ -10,9 +12,13 @@ import timm
 import torch
 from torch import nn
 
-__all__ = ["BACKBONE", "load_backbone_weights", "make_backbone"]
+__all__ = ["BACKBONE", "BackboneWeightsError", "load_backbone_weights", "make_backbone"]
 
 BACKBONE = "mobilenetv3_small_100"
+
+
+class BackboneWeightsError(ValueError):
+    """Pretrained weights that cannot be had here (offline without the hub's cache)."""
 
 
 def make_backbone(pretrained: bool) -> nn.Module:
@@ -21,11 +27,11 @@ def make_backbone(pretrained: bool) -> nn.Module:
         return timm.create_model(BACKBONE, pretrained=False, **kw)
     try:
         return timm.create_model(BACKBONE, pretrained=True, **kw)
-    except Exception as err:  # offline: no hub
-        raise RuntimeError(
+    except Exception as err:  # offline, and not in the hub's cache
+        raise BackboneWeightsError(
             f"could not fetch ImageNet weights for {BACKBONE} from timm's hub ({type(err).__name__}); "
-            "this machine may be offline: pass a local checkpoint with backbone_weights=FILE "
-            "(--backbone-weights FILE) instead"
+            "this machine may be offline and the hub's cache lacks them: pass a local checkpoint with "
+            "backbone_weights=FILE (--backbone-weights FILE) instead"
         ) from err
 
 

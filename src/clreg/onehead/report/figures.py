@@ -63,22 +63,43 @@ def report_figures(results: dict[str, Any], out: Path) -> list[str]:
     return ["accuracy_matrices.png", "scores_across_stages.png"]
 
 
+def _lambda_sweeps(report: dict[str, Any]) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    """(key, variant label, trials) for every sweep of an EWC λ in a tune's trials."""
+    ewc = report["methods"].get("ewc", {})
+    variants = ewc.get("variants") or [{"fixed": {}, "trials": ewc.get("trials", [])}]
+    sweeps = []
+    for v in variants:
+        label = ", ".join(f"{k}={x:g}" for k, x in v["fixed"].items()) or "plain"
+        keys = dict.fromkeys(t.get("key", "ewc.lam") for t in v["trials"])
+        for key in (k for k in keys if k.startswith("ewc.lam")):
+            trials = [t for t in v["trials"] if t.get("key", "ewc.lam") == key and key in t["settings"]]
+            sweeps.append((key, label, trials))
+    return sweeps
+
+
 def lambda_figure(report: dict[str, Any], out: Path) -> None:
-    """``ewc_lambda_sensitivity.png``: each task's final / baseline against EWC's λ, from a tune's trials."""
-    trials = [t for t in report["methods"].get("ewc", {}).get("trials", []) if "ewc.lam" in t["settings"]]
-    if not trials:
+    """``ewc_lambda_sensitivity.png``: each task's final / baseline against each EWC λ a tune swept
+    (one panel per λ, one line style per variant), from the tune's trials on the validation split."""
+    sweeps = [s for s in _lambda_sweeps(report) if s[2]]
+    if not sweeps:
         return
     plt = _pyplot()
-    lams = [t["settings"]["ewc.lam"] for t in trials]
-    fig, ax = plt.subplots(figsize=(5, 3.4))
-    for task in report["baselines"]:
-        ax.plot(lams, [t["final"][task] for t in trials], marker="o", label=f"{task} final / baseline")
-    ax.set_xscale("log")
-    ax.axhline(MARGIN, color="k", ls=":", lw=1)
-    ax.set_xlabel("EWC λ")
-    ax.set_ylabel("final / single-task baseline (val)")
-    ax.set_title("EWC stability–plasticity")
-    ax.legend(fontsize=7)
+    keys = list(dict.fromkeys(k for k, _, _ in sweeps))
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.4), squeeze=False)
+    styles = ["-", "--", ":", "-."]
+    labels = list(dict.fromkeys(label for _, label, _ in sweeps))
+    for ax, key in zip(axes.flat, keys):
+        for _, label, trials in (s for s in sweeps if s[0] == key):
+            lams = [t["settings"][key] for t in trials]
+            for task in report["baselines"]:
+                ax.plot(lams, [t["final"][task] for t in trials], marker="o", ls=styles[labels.index(label) % 4],
+                        label=f"{task} ({label})")  # fmt: skip
+        ax.set_xscale("log")
+        ax.axhline(MARGIN, color="k", ls=":", lw=1)
+        ax.set_xlabel(f"EWC {key.replace('ewc.lam', 'λ')}")
+        ax.set_ylabel("final / single-task baseline (val)")
+        ax.set_title("EWC stability–plasticity")
+        ax.legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(out / "ewc_lambda_sensitivity.png", dpi=110)
     plt.close(fig)
