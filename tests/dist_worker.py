@@ -15,7 +15,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import clreg
 from clreg import OutputSpec, TaskSpec
-from clreg.functional import fisher_diagonal
+from clreg.functional import fisher_curvature, fisher_diagonal
 from models import MLP, MultiHead
 
 N = 11  # odd: the shards differ in size
@@ -31,6 +31,11 @@ def dense(seed: int = 0, n: int = 7) -> TensorDataset:
     y = torch.randint(0, 4, (n, 5, 5), generator=g)
     y[:, :, 0] = 255
     return TensorDataset(torch.randn(n, 3, 5, 5, generator=g), y)
+
+
+def classification_images(seed: int = 0, n: int = N) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 3, 5, 5, generator=g), torch.randint(0, 3, (n,), generator=g))
 
 
 def build(kind: str, model: torch.nn.Module) -> clreg.Regularizer:
@@ -53,6 +58,13 @@ def scenario(rank: int, world: int) -> dict[str, torch.Tensor]:
             out[f"fisher/{est}/{k}"] = v
     for k, v in fisher_diagonal(mlp, data, estimator="exact", max_samples=7).items():
         out[f"fisher/max7/{k}"] = v
+    # the curvature engine: its diagonal and Kronecker factors, all-reduced over the ranks' shards
+    for est in ("exact", "mc"):
+        curv = fisher_curvature(MultiHead(), dense() if est == "mc" else classification_images(),
+                                outputs=OutputSpec(select="seg" if est == "mc" else "cls"), estimator=est, chunk_size=2)  # fmt: skip
+        out |= {f"curvature/{est}/diag/{k}": v for k, v in curv.diagonal.items()}
+        out |= {f"curvature/{est}/A/{k}": a for k, (a, _) in curv.factors.items()}
+        out |= {f"curvature/{est}/G/{k}": g for k, (_, g) in curv.factors.items()}
     # an iterable of batches: each rank reads its own shard (strided, no padding)
     shard = Subset(data, list(range(rank, N, world)))
     for est in ("exact", "empirical"):

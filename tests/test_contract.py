@@ -109,11 +109,45 @@ def lwf_reference(model, reg, inputs, tasks) -> torch.Tensor:
     return reg.alpha * temp**2 * (log_q.exp() * (log_q - log_p)).sum(1).mean()
 
 
+def kfac_factors(model, x, y) -> dict:
+    """For the MLP's two linear layers: ã ãᵀ (input with a trailing 1) and g gᵀ (g: the gradient of
+    log p_y with respect to the layer's output), one sample."""
+    lin0, lin2 = model.net[0], model.net[2]
+    z1 = lin0(x)
+    h = torch.tanh(z1)
+    z2 = lin2(h)
+    g1, g2 = torch.autograd.grad(F.log_softmax(z2, 1)[0, y], [z1, z2])
+    out = {}
+    for name, a, g in (("0", x, g1), ("2", h, g2)):
+        a = torch.cat([a[0].detach(), torch.ones(1, dtype=a.dtype)])
+        out[f"{name}.A"], out[f"{name}.G"] = torch.outer(a, a), torch.outer(g[0], g[0])
+    return out
+
+
+def kfac_reference(model, reg, inputs, tasks) -> torch.Tensor:
+    """A ← γA + mean ã ãᵀ, G ← γG + mean g gᵀ per layer, one anchor, (λ/2) Σ vec(Δ)ᵀ (A ⊗ G) vec(Δ)
+    with Δ = [W, b] − [W*, b*] and vec stacking columns."""
+    running: dict = {}
+    for t in tasks:
+        running = {k: reg.gamma * running.get(k, 0) + v for k, v in per_sample_mean(t, kfac_factors).items()}
+    anchor = params_of(tasks[-1].model)
+    total = 0.0
+    for name in ("0", "2"):
+        lin = model.get_submodule(f"net.{name}")
+        delta = torch.cat(
+            [lin.weight - anchor[f"net.{name}.weight"], (lin.bias - anchor[f"net.{name}.bias"])[:, None]], 1
+        )
+        vec = delta.t().reshape(-1)
+        total = total + vec @ torch.kron(running[f"{name}.A"], running[f"{name}.G"]) @ vec
+    return reg.lam / 2 * total
+
+
 CASES = {
     "ewc": (lambda m: clreg.EWC(m, lam=3.0, estimator="exact"), ewc_reference, {}),
     "online_ewc": (lambda m: clreg.OnlineEWC(m, lam=2.0, gamma=0.7, estimator="empirical"), online_ewc_reference, {}),
     "si": (lambda m: clreg.SI(m, c=0.5, xi=0.1), si_reference, {}),
     "mas": (lambda m: clreg.MAS(m, lam=4.0), mas_reference, {}),
+    "kfac_ewc": (lambda m: clreg.KFACEWC(m, lam=3.0, gamma=0.6, estimator="empirical"), kfac_reference, {}),
     "lwf": (
         lambda m: clreg.LwF(m, temperature=2.0, alpha=1.5),
         lwf_reference,

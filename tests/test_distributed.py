@@ -29,7 +29,8 @@ def keys(single, prefix):
 
 
 @pytest.mark.parametrize(
-    "prefix", ["fisher/exact", "fisher/empirical", "fisher/mc", "fisher/max7", "fisher_dense", "fisher_loader"]
+    "prefix",
+    ["fisher/exact", "fisher/empirical", "fisher/mc", "fisher/max7", "fisher_dense", "fisher_loader", "curvature/"],
 )
 def test_split_fisher_equals_single_process(runs, prefix) -> None:
     ranks, single = runs

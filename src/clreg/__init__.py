@@ -14,6 +14,7 @@ from . import distributed, functional
 from ._version import __version__
 from .regularizers import (
     EWC,
+    KFACEWC,
     MAS,
     SI,
     Compose,
@@ -28,6 +29,7 @@ from .spec import OutputSpec, TaskSpec, select_output
 
 __all__ = [
     "EWC",
+    "KFACEWC",
     "MAS",
     "SI",
     "Compose",

@@ -334,3 +334,27 @@ def test_request_is_validated_once_and_every_valid_pair_has_one_objective() -> N
         fisher_diagonal(MultiHead(), dense_data(), outputs=[OutputSpec(select="cls")] * 2, estimator="exact")
     with pytest.raises(FrozenInstanceError):
         FisherRequest.of(None, None, None, "mc", 1).mc_samples = 2
+
+
+@pytest.mark.parametrize("engine", ["per_sample", "layers"])
+def test_bad_labels_are_refused_naming_the_sample_and_the_range(engine) -> None:
+    """A label outside [0, C) or a target of the wrong shape is a ValueError before the chunk's
+    gradients (no vmap warning, no index error from torch)."""
+    import warnings
+
+    model = MultiHead()
+    y = torch.randint(0, 3, (6,))
+    y[4] = 7
+    data = TensorDataset(torch.randn(6, 3, 5, 5), y)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for est in ("empirical", "batched"):
+            with pytest.raises(ValueError, match=r"sample 4: label 7 is outside \[0, 3\) \(output 'cls'\)"):
+                fisher_diagonal(model, data, outputs=OutputSpec(select="cls"), estimator=est, engine=engine)
+    dense = dense_data()
+    dense.tensors[1][2, 3, 3] = 9  # 255 is the ignore index; 9 is not a class of 4
+    with pytest.raises(ValueError, match=r"sample 2: label 9 is outside \[0, 4\) and is not the ignore index 255"):
+        fisher_diagonal(model, dense, outputs=OutputSpec(select="seg", ignore_index=255), estimator="mc", engine=engine)
+    flat = TensorDataset(torch.randn(6, 3, 5, 5), torch.randint(0, 4, (6, 25)))
+    with pytest.raises(ValueError, match=r"labels of shape \(B, 25\) for logits of shape \(B, C, 5, 5\)"):
+        fisher_diagonal(model, flat, outputs=OutputSpec(select="seg"), estimator="empirical", engine=engine)

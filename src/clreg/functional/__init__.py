@@ -2,7 +2,8 @@
 
 from .distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from .ewc import ewc_merge_
-from .fisher import ESTIMATORS, default_estimator, fisher_diagonal
+from .fisher import ENGINES, ESTIMATORS, default_estimator, fisher_curvature, fisher_diagonal
+from .kfac import kfac_penalty, kfac_penalty_grad, kfac_penalty_value
 from .mas import mas_importance
 from .penalty import (
     add_quadratic_penalty_grad_,
@@ -14,11 +15,16 @@ from .si import CLAMPS, si_importance_, si_path_update_
 
 __all__ = [
     "CLAMPS",
+    "ENGINES",
     "ESTIMATORS",
     "add_quadratic_penalty_grad_",
     "default_estimator",
     "ewc_merge_",
+    "fisher_curvature",
     "fisher_diagonal",
+    "kfac_penalty",
+    "kfac_penalty_grad",
+    "kfac_penalty_value",
     "mas_importance",
     "quadratic_penalty",
     "quadratic_penalty_grad",

@@ -92,8 +92,10 @@ class PerSampleEngine:
         chunk_size: int | None = None,
         max_samples: int | None = None,
         progress: ProgressFn | None = None,
+        check: Callable[[Chunk], None] | None = None,
     ) -> tuple[dict[str, Tensor], int]:
-        """Returns (sums by canonical name, global sample count). Raises ValueError on empty data."""
+        """Returns (sums by canonical name, global sample count). Raises ValueError on empty data;
+        ``check(chunk)``, if given, runs on each chunk before its gradients (to refuse bad targets)."""
         if reduce not in ("square", "abs"):
             raise ValueError(f"reduce must be 'square' or 'abs', got {reduce!r}")
         sums = self.zeros()
@@ -102,6 +104,8 @@ class PerSampleEngine:
         use_vmap = self.vectorize
         with eval_mode(self.model):
             for ch in iter_chunks(data, chunk, max_samples):
+                if check is not None:
+                    check(ch)
                 x = tree_to(ch.inputs, self.device)
                 y = tree_to(ch.targets, self.device)
                 e = tree_to(extra(ch), self.device) if extra is not None else None

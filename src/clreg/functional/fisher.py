@@ -63,10 +63,12 @@ from ..data import Chunk, is_map_dataset, iter_chunks, split_item, stable_seed, 
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
 from ._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
+from .curvature.engine import CurvatureEngine, CurvatureSums
 
-__all__ = ["ESTIMATORS", "default_estimator", "fisher_diagonal"]
+__all__ = ["ENGINES", "ESTIMATORS", "default_estimator", "fisher_curvature", "fisher_diagonal"]
 
 ESTIMATORS = ("exact", "mc", "empirical", "batched")
+ENGINES = ("per_sample", "layers")
 
 
 def default_estimator(per_sample_loss: PerSampleLoss | None) -> str:
@@ -185,6 +187,7 @@ def fisher_diagonal(
     batch_size: int = 32,
     vectorize: bool | None = None,
     progress: ProgressFn | None = None,
+    engine: str = "per_sample",
 ) -> dict[str, Tensor]:
     """The diagonal Fisher of ``model`` on ``data``, as a dict of parameter name → tensor.
 
@@ -209,14 +212,27 @@ def fisher_diagonal(
             either way: on the reference CPU model (MobileNetV3-small, 1.9 M parameters) the loop
             was as fast warm and twice as fast cold (see ``benchmarks/step_overhead.py``).
         progress: called as ``progress(samples_done, total_or_None)``.
+        engine: ``"per_sample"`` (per-sample gradients by vmap or a loop) or ``"layers"`` (the
+            curvature engine, :mod:`clreg.functional.curvature`: per-layer statistics from batched
+            passes, the same result to float tolerance; other layer types take the per-sample path).
     """
     req = FisherRequest.of(outputs, per_sample_loss, spec, estimator, mc_samples, seed)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     inner = unwrap_model(model)
+    check = _label_check(req, inner, data)
     if req.estimator == "batched":
-        return _batched(inner, data, req, params, max_samples, batch_size, progress)
-    engine = PerSampleEngine(inner, params, vectorize=req.estimator != "exact" if vectorize is None else vectorize)
+        return _batched(inner, data, req, params, max_samples, batch_size, progress, check)
+    vectorize = req.estimator != "exact" if vectorize is None else vectorize
     objective = _OBJECTIVES[req.estimator, req.per_sample_loss is not None](req, inner, data)
-    sums, n = engine.run(
+    if engine == "layers":
+        curv = CurvatureEngine(inner, params).run(
+            data, objective.fn, k=objective.k, extra=objective.extra, chunk_size=chunk_size,
+            max_samples=max_samples, progress=progress, vectorize=vectorize, check=check,
+        )  # fmt: skip
+        return {name: s.div_(curv.n) for name, s in curv.diagonal.items()}
+    per_sample = PerSampleEngine(inner, params, vectorize=vectorize)
+    sums, n = per_sample.run(
         data,
         objective.fn,
         reduce="square",
@@ -225,8 +241,89 @@ def fisher_diagonal(
         chunk_size=chunk_size,
         max_samples=max_samples,
         progress=progress,
+        check=check,
     )
     return {name: s.div_(n) for name, s in sums.items()}
+
+
+def fisher_curvature(
+    model: nn.Module,
+    data: Any,
+    *,
+    spec: TaskSpec | None = None,
+    outputs: OutputSpec | Sequence[OutputSpec] | None = None,
+    per_sample_loss: PerSampleLoss | None = None,
+    estimator: str | None = None,
+    params: ParamSelector = None,
+    mc_samples: int = 1,
+    seed: int = 0,
+    max_samples: int | None = None,
+    chunk_size: int | None = None,
+    kfac: bool = True,
+    max_factor: int | None = None,
+    progress: ProgressFn | None = None,
+) -> CurvatureSums:
+    """The curvature engine's Fisher: the diagonal (as :func:`fisher_diagonal` gives it) and, with
+    ``kfac``, the Kronecker factors (A, G) of every layer that has them and whose factors are at most
+    ``max_factor`` rows, each a mean over samples (see :mod:`clreg.functional.curvature.layers` for
+    the location scaling). Arguments as :func:`fisher_diagonal`; ``batched`` has no factors."""
+    req = FisherRequest.of(outputs, per_sample_loss, spec, estimator, mc_samples, seed)
+    if req.estimator == "batched":
+        raise ValueError("the batched estimator has no per-sample statistics: use exact, mc or empirical")
+    inner = unwrap_model(model)
+    objective = _OBJECTIVES[req.estimator, req.per_sample_loss is not None](req, inner, data)
+    engine = CurvatureEngine(inner, params, kfac=kfac, max_factor=max_factor)
+    sums = engine.run(data, objective.fn, k=objective.k, extra=objective.extra, chunk_size=chunk_size,
+                      max_samples=max_samples, progress=progress, vectorize=req.estimator != "exact",
+                      check=_label_check(req, inner, data))  # fmt: skip
+    for t in sums.diagonal.values():
+        t.div_(sums.n)
+    for a, g in sums.factors.values():
+        a.div_(sums.n)
+        g.div_(sums.n)
+    return sums
+
+
+def _label_check(req: FisherRequest, model: nn.Module, data: Any) -> Callable[[Chunk], None] | None:
+    """A check that each chunk's labels fit the softmax outputs they are read for (shape, integer,
+    in [0, C) or the ignore index), naming the sample; ``None`` when no labels are read."""
+    if req.per_sample_loss is not None:
+        return None
+    outs = [o for o in req.outputs if req.estimator in ("empirical", "batched") or o.ignore_index is not None]
+    if not outs:
+        return None
+    shapes = dict(zip(map(id, req.outputs), _probe_shapes(model, data, req.outputs)))
+
+    def check(ch: Chunk) -> None:
+        for o in outs:
+            _check_labels(target_of(ch.targets, o), shapes[id(o)], o, ch.keys)
+
+    return check
+
+
+def _dims(lead: str, dims: tuple[int, ...]) -> str:
+    return "(" + ", ".join([lead, *map(str, dims)]) + ")"
+
+
+def _check_labels(labels: Tensor, shape: torch.Size, o: OutputSpec, keys: Tensor) -> None:
+    """``labels`` (B, *locations) against an output of per-sample shape (C, *locations)."""
+    which = f" (output {o.select!r})" if o.select is not None else ""
+    if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+        raise ValueError(f"labels must be integers, got {labels.dtype}{which}")
+    want, got = tuple(shape[1:]), tuple(labels.shape[1:])
+    if got != want and not (want == () and got == (1,)):
+        raise ValueError(
+            f"labels of shape {_dims('B', got)} for logits of shape {_dims('B, C', want)} with C = {shape[0]}"
+            f"{which}: expected labels of shape {_dims('B', want)}"
+        )
+    bad = (labels < 0) | (labels >= shape[0])
+    if o.ignore_index is not None:
+        bad &= labels != o.ignore_index
+    if bool(bad.any()):
+        i = int(bad.reshape(bad.shape[0], -1).any(1).nonzero()[0])
+        value = int(labels[i][bad[i]].reshape(-1)[0])
+        ignore = f" and is not the ignore index {o.ignore_index}" if o.ignore_index is not None else ""
+        raise ValueError(f"sample {int(keys[i])}: label {value} is outside [0, {shape[0]}){ignore}{which}")
 
 
 # -- the request ------------------------------------------------------------------------------------
@@ -387,6 +484,7 @@ def _batched(
     max_samples: int | None,
     batch_size: int,
     progress: ProgressFn | None,
+    check: Callable[[Chunk], None] | None = None,
 ) -> dict[str, Tensor]:
     """The mean over batches of the squared gradient of the batch-mean loss (true labels)."""
     engine = PerSampleEngine(model, params)
@@ -399,6 +497,8 @@ def _batched(
         # a Dataset is read in batches of `batch_size`; an iterable in its own batches
         chunk = batch_size if is_map_dataset(data) else 1 << 62
         for ch in iter_chunks(data, chunk, max_samples):
+            if check is not None:
+                check(ch)
             x, y = tree_to(ch.inputs, device), tree_to(ch.targets, device)
             with torch.enable_grad():
                 loss = _batch_loss(model(x), y, req)

@@ -3,6 +3,7 @@
 from .base import Regularizer
 from .compose import Compose
 from .ewc import EWC
+from .kfac_ewc import KFACEWC
 from .ledger import GradientLedger
 from .lwf import LwF
 from .mas import MAS
@@ -10,4 +11,15 @@ from .online_ewc import OnlineEWC
 from .quadratic import QuadraticPenalty
 from .si import SI
 
-__all__ = ["EWC", "MAS", "SI", "Compose", "GradientLedger", "LwF", "OnlineEWC", "QuadraticPenalty", "Regularizer"]
+__all__ = [
+    "EWC",
+    "KFACEWC",
+    "MAS",
+    "SI",
+    "Compose",
+    "GradientLedger",
+    "LwF",
+    "OnlineEWC",
+    "QuadraticPenalty",
+    "Regularizer",
+]

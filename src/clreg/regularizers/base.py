@@ -15,7 +15,7 @@ from .._store import TensorStore, tensor_bytes
 from ..spec import TaskSpec
 from .ledger import GradientLedger
 
-__all__ = ["CAPABILITIES", "FORMAT_VERSION", "Regularizer", "check_finite", "check_range"]
+__all__ = ["CAPABILITIES", "FORMAT_VERSION", "Hyperparameter", "Regularizer", "check_finite", "check_range"]
 
 FORMAT_VERSION = 1
 
@@ -35,6 +35,23 @@ def check_range(name: str, value: float, low: float = 0.0, high: float = math.in
         hi = "]" if high != math.inf else ")"
         raise ValueError(f"{name} must be in {lo}{low}, {high}{hi}, got {value}")
     return v
+
+
+class Hyperparameter:
+    """A number checked against its range on every assignment (a ``ValueError`` naming the range),
+    kept as ``_<name>``: ``lam = Hyperparameter()`` on a class makes ``reg.lam = -1`` an error."""
+
+    def __init__(self, low: float = 0.0, high: float = math.inf, low_open: bool = False, doc: str = "") -> None:
+        self.low, self.high, self.low_open, self.__doc__ = low, high, low_open, doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name, self.attr = name, "_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj, self.attr)
+
+    def __set__(self, obj: Any, value: float) -> None:
+        setattr(obj, self.attr, check_range(self.name, value, self.low, self.high, self.low_open))
 
 
 def check_finite(kind: str, tensors: dict[str, Tensor]) -> None:

@@ -34,7 +34,7 @@ from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
 from ..functional.fisher import ESTIMATORS, default_estimator, fisher_diagonal
 from ..spec import TaskSpec
-from .base import check_finite, check_range
+from .base import Hyperparameter, check_finite
 from .quadratic import QuadraticPenalty
 
 __all__ = ["EWC", "NORMALIZATIONS", "EWCOptions", "FisherOptions", "normalized"]
@@ -164,13 +164,7 @@ class EWC(QuadraticPenalty):
         self.lam = lam
         self.fisher_options = FisherOptions(estimator, mc_samples, max_samples, chunk_size, seed, progress, normalize)
 
-    @property
-    def lam(self) -> float:
-        return self._lam
-
-    @lam.setter
-    def lam(self, value: float) -> None:
-        self._lam = check_range("lam", value)
+    lam = Hyperparameter(doc="λ ≥ 0; it may change between tasks.")
 
     @property
     def scale(self) -> float:

@@ -37,7 +37,7 @@ from .._params import ParamSelector, canonical_name, unwrap_model
 from ..functional._per_sample import eval_mode
 from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from ..spec import OutputSpec, TaskSpec, select_output, select_tensor
-from .base import Regularizer, check_range
+from .base import Hyperparameter, Regularizer
 
 __all__ = ["LwF"]
 
@@ -87,21 +87,9 @@ class LwF(Regularizer):
         self.add_state("teacher_params", {canonical_name(n): torch.zeros_like(p.detach()) for n, p in named_p})
         self.add_state("teacher_buffers", {canonical_name(n): torch.zeros_like(b) for n, b in named_b})
 
-    @property
-    def temperature(self) -> float:
-        return self._temperature
+    temperature = Hyperparameter(low_open=True, doc="T > 0 for softmax outputs.")
 
-    @temperature.setter
-    def temperature(self, value: float) -> None:
-        self._temperature = check_range("temperature", value, low_open=True)
-
-    @property
-    def alpha(self) -> float:
-        return self._alpha
-
-    @alpha.setter
-    def alpha(self, value: float) -> None:
-        self._alpha = check_range("alpha", value)
+    alpha = Hyperparameter(doc="α ≥ 0, the weight of the distillation term.")
 
     @property
     def outputs(self) -> tuple[OutputSpec, ...]:

@@ -28,7 +28,7 @@ from torch import nn
 from .._params import ParamSelector
 from ..functional.mas import mas_importance
 from ..spec import TaskSpec
-from .base import check_finite, check_range
+from .base import Hyperparameter, check_finite
 from .quadratic import QuadraticPenalty
 
 __all__ = ["MAS"]
@@ -55,13 +55,7 @@ class MAS(QuadraticPenalty):
         self.normalize = normalize
         self.max_samples, self.chunk_size, self.progress = max_samples, chunk_size, progress
 
-    @property
-    def lam(self) -> float:
-        return self._lam
-
-    @lam.setter
-    def lam(self, value: float) -> None:
-        self._lam = check_range("lam", value)
+    lam = Hyperparameter(doc="λ ≥ 0.")
 
     @property
     def scale(self) -> float:

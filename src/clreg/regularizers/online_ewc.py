@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..spec import TaskSpec
-from .base import check_range
+from .base import Hyperparameter
 from .ewc import EWC, EWCOptions
 
 if TYPE_CHECKING:
@@ -43,13 +43,7 @@ class OnlineEWC(EWC):
         super().__init__(model, lam, **options)
         self.gamma = gamma
 
-    @property
-    def gamma(self) -> float:
-        return self._gamma
-
-    @gamma.setter
-    def gamma(self, value: float) -> None:
-        self._gamma = check_range("gamma", value, 0.0, 1.0)
+    gamma = Hyperparameter(0.0, 1.0, doc="γ ∈ [0, 1], the decay of the running Fisher.")
 
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """F* ← γ F* + w F_t and θ* ← θ."""

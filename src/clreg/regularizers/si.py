@@ -46,7 +46,7 @@ from torch import Tensor, nn
 from .._params import ParamSelector
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
-from .base import check_finite, check_range
+from .base import Hyperparameter, check_finite
 from .ledger import GradientLedger
 from .quadratic import QuadraticPenalty
 
@@ -85,21 +85,9 @@ class SI(QuadraticPenalty):
         self._scaler: Any = None
 
     # -- hyperparameters --------------------------------------------------------------------------
-    @property
-    def c(self) -> float:
-        return self._c
+    c = Hyperparameter(doc="c ≥ 0, the penalty's strength.")
 
-    @c.setter
-    def c(self, value: float) -> None:
-        self._c = check_range("c", value)
-
-    @property
-    def xi(self) -> float:
-        return self._xi
-
-    @xi.setter
-    def xi(self, value: float) -> None:
-        self._xi = check_range("xi", value, low_open=True)
+    xi = Hyperparameter(low_open=True, doc="ξ > 0, the damping of the importance.")
 
     @property
     def clamp(self) -> str | None:

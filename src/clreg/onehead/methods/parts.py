@@ -1,4 +1,5 @@
-"""The built-in parts: ``naive`` (no remedy), ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``mas`` and ``replay``."""
+"""The built-in parts: ``naive`` (no remedy), ``ewc``, ``online_ewc``, ``si``, ``lwf``, ``mas``,
+``kfac_ewc`` (Kronecker-factored EWC) and ``replay``."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ from typing import Any
 
 from torch import nn
 
-from ... import EWC, MAS, SI, LwF, OnlineEWC, ReplayBuffer
+from ... import EWC, KFACEWC, MAS, SI, LwF, OnlineEWC, ReplayBuffer
 from ...regularizers import Regularizer
 from .registry import Part, Settings, register_part
 
@@ -27,6 +28,10 @@ def _ewc(model: nn.Module, s: Settings, seed: int) -> EWC:
 def _online_ewc(model: nn.Module, s: Settings, seed: int) -> OnlineEWC:
     gamma, normalize = s["online_ewc.gamma"], _norm(s["online_ewc.normalize"])
     return OnlineEWC(model, lam=s["online_ewc.lam"], gamma=gamma, seed=seed, normalize=normalize)
+
+
+def _kfac_ewc(model: nn.Module, s: Settings, seed: int) -> KFACEWC:
+    return KFACEWC(model, lam=s["kfac_ewc.lam"], gamma=s["kfac_ewc.gamma"], seed=seed)
 
 
 def _si_take_over(si: Regularizer, state: dict[str, Any], s: Settings) -> None:
@@ -75,6 +80,13 @@ BUILTIN_PARTS = tuple(
             within_rules=False,
             regularizer=lambda model, s, seed: MAS(model, lam=s["mas.lam"], normalize=True),
             stage_attributes={"mas.lam": "lam"},
+        ),
+        Part(
+            "kfac_ewc",  # Kronecker-factored EWC: outside the challenge's remedies
+            {"kfac_ewc.lam": 1.0, "kfac_ewc.gamma": 1.0},
+            within_rules=False,
+            regularizer=_kfac_ewc,
+            stage_attributes={"kfac_ewc.lam": "lam"},
         ),
         Part(
             "replay",

@@ -1,0 +1,242 @@
+r"""Per-layer rules: a layer's per-sample parameter gradients, and its Kronecker factors, from its
+input and the gradient with respect to its output, for a batch.
+
+For a layer with input x and output gradient g (one backward of the summed per-sample objective, so
+g is each sample's own), sample n's gradient is:
+
+* ``Linear``: :math:`\nabla W_n = \sum_t g_{n,t} x_{n,t}^\top`, :math:`\nabla b_n = \sum_t g_{n,t}`
+  over its T locations (T = 1 for a plain (B, in) input, where the squared gradient is
+  :math:`g_n^2 (x_n^2)^\top` and no per-sample gradient is formed);
+* ``Conv2d`` (groups and depthwise included): the same over the unfolded input patches and the output
+  locations, group by group;
+* ``BatchNorm`` (with running statistics: the engine runs in eval mode), ``LayerNorm``, ``GroupNorm``: :math:`\nabla\gamma_n
+  = \sum g_n \hat x_n`, :math:`\nabla\beta_n = \sum g_n` over the locations, with :math:`\hat x`
+  normalised as the layer does;
+* ``Embedding``: row v of :math:`\nabla W_n` is the sum of g over the positions of sample n whose
+  index is v (no row for the padding index).
+
+Kronecker factors (K-FAC, Martens & Grosse 2015; KFC for convolutions, Grosse & Martens 2016), summed
+over the batch (the engine divides by the number of samples): for ``Linear`` and ungrouped
+``Conv2d`` with the augmented input :math:`\tilde x = [x, 1]` when the layer has a bias,
+
+.. math:: A = \sum_n \frac{1}{T} \sum_t \tilde x_{n,t} \tilde x_{n,t}^\top, \qquad
+          G = \sum_n \sum_t g_{n,t} g_{n,t}^\top,
+
+so A averages over locations and G sums over them: with the KFC assumptions (locations uncorrelated,
+spatially homogeneous statistics) :math:`A \otimes G` has the scale of the Fisher block
+:math:`E[\mathrm{vec}(\nabla W)\mathrm{vec}(\nabla W)^\top]`, and for one sample with one location it
+is that block exactly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["Call", "LayerRule", "rule_for"]
+
+_BUDGET = 1 << 25  # elements of per-sample gradients formed at once, per layer (128 MiB in float32)
+
+
+@dataclass
+class Call:
+    """One call of a layer in the forward pass: its input and the gradient with respect to its output."""
+
+    x: Tensor
+    g: Tensor
+
+
+def _chunks(batch: int, per_sample: int) -> list[slice]:
+    step = max(1, _BUDGET // max(1, per_sample))
+    return [slice(i, min(batch, i + step)) for i in range(0, batch, step)]
+
+
+class LayerRule:
+    """How one layer type gives per-sample gradients (and, where it can, Kronecker factors)."""
+
+    names: tuple[str, ...] = ("weight", "bias")
+    kfac = False
+
+    def __init__(self, module: nn.Module) -> None:
+        self.module = module
+
+    def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
+        """Samples ``sl``'s gradients of parameter ``name`` (summed over the calls), (b, ...) in its shape."""
+        raise NotImplementedError
+
+    def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        """Σ over the batch of the squared per-sample gradient of parameter ``name``."""
+        p = getattr(self.module, name)
+        batch = calls[0].x.shape[0]
+        out = torch.zeros(p.shape, dtype=calls[0].g.dtype, device=p.device)
+        for sl in _chunks(batch, p.numel()):
+            out += self.per_sample(calls, name, sl).square().sum(0)
+        return out
+
+
+class LinearRule(LayerRule):
+    kfac = True
+
+    @staticmethod
+    def _flat(c: Call) -> tuple[Tensor, Tensor]:
+        return c.x.reshape(c.x.shape[0], -1, c.x.shape[-1]), c.g.reshape(c.g.shape[0], -1, c.g.shape[-1])
+
+    def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
+        total = None
+        for c in calls:
+            x, g = self._flat(c)
+            x, g = x[sl].to(g.dtype), g[sl]
+            grad = torch.einsum("bto,bti->boi", g, x) if name == "weight" else g.sum(1)
+            total = grad if total is None else total + grad
+        return total
+
+    def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        if len(calls) == 1 and calls[0].x.dim() == 2:  # one location: no per-sample gradient is formed
+            x, g = calls[0].x.to(calls[0].g.dtype), calls[0].g
+            return g.square().t() @ x.square() if name == "weight" else g.square().sum(0)
+        return super().square_sum(calls, name)
+
+    def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+        """(A, G) summed over the batch (see the module's docstring)."""
+        a_sum = g_sum = None
+        for c in calls:
+            x, g = self._flat(c)
+            x = x.to(g.dtype)
+            if self.module.bias is not None:
+                x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+            a = torch.einsum("bti,btj->ij", x, x) / x.shape[1]
+            gg = torch.einsum("bto,btp->op", g, g)
+            a_sum, g_sum = (a, gg) if a_sum is None else (a_sum + a, g_sum + gg)
+        return a_sum, g_sum
+
+
+class Conv2dRule(LayerRule):
+    def __init__(self, module: nn.Conv2d) -> None:
+        super().__init__(module)
+        self.kfac = module.groups == 1
+
+    def _patches(self, c: Call, sl: slice) -> tuple[Tensor, Tensor]:
+        """Unfolded input (b, groups, C_in/groups · k², L) and output gradient (b, groups, C_out/groups, L)."""
+        m = self.module
+        x = F.unfold(c.x[sl].to(c.g.dtype), m.kernel_size, dilation=m.dilation, padding=m.padding, stride=m.stride)
+        b, groups = x.shape[0], m.groups
+        return x.reshape(b, groups, -1, x.shape[-1]), c.g[sl].reshape(b, groups, m.out_channels // groups, -1)
+
+    def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
+        total = None
+        for c in calls:
+            if name == "weight":
+                x, g = self._patches(c, sl)
+                grad = torch.einsum("bgol,bgil->bgoi", g, x).reshape(x.shape[0], *self.module.weight.shape)
+            else:
+                grad = c.g[sl].flatten(2).sum(-1)
+            total = grad if total is None else total + grad
+        return total
+
+    def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
+        a_sum = g_sum = None
+        for c in calls:
+            x, g = self._patches(c, slice(None))
+            x, g = x[:, 0], g[:, 0]  # groups == 1: (B, C_in·k², L), (B, C_out, L)
+            if self.module.bias is not None:
+                x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
+            a = torch.einsum("bil,bjl->ij", x, x) / x.shape[-1]
+            gg = torch.einsum("bol,bpl->op", g, g)
+            a_sum, g_sum = (a, gg) if a_sum is None else (a_sum + a, g_sum + gg)
+        return a_sum, g_sum
+
+
+class NormRule(LayerRule):
+    """BatchNorm (eval mode, running statistics), LayerNorm and GroupNorm: affine parameters only."""
+
+    def _normalised(self, x: Tensor) -> Tensor:
+        m = self.module
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            shape = (1, -1) + (1,) * (x.dim() - 2)
+            return (x - m.running_mean.view(shape)) / torch.sqrt(m.running_var.view(shape) + m.eps)
+        if isinstance(m, nn.LayerNorm):
+            dims = tuple(range(x.dim() - len(m.normalized_shape), x.dim()))
+            return (x - x.mean(dims, keepdim=True)) / torch.sqrt(x.var(dims, unbiased=False, keepdim=True) + m.eps)
+        groups = x.reshape(x.shape[0], m.num_groups, -1)
+        mean, var = groups.mean(-1, keepdim=True), groups.var(-1, unbiased=False, keepdim=True)
+        return ((groups - mean) / torch.sqrt(var + m.eps)).reshape(x.shape)
+
+    def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
+        m = self.module
+        total = None
+        for c in calls:
+            g = c.g[sl]
+            term = g * self._normalised(c.x[sl].to(g.dtype)) if name == "weight" else g
+            if isinstance(m, nn.LayerNorm):  # sum over the leading (non-normalised) dims
+                grad = term.reshape(term.shape[0], -1, *m.normalized_shape).sum(1)
+            else:  # per channel, summed over the locations
+                grad = term.reshape(term.shape[0], term.shape[1], -1).sum(-1)
+            total = grad if total is None else total + grad
+        return total
+
+
+class EmbeddingRule(LayerRule):
+    names = ("weight",)
+
+    def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
+        raise NotImplementedError("an embedding's square sum is formed row by row, not per sample")
+
+    def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        """Σ_n Σ_v (Σ_{t: idx_{n,t} = v} g_{n,t})², over the (sample, row) pairs that occur."""
+        m = self.module
+        vocab = m.weight.shape[0]
+        out = torch.zeros(m.weight.shape, dtype=calls[0].g.dtype, device=m.weight.device)
+        batch = calls[0].x.shape[0]
+        idx = torch.cat([c.x.reshape(batch, -1) for c in calls], 1)
+        g = torch.cat([c.g.reshape(batch, -1, c.g.shape[-1]) for c in calls], 1)
+        keys = (idx + vocab * torch.arange(batch, device=idx.device)[:, None]).reshape(-1)
+        uniq, inverse = torch.unique(keys, return_inverse=True)
+        sums = torch.zeros(len(uniq), g.shape[-1], dtype=g.dtype, device=g.device).index_add_(
+            0, inverse, g.reshape(-1, g.shape[-1])
+        )
+        rows = uniq % vocab
+        keep = rows != m.padding_idx if m.padding_idx is not None else torch.ones_like(rows, dtype=torch.bool)
+        return out.index_add_(0, rows[keep], sums[keep].square())
+
+
+def _plain_batchnorm(m: nn.Module) -> bool:
+    """A BatchNorm the rule can read: affine, with running statistics (the engine runs in eval mode,
+    so they normalise every sample alike)."""
+    return (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and m.track_running_stats
+        and m.running_mean is not None
+        and m.affine
+    )
+
+
+def rule_for(m: nn.Module) -> LayerRule | None:
+    """The rule for a module this engine covers, or ``None`` (its parameters take the per-sample path)."""
+    if type(m) is nn.Linear:
+        return LinearRule(m)
+    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+        return Conv2dRule(m)
+    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and _plain_batchnorm(m):
+        return NormRule(m)
+    if _batchnorm_then_act(m) and _plain_batchnorm(m):
+        return NormRule(m)
+    if type(m) in (nn.LayerNorm, nn.GroupNorm) and getattr(m, "weight", None) is not None:
+        return NormRule(m)
+    if type(m) is nn.Embedding and m.max_norm is None and not m.sparse:
+        return EmbeddingRule(m)
+    return None
+
+
+def _batchnorm_then_act(m: nn.Module) -> bool:
+    """A BatchNorm subclass that applies ``drop`` and ``act`` submodules after its normalisation in one
+    forward (timm's ``BatchNormAct2d``): its affine output is the input of ``drop``."""
+    return (
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        and type(m).forward is not nn.modules.batchnorm._BatchNorm.forward
+        and isinstance(getattr(m, "drop", None), nn.Module)
+        and isinstance(getattr(m, "act", None), nn.Module)
+    )
