@@ -70,8 +70,10 @@ def _consolidate(
 
 
 def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
-    """``name`` is ``plain`` or ``<reg>-<mode>`` with reg in ewc, ewc5, online_ewc, mas, si, lwf and
-    mode autograd, attached or attached+value (the value computed for logging each step)."""
+    """``name`` is ``plain`` or ``<reg>-<mode>`` with reg in ewc, ewc5, online_ewc, mas, si, lwf,
+    kfac_ewc (Kronecker factors of at most 1024 rows, the diagonal elsewhere) or kfac_ewc_full (every
+    linear and ungrouped convolution factored) and mode autograd, attached or attached+value (the
+    value computed for logging each step)."""
     model = Net()
     model.load_state_dict(state)
     model.train()
@@ -87,6 +89,8 @@ def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Va
             "mas": lambda: clreg.MAS(model, lam=1.0, max_samples=4),
             "si": lambda: clreg.SI(model, c=0.1),
             "lwf": lambda: clreg.LwF(model, temperature=2.0),
+            "kfac_ewc": lambda: clreg.KFACEWC(model, lam=1.0, max_samples=4),  # factors of at most 1024 rows
+            "kfac_ewc_full": lambda: clreg.KFACEWC(model, lam=1.0, max_samples=4, max_factor=1 << 20),
         }[kind]()
         if isinstance(reg, clreg.SI):
             reg.attach(opt) if mode.startswith("attached") else reg.track(opt)
@@ -188,6 +192,9 @@ VARIANTS = [
     "si-autograd",
     "si-attached",
     "lwf-autograd",
+    "kfac_ewc-autograd",
+    "kfac_ewc-attached",
+    "kfac_ewc_full-attached",
 ]
 
 

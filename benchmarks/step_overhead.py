@@ -81,7 +81,8 @@ def fisher_throughput(samples: int) -> dict:
     )
     out = {}
     for est in ("empirical", "mc", "exact"):
-        for path, kw in (("vmap", {"vectorize": True}), ("loop", {"vectorize": False})):
+        paths = (("vmap", {"vectorize": True}), ("loop", {"vectorize": False}), ("layers", {"engine": "layers"}))
+        for path, kw in paths:
             cold = time.perf_counter()
             fisher_diagonal(model, data, estimator=est, **kw)
             cold = time.perf_counter() - cold

@@ -1,5 +1,6 @@
 """Sphinx configuration: builds offline (no intersphinx), warnings are errors in CI (-W)."""
 
+import importlib.util
 import os
 import sys
 
@@ -14,6 +15,8 @@ version = release = clreg.__version__
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.napoleon", "sphinx.ext.mathjax", "sphinx.ext.viewcode"]
 autodoc_member_order = "bysource"
+# the integrations' frameworks are optional extras: documented from stand-ins where not installed
+autodoc_mock_imports = [m for m in ("lightning", "transformers", "peft") if importlib.util.find_spec(m) is None]
 autodoc_typehints = "description"
 autodoc_default_options = {"members": True, "show-inheritance": True}
 napoleon_google_docstring = True

@@ -36,6 +36,12 @@ def test_example_smoke(script: str, expect: list[str]) -> None:
         assert line in out, out
 
 
+def test_lightning_example() -> None:
+    pytest.importorskip("lightning")
+    out = run(sys.executable, str(EXAMPLES / "lightning_tasks.py"), "--smoke")
+    assert "naive    task 1" in out and "ewc      task 1" in out and "lwf      task 1" in out, out
+
+
 def test_torchrun_example_with_two_processes() -> None:
     out = run(
         sys.executable,

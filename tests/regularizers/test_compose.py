@@ -89,3 +89,39 @@ def test_compose_sums_routes_and_round_trips() -> None:
     assert reg["lwf"] is reg.members[1]
     with pytest.raises(TypeError, match="clreg regularizers"):
         clreg.Compose(torch.nn.Linear(1, 1))
+
+
+def test_attached_without_a_hook_the_loop_calls_pre_step() -> None:
+    """``attach(optimizer, hook=False)`` then ``pre_step()`` after the backward gives the step the
+    hooked attached mode gives; ``autograd_value`` is what the loop still adds to its loss (LwF)."""
+    import torch.nn.functional as F
+
+    results = []
+    for hook in (True, False):
+        torch.manual_seed(0)
+        model = MLP()
+        x, y = torch.randn(6, 4), torch.randint(0, 3, (6,))
+        ewc, si, lwf = clreg.EWC(model, lam=2.0, estimator="exact"), clreg.SI(model, c=0.3), clreg.LwF(model)
+        reg = clreg.Compose(ewc, si, lwf)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        si.track(opt)
+        for _ in range(2):
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        si.detach()
+        reg.consolidate(model, torch.utils.data.TensorDataset(x, y))
+        reg.attach(opt, hook=hook)
+        for _ in range(3):
+            out = model(x)
+            loss = F.cross_entropy(out, y) + reg.autograd_value(model, inputs=x, outputs=out)
+            opt.zero_grad()
+            loss.backward()
+            if not hook:
+                reg.pre_step()
+            opt.step()
+        results.append([p.detach().clone() for p in model.parameters()] + [si.omega.tensors[0].clone()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="attach\\(optimizer, hook=False\\) first"):
+        clreg.EWC(MLP()).pre_step()

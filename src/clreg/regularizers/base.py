@@ -156,11 +156,35 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
 
     _attached = False
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> Regularizer:
         """Apply this regularizer on ``optimizer``'s steps (where ``attachable``; ``scaler``, a
-        GradScaler, matters to those that also track the path). Regularizers without a closed-form
-        gradient (LwF) cannot be attached: a TypeError."""
+        GradScaler, matters to those that also track the path); with ``hook=False`` the caller adds the
+        gradient with :meth:`pre_step`. Regularizers without a closed-form gradient (LwF) cannot be
+        attached: a TypeError."""
         raise TypeError(f"{type(self).__name__} has no closed-form gradient and cannot be attached")
+
+    def pre_step(self) -> None:
+        """Add the penalty's closed-form gradient to ``.grad`` now: what the attached mode's step
+        pre-hook does, for a loop that runs the backward inside ``optimizer.step(closure)`` (Lightning)
+        and attaches with ``hook=False``. Call it once per optimizer step, after the backward."""
+        if not self.attached or getattr(self, "_step_mask", None) is None:
+            raise ValueError(f"{type(self).__name__}.pre_step needs attach(optimizer, hook=False) first")
+        self._pre_step(self._step_mask)
+
+    def _pre_step(self, mask: list[bool]) -> None:
+        """The attached mode's work before an optimizer step (subclasses that are ``attachable``)."""
+        raise TypeError(f"{type(self).__name__} has no closed-form gradient")
+
+    def _register_pre_step(self, optimizer: torch.optim.Optimizer, hook: bool) -> None:
+        """Enter the attached mode on ``optimizer``: its parameters' mask kept, and with ``hook`` a step
+        pre-hook that runs :meth:`pre_step`'s work on each ``step()``."""
+        if self.attached:
+            raise ValueError(f"{type(self).__name__} is already attached; call detach() first")
+        mask = self._optimizer_mask(optimizer, self._pset.last())
+        self._step_mask = mask
+        if hook:
+            self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kw: self._pre_step(mask)))
+        self._attached = True
 
     def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Regularizer:
         """Follow ``optimizer``'s steps for a path integral (where ``tracks_path``; else a TypeError)."""
@@ -172,6 +196,7 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
             h.remove()
         self._handles = []
         self._attached = False
+        self._step_mask = None
 
     @staticmethod
     def _optimizer_mask(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[bool]:

@@ -121,12 +121,30 @@ class Compose(nn.Module):
                 found.append(r)
         return found
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> Compose:
         """Attach every ``attachable`` member (LwF stays in the autograd mode); ``scaler`` goes to
-        each (see :meth:`clreg.SI.attach`)."""
+        each (see :meth:`clreg.SI.attach`); with ``hook=False`` the caller adds the gradients with
+        :meth:`pre_step`."""
         for r in self.members_that("attachable"):
-            r.attach(optimizer, scaler=scaler)
+            r.attach(optimizer, scaler=scaler, hook=hook)
         return self
+
+    def pre_step(self) -> None:
+        """Every attached member's :meth:`~clreg.Regularizer.pre_step`, in the members' order."""
+        for r in self.members_that("attachable"):
+            if r.attached:
+                r.pre_step()
+
+    def autograd_value(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
+        """The sum of the members that are not attached (LwF …): the part of the value a loop adds to
+        its loss when the others are attached."""
+        values = []
+        for r in self.members:
+            if isinstance(r, Compose):
+                values.append(r.autograd_value(model, inputs, outputs))
+            elif not r.attached:
+                values.append(r(model, inputs=inputs, outputs=outputs))
+        return sum(values[1:], values[0]) if values else torch.zeros((), device=_device_of(model))
 
     def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
         """Path tracking alone (:meth:`clreg.SI.track`) for every member that ``tracks_path``; a
@@ -141,3 +159,7 @@ class Compose(nn.Module):
     def detach(self) -> None:
         for r in self.members:
             r.detach()
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next((p.device for p in model.parameters()), torch.device("cpu"))

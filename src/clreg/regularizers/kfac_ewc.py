@@ -163,13 +163,10 @@ class KFACEWC(Regularizer):
         return value
 
     # -- attached mode -----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> KFACEWC:
-        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``."""
-        if self.attached:
-            raise ValueError("KFACEWC is already attached; call detach() first")
-        mask = self._optimizer_mask(optimizer, self._pset.last())
-        self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kw: self._pre_step(mask)))
-        self._attached = True
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> KFACEWC:
+        """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()`` (with
+        ``hook=False``, when the caller calls :meth:`pre_step`)."""
+        self._register_pre_step(optimizer, hook)
         return self
 
     def _pre_step(self, mask: list[bool]) -> None:

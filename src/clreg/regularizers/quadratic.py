@@ -110,15 +110,11 @@ class QuadraticPenalty(Regularizer):
         return value
 
     # -- attached mode ----------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> QuadraticPenalty:
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> QuadraticPenalty:
         """Add the penalty's closed-form gradient into ``.grad`` on each ``optimizer.step()``
-        (``scaler`` is not needed: the pre-hook runs after GradScaler's unscale)."""
-        if self.attached:
-            raise ValueError(f"{type(self).__name__} is already attached; call detach() first")
-        params = self._pset.last()
-        mask = self._optimizer_mask(optimizer, params)
-        self._handles.append(optimizer.register_step_pre_hook(lambda opt, args, kw: self._pre_step(mask)))
-        self._attached = True
+        (``scaler`` is not needed: the pre-hook runs after GradScaler's unscale); with ``hook=False``,
+        when the caller calls :meth:`pre_step`."""
+        self._register_pre_step(optimizer, hook)
         return self
 
     def _step_targets(self, mask: list[bool]) -> tuple[list[int], list[Tensor], list[Tensor]] | None:

@@ -138,9 +138,10 @@ class SI(QuadraticPenalty):
         self.previous.set([p.detach() for p in self._pset.last()])
         self.ledger.clear(self._pset.last())
 
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
-        """Penalty gradient before each step and path tracking after it, on ``optimizer``."""
-        super().attach(optimizer)
+    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> SI:
+        """Penalty gradient before each step (with ``hook=False``, from :meth:`pre_step`) and path
+        tracking after it (a step post-hook), on ``optimizer``."""
+        super().attach(optimizer, hook=hook)
         return self._track(optimizer, scaler)
 
     def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> SI:
