@@ -16,7 +16,8 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import clreg
 from clreg import OutputSpec, TaskSpec
 from clreg.functional import fisher_curvature, fisher_diagonal
-from models import MLP, MultiHead
+from clreg.integrations.causal_lm import CausalLMDataset, causal_lm_spec
+from models import MLP, Items, MultiHead, TinyLM, sequences
 
 N = 11  # odd: the shards differ in size
 
@@ -74,6 +75,11 @@ def scenario(rank: int, world: int) -> dict[str, torch.Tensor]:
     spec = OutputSpec(select="seg", ignore_index=255)
     for k, v in fisher_diagonal(seg, dense(), outputs=spec, estimator="mc", mc_samples=2).items():
         out[f"fisher_dense/{k}"] = v
+    # a causal LM's token logits: sequences sharded over the ranks, padding ignored
+    lm, texts = TinyLM(), CausalLMDataset(Items(sequences(7)))
+    for est in ("mc", "empirical"):
+        for k, v in fisher_diagonal(lm, texts, spec=causal_lm_spec(), estimator=est, chunk_size=2).items():
+            out[f"fisher_lm/{est}/{k}"] = v
 
     # SI under DDP: ω is identical on every rank without any reduction
     torch.manual_seed(1)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import strategies as st
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 import clreg
 
@@ -119,3 +119,46 @@ def rand_like_shapes(shapes, dtype, seed, nonneg=False, zero_frac=0.0):
                 t[torch.rand(s, generator=g) < zero_frac] = 0
         out.append(t)
     return out
+
+
+V, L, D = 7, 6, 5  # TinyLM: vocabulary, sequence length, width
+
+
+class TinyLM(torch.nn.Module):
+    """Embedding, a causal running mean, a tanh layer and the vocabulary head; forward by keywords."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.embed = torch.nn.Embedding(V, D)
+        self.mix = torch.nn.Linear(D, D)
+        self.head = torch.nn.Linear(D, V)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict:
+        h = self.embed(input_ids)
+        steps = torch.arange(1, input_ids.shape[1] + 1, dtype=h.dtype).reshape(1, -1, 1)
+        h = torch.tanh(self.mix(h.cumsum(1) / steps))
+        return {"logits": self.head(h)}
+
+
+def sequences(n: int = 6, seed: int = 1) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    items = []
+    for i in range(n):
+        ids = torch.randint(0, V, (L,), generator=g)
+        mask = torch.ones(L, dtype=torch.long)
+        mask[L - 1 - i % 3 :] = 0  # 0 to 2 padded positions at the end
+        labels = torch.where(mask.bool(), ids, torch.full_like(ids, -100))
+        items.append({"input_ids": ids, "attention_mask": mask, "labels": labels})
+    return items
+
+
+class Items(Dataset):
+    def __init__(self, items: list) -> None:
+        self.items = items
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        return self.items[i]

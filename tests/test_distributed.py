@@ -30,7 +30,17 @@ def keys(single, prefix):
 
 @pytest.mark.parametrize(
     "prefix",
-    ["fisher/exact", "fisher/empirical", "fisher/mc", "fisher/max7", "fisher_dense", "fisher_loader", "curvature/"],
+    [
+        "fisher/exact",
+        "fisher/empirical",
+        "fisher/mc",
+        "fisher/max7",
+        "fisher_dense",
+        "fisher_loader",
+        "fisher_lm/mc",
+        "fisher_lm/empirical",
+        "curvature/",
+    ],
 )
 def test_split_fisher_equals_single_process(runs, prefix) -> None:
     ranks, single = runs

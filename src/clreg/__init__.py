@@ -12,6 +12,7 @@ Example:
 
 from . import distributed, functional
 from ._version import __version__
+from .data import KeywordInputs
 from .regularizers import (
     EWC,
     KFACEWC,
@@ -34,6 +35,7 @@ __all__ = [
     "SI",
     "Compose",
     "GradientLedger",
+    "KeywordInputs",
     "LwF",
     "OnlineEWC",
     "OutputSpec",

@@ -7,6 +7,10 @@ Accepted:
   * a ``DataLoader`` or any iterable of batches ``(inputs, targets)`` or ``inputs``: each rank reads
     its own iterable; samples are keyed by ``(rank, position in this rank's stream)``.
 
+Inputs given as a :class:`KeywordInputs` (a dict) are passed to the model as keyword arguments,
+``model(**inputs)``, as a Hugging Face model takes ``input_ids`` and ``attention_mask``; any other
+input is passed as the one positional argument, ``model(inputs)``.
+
 ``max_samples`` is global: with a Dataset the first ``max_samples`` indices are used; with an
 iterable each rank reads at most its share (``max_samples // world``, one more on the first
 ``max_samples % world`` ranks).
@@ -20,14 +24,19 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor
+import torch.utils._pytree as pytree
+from torch import Tensor, nn
+from torch.func import functional_call
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from .distributed import rank_and_world, shard
 
 __all__ = [
     "Chunk",
+    "KeywordInputs",
     "batch_size_of",
+    "call_model",
+    "functional_call_model",
     "iter_chunks",
     "stable_seed",
     "tree_index",
@@ -59,9 +68,44 @@ class Chunk:
     keys: Tensor
 
 
+class KeywordInputs(dict):
+    """A batch's inputs that the model takes as keyword arguments: ``model(**inputs)``.
+
+    Example:
+        >>> import torch
+        >>> class Net(torch.nn.Module):
+        ...     def forward(self, input_ids, attention_mask=None):
+        ...         return input_ids * attention_mask
+        >>> x = KeywordInputs(input_ids=torch.ones(2, 3), attention_mask=torch.zeros(2, 3))
+        >>> call_model(Net(), x).sum().item()
+        0.0
+    """
+
+
+pytree.register_pytree_node(
+    KeywordInputs,
+    lambda d: (list(d.values()), list(d.keys())),
+    lambda values, keys: KeywordInputs(zip(keys, values)),
+    serialized_type_name="clreg.data.KeywordInputs",
+)
+
+
+def call_model(model: nn.Module, inputs: Any) -> Any:
+    """``model(**inputs)`` for :class:`KeywordInputs`, else ``model(inputs)``."""
+    return model(**inputs) if isinstance(inputs, KeywordInputs) else model(inputs)
+
+
+def functional_call_model(model: nn.Module, params: Any, inputs: Any, *, strict: bool = False) -> Any:
+    """:func:`torch.func.functional_call` of ``model`` on ``inputs``, called as :func:`call_model` does."""
+    if isinstance(inputs, KeywordInputs):
+        return functional_call(model, params, (), dict(inputs), strict=strict)
+    return functional_call(model, params, (inputs,), strict=strict)
+
+
 def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
     """``fn`` applied to every tensor in ``tree``: dicts, lists and tuples are rebuilt (a dict as a dict,
-    a list or tuple as ``type(tree)(...)``), anything else is returned unchanged.
+    a :class:`KeywordInputs` as one, a list or tuple as ``type(tree)(...)``), anything else is returned
+    unchanged.
 
     Example:
         >>> import torch
@@ -71,7 +115,8 @@ def tree_map(fn: Callable[[Tensor], Any], tree: Any) -> Any:
     if isinstance(tree, Tensor):
         return fn(tree)
     if isinstance(tree, dict):
-        return {k: tree_map(fn, v) for k, v in tree.items()}
+        mapped = {k: tree_map(fn, v) for k, v in tree.items()}
+        return KeywordInputs(mapped) if isinstance(tree, KeywordInputs) else mapped
     if isinstance(tree, (list, tuple)):
         return type(tree)(tree_map(fn, v) for v in tree)
     return tree

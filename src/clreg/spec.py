@@ -45,6 +45,12 @@ class OutputSpec:
         target: where this output's labels are in the target (for a Fisher with true or sampled
             labels); defaults to the target itself when it is a tensor, else to ``select``.
         norm: ``"l2"`` or ``"l1"``, the distance used to distil a regression output.
+        class_dim: the dimension of a softmax output's classes in the batched tensor: 1 (``(B, C)``,
+            ``(B, C, H, W)``) or another, e.g. ``-1`` for token logits ``(B, L, V)``; read in place,
+            never transposed. The labels have the output's shape without it.
+        shift: for a sequence, the labels are ``shift`` positions ahead of the logits: logits at
+            positions ``[0, L - shift)`` of the first location dimension predict the labels at
+            ``[shift, L)`` (1 for a causal language model, whose position t predicts token t + 1).
     """
 
     select: Selector = None
@@ -54,6 +60,8 @@ class OutputSpec:
     weight: str | tuple | Callable[[Any], Tensor] | None = None
     target: str | int | tuple | Callable[[Any], Tensor] | None = None
     norm: str = "l2"
+    class_dim: int = 1
+    shift: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -62,6 +70,10 @@ class OutputSpec:
             raise ValueError(f"OutputSpec.norm must be 'l2' or 'l1', got {self.norm!r}")
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+        if not isinstance(self.class_dim, int) or self.class_dim == 0:
+            raise ValueError(f"OutputSpec.class_dim must be a non-zero int (0 is the batch), got {self.class_dim!r}")
+        if not isinstance(self.shift, int) or self.shift < 0:
+            raise ValueError(f"OutputSpec.shift must be an int >= 0, got {self.shift!r}")
 
     def to_config(self) -> dict[str, Any] | None:
         """A plain-data form for checkpoints, or ``None`` when a field is a callable."""
@@ -75,6 +87,8 @@ class OutputSpec:
             "weight": _plain(self.weight),
             "target": _plain(self.target),
             "norm": self.norm,
+            "class_dim": self.class_dim,
+            "shift": self.shift,
         }
 
     @classmethod

@@ -358,3 +358,13 @@ def test_bad_labels_are_refused_naming_the_sample_and_the_range(engine) -> None:
     flat = TensorDataset(torch.randn(6, 3, 5, 5), torch.randint(0, 4, (6, 25)))
     with pytest.raises(ValueError, match=r"labels of shape \(B, 25\) for logits of shape \(B, C, 5, 5\)"):
         fisher_diagonal(model, flat, outputs=OutputSpec(select="seg"), estimator="empirical", engine=engine)
+
+
+def test_a_one_shot_generator_is_refused_before_the_probe_eats_its_first_batch() -> None:
+    """The Fisher reads its data twice (the first sample probes the outputs' shapes): a generator would
+    silently lose its first batch, so it is a TypeError; the same batches in a list are accepted."""
+    model = torch.nn.Linear(3, 2)
+    batches = [(torch.randn(4, 3), torch.randint(0, 2, (4,))) for _ in range(2)]
+    with pytest.raises(TypeError, match="one-shot iterator"):
+        fisher_diagonal(model, (b for b in batches), estimator="empirical")
+    assert fisher_diagonal(model, batches, estimator="empirical")["weight"].shape == (2, 3)

@@ -1,7 +1,8 @@
 """The Lightning callback: the penalty's gradient on a step equals the plain loop's, once per optimizer
 step under gradient accumulation, in 32-true and bf16-mixed; it is clipped with the rest; a fit killed
-in task 2 and resumed from its checkpoint continues with the same penalties and losses; two DDP
-processes give the single-process state."""
+in task 2 and resumed from its checkpoint continues with the same penalties, and mid-epoch with a
+resumable loader as the uninterrupted run (losses, state, weights); two DDP processes give the
+single-process state."""
 
 from __future__ import annotations
 
@@ -216,6 +217,71 @@ def test_a_fit_killed_in_task_2_resumes_from_its_checkpoint_with_the_same_penalt
     for got, w in zip(grads.grads[0], want):
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-7)
     assert len(grads.grads) == 4  # steps 5 to 8
+
+
+class ResumableLoader:
+    """Batches of a dataset in a seeded order per epoch that Lightning can resume mid-epoch: its
+    ``state_dict`` (epoch, batches given) goes into the checkpoint and back."""
+
+    def __init__(self, data: TensorDataset, batch: int = 8) -> None:
+        self.data, self.batch, self.epoch, self.start = data, batch, 0, 0
+
+    def __len__(self) -> int:
+        return len(self.data) // self.batch
+
+    def __iter__(self):
+        order = torch.randperm(len(self.data), generator=torch.Generator().manual_seed(self.epoch))
+        start, self.start = self.start, 0
+        for i in range(start, len(self)):
+            self.given = i + 1
+            yield self.data[order[i * self.batch : (i + 1) * self.batch]]
+        self.epoch, self.given = self.epoch + 1, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.epoch, "given": getattr(self, "given", 0)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.epoch, self.start = state["epoch"], state["given"]
+
+
+def test_a_fit_killed_mid_epoch_in_task_2_continues_as_the_uninterrupted_run(tmp_path) -> None:
+    """Task 2 (two epochs of four steps, a resumable loader) crashes after step 6, in its second
+    epoch; a new process resumes from the step-6 checkpoint (written during task 2, after task 1's
+    consolidation): its task-2 losses, the regularizer's state after task 2 (EWC's Fisher and anchor,
+    SI's Ω from the whole path) and the weights are the uninterrupted run's."""
+
+    def task_1() -> tuple[Net, ContinualLearning]:
+        L.seed_everything(0, workers=True)
+        net = Net()
+        continual = ContinualLearning(ewc_and_si(net), data=task_data(0), log_every_n_steps=None)
+        trainer([continual], max_steps=3).fit(net, loader(0))
+        net.losses = []
+        return net, continual
+
+    whole_net, whole = task_1()
+    trainer([whole], max_steps=8).fit(whole_net, ResumableLoader(task_data(1)))
+
+    cut_net, cut = task_1()
+    ckpt = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1)
+    with pytest.raises(Killed):
+        trainer([cut, ckpt, KillAfter(6)], max_steps=8, enable_checkpointing=True).fit(
+            cut_net, ResumableLoader(task_data(1))
+        )
+    fresh = Net()
+    resumed = ContinualLearning(ewc_and_si(fresh), data=task_data(0), log_every_n_steps=None)
+    (path,) = tmp_path.glob("*step=6.ckpt")
+    trainer([resumed], max_steps=8).fit(fresh, ResumableLoader(task_data(1)), ckpt_path=str(path))
+
+    assert len(whole_net.losses) == 8 and len(cut_net.losses) == 6 and len(fresh.losses) == 2
+    assert cut_net.losses + fresh.losses == pytest.approx(whole_net.losses, rel=1e-6, abs=1e-7)
+    assert whole.tasks == resumed.tasks == 2
+    a, b = whole.regularizer.state_dict(), resumed.regularizer.state_dict()
+    assert a.keys() == b.keys()
+    for k, v in a.items():
+        if isinstance(v, torch.Tensor):
+            torch.testing.assert_close(b[k], v, rtol=1e-5, atol=1e-7, msg=k)
+    for p, q in zip(whole_net.parameters(), fresh.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-7)
 
 
 def test_lwf_goes_in_the_training_step_and_members_are_logged(tmp_path) -> None:

@@ -16,10 +16,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from .._params import ParamSelector, ParamSet, canonical_name, state_dtype, unwrap_model
-from ..data import Chunk, batch_size_of, iter_chunks, tree_index, tree_slice, tree_to, tree_unsqueeze
+from ..data import (
+    Chunk,
+    batch_size_of,
+    call_model,
+    functional_call_model,
+    iter_chunks,
+    tree_index,
+    tree_slice,
+    tree_to,
+    tree_unsqueeze,
+)
 from ..distributed import all_reduce_sum_
 
 Objective = Callable[[Any, Any, Any], tuple[Tensor, Tensor]]
@@ -146,7 +156,7 @@ class PerSampleEngine:
         model, frozen = self.model, self.frozen
 
         def f(sel: dict[str, Tensor], xi: Any, yi: Any, ei: Any) -> tuple[Tensor, Tensor]:
-            out = functional_call(model, (sel, frozen), (tree_unsqueeze(xi),))
+            out = functional_call_model(model, (sel, frozen), tree_unsqueeze(xi))
             values, weights = objective(out, tree_unsqueeze(yi), ei)
             return values, weights.detach()
 
@@ -163,7 +173,7 @@ class PerSampleEngine:
             yi = None if y is None else tree_slice(y, slice(i, i + 1))
             ei = None if e is None else tree_index(e, i)
             with torch.enable_grad():
-                out = self.model(xi)
+                out = call_model(self.model, xi)
                 values, weights = objective(out, yi, ei)
                 per_k = []
                 for j in range(values.shape[0]):

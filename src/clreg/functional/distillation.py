@@ -34,7 +34,7 @@ from torch import Tensor
 __all__ = ["regression_distillation", "sigmoid_distillation", "softmax_distillation"]
 
 
-def _pick(x: Tensor, channels: Sequence[int] | Tensor | None) -> Tensor:
+def _pick(x: Tensor, channels: Sequence[int] | Tensor | None, dim: int = 1) -> Tensor:
     if x.dim() < 2:
         raise ValueError(f"distilled outputs must be (B, C, ...), got shape {tuple(x.shape)}")
     if channels is None:
@@ -42,7 +42,7 @@ def _pick(x: Tensor, channels: Sequence[int] | Tensor | None) -> Tensor:
     idx = torch.as_tensor(channels, device=x.device)
     if idx.dtype == torch.bool:
         idx = idx.nonzero().flatten()
-    return x.index_select(1, idx.long())
+    return x.index_select(dim, idx.long())
 
 
 def _check(student: Tensor, teacher: Tensor) -> None:
@@ -64,15 +64,18 @@ def softmax_distillation(
     *,
     channels: Sequence[int] | Tensor | None = None,
     t_squared: bool = True,
+    class_dim: int = 1,
 ) -> Tensor:
-    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over dim 1, mean over batch and locations."""
+    """T²·KL(softmax(teacher/T) ‖ softmax(student/T)) over the classes (dim ``class_dim``: 1, or -1
+    for token logits (B, L, V)), mean over batch and locations."""
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
     _check(student, teacher)
-    s = _pick(student, channels).float() / temperature
-    t = _pick(teacher, channels).detach().float() / temperature
-    log_q = F.log_softmax(t, dim=1)
-    kl = (log_q.exp() * (log_q - F.log_softmax(s, dim=1))).sum(dim=1)
+    d = class_dim % student.dim()
+    s = _pick(student, channels, d).float() / temperature
+    t = _pick(teacher, channels, d).detach().float() / temperature
+    log_q = F.log_softmax(t, dim=d)
+    kl = (log_q.exp() * (log_q - F.log_softmax(s, dim=d))).sum(dim=d)
     loss = _mean_locations(kl)
     return loss * temperature**2 if t_squared else loss
 

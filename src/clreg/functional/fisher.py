@@ -49,7 +49,7 @@ Example:
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,7 +59,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .._params import ParamSelector, unwrap_model
-from ..data import Chunk, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
+from ..data import Chunk, call_model, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
 from ._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
@@ -88,50 +88,90 @@ def _as_outputs(outputs: OutputSpec | Sequence[OutputSpec] | None) -> tuple[Outp
 
 
 def target_of(target: Any, spec: OutputSpec) -> Tensor:
-    """This output's labels within a task's target."""
+    """This output's labels within a task's target (past the first ``spec.shift`` positions)."""
     if target is None:
         raise ValueError("this estimator needs targets: the data gave inputs only")
     if spec.target is not None:
-        return select_tensor(target, spec.target, "target")
-    if isinstance(target, Tensor):
-        return target
-    if spec.select is not None and not callable(spec.select):
-        return select_tensor(target, spec.select, "target")
-    raise ValueError("the target is not a tensor: give OutputSpec(target=...) to pick this output's labels")
+        labels = select_tensor(target, spec.target, "target")
+    elif isinstance(target, Tensor):
+        labels = target
+    elif spec.select is not None and not callable(spec.select):
+        labels = select_tensor(target, spec.select, "target")
+    else:
+        raise ValueError("the target is not a tensor: give OutputSpec(target=...) to pick this output's labels")
+    if not spec.shift:
+        return labels
+    if labels.dim() < 2 or labels.shape[1] <= spec.shift:
+        raise ValueError(f"shift {spec.shift} needs labels (B, L) with L > {spec.shift}, got {tuple(labels.shape)}")
+    return labels.narrow(1, spec.shift, labels.shape[1] - spec.shift)
+
+
+def class_dim_of(z: Tensor, spec: OutputSpec) -> int:
+    """The (non-negative) dimension of ``z``'s classes."""
+    d = spec.class_dim % z.dim()
+    if d == 0:
+        raise ValueError(f"class_dim {spec.class_dim} is the batch dimension of an output of shape {tuple(z.shape)}")
+    return d
+
+
+def _without(shape: torch.Size, dim: int) -> torch.Size:
+    return torch.Size([s for i, s in enumerate(shape) if i != dim])
 
 
 def _logits(outputs: Any, spec: OutputSpec) -> Tensor:
+    """The output's logits (half precision upcast), its channels picked and, with ``shift``, its last positions cut,
+    in place: the classes stay on ``spec.class_dim``."""
     z = select_tensor(outputs, spec.select)
     if z.dim() < 2:
         raise ValueError(f"softmax output must be (B, C, ...), got shape {tuple(z.shape)}")
+    d = class_dim_of(z, spec)
     if spec.channels is not None:
-        z = z.index_select(1, torch.tensor(spec.channels, device=z.device))
-    return z.float()
+        z = z.index_select(d, torch.tensor(spec.channels, device=z.device))
+    if spec.shift:
+        t = 2 if d == 1 else 1  # the first location dimension
+        if z.dim() < 3 or z.shape[t] <= spec.shift:
+            raise ValueError(f"shift {spec.shift} needs a sequence of more positions; got logits {tuple(z.shape)}")
+        z = z.narrow(t, 0, z.shape[t] - spec.shift)
+    return z if z.dtype in (torch.float32, torch.float64) else z.float()  # half precision upcast
 
 
-def scaled_loglik(logits: Tensor, labels: Tensor, ignore_index: int | None, valid: Tensor | None = None) -> Tensor:
+def _per_sample_shape(z: Tensor, spec: OutputSpec) -> torch.Size:
+    """``(C, *locations)`` of one sample, whichever dimension holds the classes."""
+    d = class_dim_of(z, spec)
+    return torch.Size([z.shape[d], *_without(z.shape, d)[1:]])
+
+
+def scaled_loglik(
+    logits: Tensor, labels: Tensor, ignore_index: int | None, valid: Tensor | None = None, class_dim: int = 1
+) -> Tensor:
     r"""For one sample (batch dim 1): :math:`\sqrt{n}\cdot\frac{1}{n}\sum_{j \in valid}\log p(y_j)`.
 
     Its squared gradient is n·(∇ mean log-likelihood)², the per-location Fisher convention; for
-    (1, C) logits n = 1 and this is log p(y).
+    (1, C) logits n = 1 and this is log p(y). The classes are on ``class_dim``.
     """
     if labels.dtype.is_floating_point:
         raise ValueError(f"softmax labels must be integers, got {labels.dtype}")
-    labels = labels.reshape(logits.shape[:1] + logits.shape[2:])
+    labels = labels.reshape(_without(logits.shape, class_dim))
     if valid is None:
         valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
     safe = torch.where(valid, labels, torch.zeros_like(labels)).long()
-    logp = F.log_softmax(logits, dim=1).gather(1, safe.unsqueeze(1)).squeeze(1)
+    logp = F.log_softmax(logits, dim=class_dim).gather(class_dim, safe.unsqueeze(class_dim)).squeeze(class_dim)
     n = valid.sum().to(logp.dtype)
     return (logp * valid).sum() / torch.sqrt(torch.clamp(n, min=1.0))
 
 
-def scaled_loglik_draws(logits: Tensor, labels: Tensor, valid: Tensor | None) -> Tensor:
-    """:func:`scaled_loglik` for k label draws at once: logits (1, C, *loc), labels (k, *loc) → (k,)."""
-    logp = F.log_softmax(logits, dim=1)[0]
-    logp = logp.reshape(logp.shape[0], -1)  # (C, L)
+def scaled_loglik_draws(logits: Tensor, labels: Tensor, valid: Tensor | None, class_dim: int = 1) -> Tensor:
+    """:func:`scaled_loglik` for k label draws at once: logits (1, C, *loc) (or the classes on
+    ``class_dim``), labels (k, *loc) → (k,)."""
     k = labels.shape[0]
-    lp = logp.gather(0, labels.reshape(k, -1))  # (k, L): lp[i, l] = logp[labels[i, l], l]
+    logp = F.log_softmax(logits, dim=class_dim)[0]
+    if class_dim == 1:
+        logp = logp.reshape(logp.shape[0], -1)  # (C, L)
+        lp = logp.gather(0, labels.reshape(k, -1))  # (k, L): lp[i, l] = logp[labels[i, l], l]
+    else:  # classes last (or moved there, a view): (L, C), gathered without a transposed copy
+        logp = logp.movedim(class_dim - 1, -1)
+        logp = logp.reshape(-1, logp.shape[-1])
+        lp = logp.gather(1, labels.reshape(k, -1).T).T
     if valid is None:
         return lp.sum(1) / float(lp.shape[1]) ** 0.5
     valid = valid.reshape(k, -1).to(lp.dtype)
@@ -167,8 +207,8 @@ def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> li
             raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
         x = first.inputs
     with torch.no_grad(), eval_mode(model):
-        out = model(tree_to(x, model_device(model)))
-    return [_logits(out, s).shape[1:] for s in outs]
+        out = call_model(model, tree_to(x, model_device(model)))
+    return [_per_sample_shape(_logits(out, s), s) for s in outs]
 
 
 def fisher_diagonal(
@@ -217,6 +257,7 @@ def fisher_diagonal(
             passes, the same result to float tolerance; other layer types take the per-sample path).
     """
     req = FisherRequest.of(outputs, per_sample_loss, spec, estimator, mc_samples, seed)
+    _check_rereadable(data)
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     inner = unwrap_model(model)
@@ -268,6 +309,7 @@ def fisher_curvature(
     ``max_factor`` rows, each a mean over samples (see :mod:`clreg.functional.curvature.layers` for
     the location scaling). Arguments as :func:`fisher_diagonal`; ``batched`` has no factors."""
     req = FisherRequest.of(outputs, per_sample_loss, spec, estimator, mc_samples, seed)
+    _check_rereadable(data)
     if req.estimator == "batched":
         raise ValueError("the batched estimator has no per-sample statistics: use exact, mc or empirical")
     inner = unwrap_model(model)
@@ -282,6 +324,16 @@ def fisher_curvature(
         a.div_(sums.n)
         g.div_(sums.n)
     return sums
+
+
+def _check_rereadable(data: Any) -> None:
+    """The data is read more than once (its first sample probes the output's shape): an iterator or a
+    generator would lose what the probe read."""
+    if isinstance(data, Iterator):
+        raise TypeError(
+            f"data is a one-shot iterator ({type(data).__name__}): the Fisher reads it more than once; "
+            "pass a Dataset, a DataLoader or a list of batches"
+        )
 
 
 def _label_check(req: FisherRequest, model: nn.Module, data: Any) -> Callable[[Chunk], None] | None:
@@ -397,6 +449,12 @@ class PerSampleObjective:
 def _exact(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
     r""":math:`\sum_c p_c\, g_c^2` over the C classes of one (B, C) output: K = C values, weights p."""
     shape = _probe_shapes(model, data, req.outputs)[0]
+    if len(shape) != 1 and req.outputs[0].class_dim != 1:
+        raise ValueError(
+            f"the exact Fisher sums over all {shape[0]} classes at each of the {shape[1:].numel()} locations of an "
+            "output with its classes on another dimension (token logits over a vocabulary): one backward pass "
+            "per class, refused; use 'mc' (labels drawn from the model) or 'empirical' (the true labels)"
+        )
     if len(shape) != 1:
         raise ValueError(
             f"the exact Fisher is for (B, C) logits; got an output of shape (B, {', '.join(map(str, shape))}): "
@@ -418,22 +476,40 @@ def _mc(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
     outs, seed, k = req.outputs, req.seed, req.mc_samples
 
     def extra(ch: Chunk) -> tuple[Tensor, ...]:
-        return tuple(_draws(seed * 7919 + j, ch.keys, k, s) for j, s in enumerate(shapes))
+        return tuple(
+            _draws(seed * 7919 + j, ch.keys, k, _noise_shape(s, o)) for j, (s, o) in enumerate(zip(shapes, outs))
+        )
 
     def objective(out: Any, target: Any, noise: Any) -> tuple[Tensor, Tensor]:
         total: Tensor | float = 0.0
         for o, u in zip(outs, noise):
-            z = _logits(out, o)  # (1, C, *loc)
-            labels = (z.detach() + _gumbel(u)).argmax(dim=1)  # (k, *loc): k independent draws
+            z = _logits(out, o)  # (1, C, *loc), or the classes on o.class_dim
+            d = class_dim_of(z, o)
+            labels = _draw_labels(z.detach(), u, d)  # (k, *loc): k independent draws
             valid = None
             if o.ignore_index is not None and target is not None:
-                true = target_of(target, o).reshape(z.shape[:1] + z.shape[2:])
+                true = target_of(target, o).reshape(_without(z.shape, d))
                 valid = (true != o.ignore_index).expand_as(labels)
-            total = total + scaled_loglik_draws(z, labels, valid)
+            total = total + scaled_loglik_draws(z, labels, valid, d)
         v = total if isinstance(total, Tensor) else torch.zeros(k)
         return v, torch.full_like(v, 1.0 / k).detach()
 
     return PerSampleObjective(objective, k=k, extra=extra)
+
+
+def _noise_shape(shape: torch.Size, o: OutputSpec) -> torch.Size:
+    """One draw's noise: Gumbel noise per class and location for classes on dim 1, one uniform per
+    location otherwise (a vocabulary's k × L × V noise would not fit)."""
+    return shape if o.class_dim == 1 else shape[1:]
+
+
+def _draw_labels(z: Tensor, u: Tensor, d: int) -> Tensor:
+    """k labels per location from logits z (1, …) with classes on ``d``: Gumbel-max for d = 1 (u: k ×
+    classes × locations), else inverse-CDF sampling with one uniform per location (u: k × locations)."""
+    if d == 1:
+        return (z + _gumbel(u)).argmax(dim=1)
+    cdf = torch.softmax(z, dim=d).cumsum(d).movedim(d, -1)  # (1, *loc, C)
+    return (cdf < u.unsqueeze(-1)).sum(-1).clamp(max=z.shape[d] - 1)
 
 
 def _empirical_labels(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
@@ -443,7 +519,8 @@ def _empirical_labels(req: FisherRequest, model: nn.Module, data: Any) -> PerSam
     def objective(out: Any, target: Any, extra_: Any) -> tuple[Tensor, Tensor]:
         total = 0.0
         for o in outs:
-            total = total + scaled_loglik(_logits(out, o), target_of(target, o), o.ignore_index)
+            z = _logits(out, o)
+            total = total + scaled_loglik(z, target_of(target, o), o.ignore_index, class_dim=class_dim_of(z, o))
         v = total.reshape(1)
         return v, torch.ones_like(v)
 
@@ -501,7 +578,7 @@ def _batched(
                 check(ch)
             x, y = tree_to(ch.inputs, device), tree_to(ch.targets, device)
             with torch.enable_grad():
-                loss = _batch_loss(model(x), y, req)
+                loss = _batch_loss(call_model(model, x), y, req)
                 grads = torch.autograd.grad(loss, plist, allow_unused=True)
             for name, g in zip(names, grads):
                 if g is not None:
@@ -517,6 +594,13 @@ def _batched(
     return {engine.canon[name]: s.div_(nb) for name, s in sums.items()}
 
 
+def _nll(z: Tensor, labels: Tensor, ignore_index: int, d: int) -> Tensor:
+    """Cross-entropy per location (0 where ignored) with the classes on dimension ``d``."""
+    valid = labels != ignore_index
+    safe = torch.where(valid, labels, torch.zeros_like(labels))
+    return -F.log_softmax(z, dim=d).gather(d, safe.unsqueeze(d)).squeeze(d) * valid
+
+
 def _batch_loss(out: Any, y: Any, req: FisherRequest) -> Tensor:
     """The batch-mean loss: the per-sample loss, or the true labels' negative log-likelihood (dense
     outputs: the pixel mean per sample, then the batch mean)."""
@@ -525,9 +609,10 @@ def _batch_loss(out: Any, y: Any, req: FisherRequest) -> Tensor:
     loss = 0.0
     for o in req.outputs:
         z = _logits(out, o)
-        lab = target_of(y, o).reshape(z.shape[:1] + z.shape[2:]).long()
+        d = class_dim_of(z, o)
+        lab = target_of(y, o).reshape(_without(z.shape, d)).long()
         ign = -100 if o.ignore_index is None else o.ignore_index
-        nll = F.cross_entropy(z, lab, ignore_index=ign, reduction="none")
+        nll = F.cross_entropy(z, lab, ignore_index=ign, reduction="none") if d == 1 else _nll(z, lab, ign, d)
         if nll.dim() > 1:
             valid = (lab != ign).flatten(1).sum(1).clamp(min=1)
             nll = nll.flatten(1).sum(1) / valid

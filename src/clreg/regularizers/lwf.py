@@ -31,9 +31,9 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call
 
 from .._params import ParamSelector, canonical_name, unwrap_model
+from ..data import call_model, functional_call_model
 from ..functional._per_sample import eval_mode
 from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from ..spec import OutputSpec, TaskSpec, select_output, select_tensor
@@ -54,9 +54,13 @@ class LwF(Regularizer):
         t_squared: multiply softmax terms by T² (Hinton et al., 2015), keeping gradient scale.
         outputs: the outputs to distil; default: those of the consolidated tasks' specs.
         eps: the floor of Σw for weighted regression outputs.
+        teacher_params: ``"all"`` (default): the teacher keeps a copy of every parameter;
+            ``"selected"``: only of the selected ones (``params``, by default the trainable ones), the
+            others read from the model itself, so they must stay frozen: a PEFT model's base weights,
+            whose adapter alone trains (a ValueError if an unselected parameter requires grad).
 
-    State: ``teacher_params`` and ``teacher_buffers``, every parameter and buffer of the model (not
-    only the selected ones: the teacher runs the whole model). The saved record holds the
+    State: ``teacher_params`` (every parameter of the model, or the selected ones) and
+    ``teacher_buffers`` (every buffer: the teacher runs the whole model). The saved record holds the
     ``hyperparameters`` and the outputs of the consolidated tasks.
     """
 
@@ -72,8 +76,11 @@ class LwF(Regularizer):
         outputs: OutputSpec | Sequence[OutputSpec] | None = None,
         eps: float = 1e-8,
         params: ParamSelector = None,
+        teacher_params: str = "all",
     ) -> None:
         super().__init__(model, params)
+        if teacher_params not in ("all", "selected"):
+            raise ValueError(f"teacher_params must be 'all' or 'selected', got {teacher_params!r}")
         self.temperature, self.alpha, self.t_squared, self.eps = temperature, alpha, bool(t_squared), eps
         if isinstance(outputs, OutputSpec):
             outputs = (outputs,)
@@ -81,11 +88,24 @@ class LwF(Regularizer):
         self._task_outputs: list[OutputSpec] = []
         inner = unwrap_model(model)
         named_p = [(n, p) for n, p in inner.named_parameters()]
+        self._teacher_all = teacher_params == "all"
+        if not self._teacher_all:
+            named_p = self._selected_only(named_p)
         named_b = [(n, b) for n, b in inner.named_buffers()]
         self._p_names = [n for n, _ in named_p]
         self._b_names = [n for n, _ in named_b]
         self.add_state("teacher_params", {canonical_name(n): torch.zeros_like(p.detach()) for n, p in named_p})
         self.add_state("teacher_buffers", {canonical_name(n): torch.zeros_like(b) for n, b in named_b})
+
+    def _selected_only(self, named: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
+        chosen = set(self.param_names)
+        live = [n for n, p in named if canonical_name(n) not in chosen and p.requires_grad]
+        if live:
+            raise ValueError(
+                f"LwF(teacher_params='selected'): {len(live)} parameters outside the selection train "
+                f"(e.g. {live[0]!r}), and the teacher would read them from the trained model: freeze them or select them"
+            )
+        return [(n, p) for n, p in named if canonical_name(n) in chosen]
 
     temperature = Hyperparameter(low_open=True, doc="T > 0 for softmax outputs.")
 
@@ -121,7 +141,8 @@ class LwF(Regularizer):
         inner = unwrap_model(model)
         params = dict(inner.named_parameters())
         buffers = dict(inner.named_buffers())
-        if list(params) != self._p_names or list(buffers) != self._b_names:
+        names = list(params) if self._teacher_all else [n for n in params if n in set(self._p_names)]
+        if names != self._p_names or list(buffers) != self._b_names:
             raise ValueError(
                 "LwF.consolidate: the model's parameters or buffers differ from the model LwF was built on"
             )
@@ -143,7 +164,7 @@ class LwF(Regularizer):
         state = dict(zip(self._p_names, self.teacher_params.tensors))
         state.update(zip(self._b_names, self.teacher_buffers.tensors))
         with torch.no_grad(), eval_mode(inner):
-            return functional_call(inner, state, (inputs,), strict=True)
+            return functional_call_model(inner, state, inputs, strict=self._teacher_all)
 
     # -- the loss ---------------------------------------------------------------------------------
     def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
@@ -156,7 +177,7 @@ class LwF(Regularizer):
             raise ValueError("LwF needs the batch's inputs: reg(model, inputs=x, outputs=out)")
         self._resolve(model)  # the model LwF was built on: its parameters' names and shapes are checked
         if outputs is None:
-            outputs = model(inputs)
+            outputs = call_model(model, inputs)
         teacher_out = self.teacher(model, inputs)
         total: Tensor | float = 0.0
         for o in self.outputs:
@@ -169,7 +190,9 @@ class LwF(Regularizer):
 
     def _term(self, o: OutputSpec, s: Tensor, t: Tensor, teacher_out: Any) -> Tensor:
         if o.kind == "softmax":
-            return softmax_distillation(s, t, self._temperature, channels=o.channels, t_squared=self.t_squared)
+            return softmax_distillation(
+                s, t, self._temperature, channels=o.channels, t_squared=self.t_squared, class_dim=o.class_dim
+            )
         if o.kind == "sigmoid":
             return sigmoid_distillation(s, t, channels=o.channels)
         weight = None

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from ..._params import ParamSelector, ParamSet, canonical_name, state_dtype, unwrap_model
-from ...data import Chunk, iter_chunks, tree_index, tree_slice, tree_to
+from ...data import Chunk, call_model, iter_chunks, tree_index, tree_slice, tree_to
 from ...distributed import all_reduce_sum_
 from .._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
 from .layers import Call, LayerRule, rule_for
@@ -158,7 +158,7 @@ class CurvatureEngine:
         x, y = tree_to(ch.inputs, self.device), tree_to(ch.targets, self.device)
         e = tree_to(extra(ch), self.device) if extra is not None else None
         with self._tapped(), torch.enable_grad():
-            out = self.model(x)
+            out = call_model(self.model, x)
             values, weights = _per_sample_values(objective, out, y, e, ch.keys.numel())
             outs = [o for layer in self.layers for o in layer.outputs]
             for k in range(values.shape[1]):
