@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -106,3 +107,14 @@ class ParamSet:
 
     def zeros(self, device: torch.device | str | None = None) -> list[Tensor]:
         return [torch.zeros(s, dtype=state_dtype(d), device=device) for s, d in zip(self.shapes, self.dtypes)]
+
+
+def check_covered(owner: str, names: Sequence[str], computed: Mapping[str, Any]) -> None:
+    """A ValueError when an importance left out some of ``names``: parameters frozen after ``owner`` was
+    built (the estimators take trainable parameters only)."""
+    missing = [n for n in names if n not in computed]
+    if missing:
+        raise ValueError(
+            f"{owner}.consolidate: {len(missing)} of its parameters no longer require grad (e.g. {missing[0]!r}), "
+            "frozen after it was built: unfreeze them for consolidate, or build it over the trainable ones"
+        )

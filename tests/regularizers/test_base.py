@@ -37,3 +37,16 @@ def test_zero_before_consolidation_and_range_errors() -> None:
     ewc = clreg.EWC(model, lam=1.0)
     with pytest.raises(ValueError, match="lam must be in"):
         ewc.lam = float("nan")
+
+
+@pytest.mark.parametrize("cls", [clreg.EWC, clreg.OnlineEWC, clreg.MAS])
+def test_a_parameter_frozen_after_the_regularizer_was_built_is_named_at_consolidate(cls) -> None:
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    data = torch.utils.data.TensorDataset(torch.randn(6, 3), torch.randint(0, 2, (6,)))
+    reg = cls(model)
+    model[0].weight.requires_grad_(False)
+    with pytest.raises(ValueError, match=r"1 of its parameters no longer require grad \(e.g. '0.weight'\)"):
+        reg.consolidate(model, data)
+    model[0].weight.requires_grad_(True)
+    reg.consolidate(model, data)
+    assert int(reg.n_tasks) == 1

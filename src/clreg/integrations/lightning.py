@@ -55,6 +55,7 @@ from torch import Tensor, nn
 
 from ..regularizers import Compose, Regularizer
 from ..spec import TaskSpec
+from ._common import is_data_factory, members
 
 __all__ = ["ContinualLearning"]
 
@@ -64,14 +65,6 @@ DataSource = Any  # a Dataset, a DataLoader, an iterable of batches, or (trainer
 def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     """The torch optimizer under Lightning's wrapper."""
     return getattr(optimizer, "optimizer", optimizer) if not isinstance(optimizer, torch.optim.Optimizer) else optimizer
-
-
-def _members(reg: Regularizer | Compose) -> list[tuple[str, Regularizer]]:
-    """The regularizers by name, nested Compose members flattened."""
-    if not isinstance(reg, Compose):
-        return [(type(reg).__name__.lower(), reg)]
-    return [pair for name, m in zip(reg.names, reg.members)
-            for pair in ([(name, m)] if not isinstance(m, Compose) else _members(m))]  # fmt: skip
 
 
 class ContinualLearning(pl.Callback):
@@ -116,7 +109,7 @@ class ContinualLearning(pl.Callback):
             )
         model = self.model_of(pl_module)
         self.regularizer.to(next(model.parameters()).device)
-        for _, member in _members(self.regularizer):  # this module's parameters, checked against the built ones
+        for _, member in members(self.regularizer):  # this module's parameters, checked against the built ones
             member._resolve(model)
         if self._attachable():
             scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -129,13 +122,7 @@ class ContinualLearning(pl.Callback):
     def penalty(self, pl_module: pl.LightningModule, inputs: Any = None, outputs: Any = None) -> Tensor:
         """What ``training_step`` adds to its loss: the members without a closed form (LwF …), whose
         gradient must come from autograd; zero when every member is attached."""
-        model = self.model_of(pl_module)
-        reg = self.regularizer
-        if isinstance(reg, Compose):
-            return reg.autograd_value(model, inputs=inputs, outputs=outputs)
-        if reg.attached:
-            return torch.zeros((), device=next(model.parameters()).device)
-        return reg(model, inputs=inputs, outputs=outputs)
+        return self.regularizer.autograd_value(self.model_of(pl_module), inputs=inputs, outputs=outputs)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
@@ -143,13 +130,13 @@ class ContinualLearning(pl.Callback):
         if n is None or trainer.global_step % n:
             return
         model = self.model_of(pl_module)
-        for name, member in _members(self.regularizer):
+        for name, member in members(self.regularizer):
             value = member(model).detach() if getattr(member, "attached", False) else member.last_value
             pl_module.log(f"clreg/{name}", value.to(torch.float32), on_step=True, on_epoch=False, sync_dist=False)
 
     # -- the end of a task -----------------------------------------------------------------------
     def _task_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
-        if callable(self.data) and not hasattr(self.data, "__getitem__") and not hasattr(self.data, "__iter__"):
+        if is_data_factory(self.data):
             return self.data(trainer, pl_module)
         if self.data is not None:
             return self.data

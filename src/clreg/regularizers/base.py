@@ -154,6 +154,13 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         """True in the attached mode (the penalty's gradient comes from an optimizer hook)."""
         return self._attached
 
+    def autograd_value(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
+        """What a loss adds for this regularizer: its value, or zero when attached (the gradient then
+        comes from the optimizer hook); :meth:`clreg.Compose.autograd_value` sums its members'."""
+        if self.attached:
+            return torch.zeros((), device=next(model.parameters()).device)
+        return self(model, inputs=inputs, outputs=outputs)
+
     _attached = False
 
     def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> Regularizer:

@@ -138,13 +138,8 @@ class Compose(nn.Module):
     def autograd_value(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
         """The sum of the members that are not attached (LwF …): the part of the value a loop adds to
         its loss when the others are attached."""
-        values = []
-        for r in self.members:
-            if isinstance(r, Compose):
-                values.append(r.autograd_value(model, inputs, outputs))
-            elif not r.attached:
-                values.append(r(model, inputs=inputs, outputs=outputs))
-        return sum(values[1:], values[0]) if values else torch.zeros((), device=_device_of(model))
+        values = [r.autograd_value(model, inputs, outputs) for r in self.members]  # zero for attached members
+        return sum(values[1:], values[0])
 
     def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> Compose:
         """Path tracking alone (:meth:`clreg.SI.track`) for every member that ``tracks_path``; a
@@ -159,7 +154,3 @@ class Compose(nn.Module):
     def detach(self) -> None:
         for r in self.members:
             r.detach()
-
-
-def _device_of(model: nn.Module) -> torch.device:
-    return next((p.device for p in model.parameters()), torch.device("cpu"))

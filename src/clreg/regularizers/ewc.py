@@ -29,7 +29,7 @@ from typing import Any, TypedDict
 
 from torch import Tensor, nn
 
-from .._params import ParamSelector
+from .._params import ParamSelector, check_covered
 from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
 from ..functional.fisher import ESTIMATORS, default_estimator, fisher_diagonal
@@ -102,6 +102,7 @@ class FisherOptions:
             chunk_size=self.chunk_size,
             progress=self.progress,
         )
+        check_covered(owner, names, fisher)
         what = "empirical Fisher of the per-sample loss" if spec.per_sample_loss is not None else f"{est} Fisher"
         log.info("%s: task %d consolidated with the %s", owner, task, what)
         check_finite("Fisher", fisher)

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._params import ParamSelector
+from .._params import ParamSelector, check_covered
 from ..functional.mas import mas_importance
 from ..spec import TaskSpec
 from .base import Hyperparameter, check_finite
@@ -86,6 +86,7 @@ class MAS(QuadraticPenalty):
             chunk_size=self.chunk_size,
             progress=self.progress,
         )
+        check_covered("MAS", self._pset.names, omega)
         check_finite("MAS importance", omega)
         with torch.no_grad():
             for big, name in zip(self.importance.tensors, self._pset.names):
