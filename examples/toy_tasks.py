@@ -38,3 +38,28 @@ def make_two_labelings(n: int = 2000, d: int = 20, seed: int = 0) -> list[tuple[
     for y in (c // 2, c % 4):
         out.append((TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])))
     return out
+
+
+def make_image_task(task: int, n: int = 1000, seed: int = 0) -> tuple[TensorDataset, TensorDataset]:
+    """Noisy 1×16×16 images with a 4×4 square in one quadrant; the class is where it is. Task 0: a bright
+    square in quadrant ``class``; task 1: a dark square one quadrant on (``class + 1``), so a network that
+    does not tell bright from dark squares apart loses task 0 when it learns task 1."""
+    g = torch.Generator().manual_seed(seed + 100 * task)
+    y = torch.randint(0, 4, (n,), generator=g)
+    x = 0.3 * torch.randn(n, 1, 16, 16, generator=g)
+    for i, quadrant in enumerate(((y + task) % 4).tolist()):
+        r, c = divmod(quadrant, 2)
+        dr, dc = torch.randint(0, 4, (2,), generator=g).tolist()
+        x[i, 0, r * 8 + dr : r * 8 + dr + 4, c * 8 + dc : c * 8 + dc + 4] += 1.0 if task == 0 else -1.0
+    split = n * 4 // 5
+    return TensorDataset(x[:split], y[:split]), TensorDataset(x[split:], y[split:])
+
+
+def cnn(classes: int = 4) -> torch.nn.Module:
+    """Two conv-ReLU-pool blocks and a linear classifier, for 1×16×16 images."""
+    nn = torch.nn
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(16 * 4 * 4, classes),
+    )  # fmt: skip
