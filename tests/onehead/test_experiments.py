@@ -256,13 +256,21 @@ def test_tune_searches_baseline_learning_rates_per_stage_values_and_combinations
     assert {"stage1@lr0.001.pt", "stage1@lr0.02.pt", "single__det@lr0.02.pt"} <= units
 
 
-def test_tune_chooses_the_joint_schedule_on_val(cache_env, tmp_path):
+def test_tune_chooses_the_joint_schedule_and_loss_weights_on_val(cache_env, tmp_path, monkeypatch):
+    candidates = (("equal", None), ("balanced", None), ("equal", (1.0, 1.0, 1.0)), ("equal", (4.0, 1.0, 1.0)))
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tune_joint=candidates))
     out = tmp_path / "tune"
     assert main(["--profile", "tiny", "--tune", "--methods", "naive", "--out", str(out), "--quiet"]) == 0
     joint = json.loads((out / "tune.json").read_text())["joint"]
-    assert [t["schedule"] for t in joint["trials"]] == ["equal", "balanced"]
+    assert [(t["schedule"], t.get("weights")) for t in joint["trials"]] == [
+        ("equal", None), ("balanced", None), ("equal", [1.0, 1.0, 1.0]), ("equal", [4.0, 1.0, 1.0])
+    ]  # fmt: skip
     for t in joint["trials"]:
         assert t["score"] == pytest.approx(min(t["final"].values()))
-    assert joint["chosen"] == max(joint["trials"], key=lambda t: t["score"])["schedule"]
+    best = max(joint["trials"], key=lambda t: t["score"])
+    assert joint["chosen"] == best["schedule"] and joint.get("weights") == best.get("weights")
     units = {p.name for p in (out / "state" / "seed0").glob("joint*.pt")}
-    assert units == {"joint.pt", "joint-balanced.pt"}
+    assert units == {"joint.pt", "joint-balanced.pt", "joint-w1-1-1.pt", "joint-w4-1-1.pt"}
+    loss = {u: torch.load(out / "state" / "seed0" / u, weights_only=False)["train"]["loss"] for u in units}
+    assert loss["joint-w1-1-1.pt"] == loss["joint.pt"]  # weights of 1 are the unweighted loss, bit for bit
+    assert loss["joint-w4-1-1.pt"] != loss["joint.pt"]  # segmentation's weight reaches the loss

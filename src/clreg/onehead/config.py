@@ -168,6 +168,7 @@ class BenchmarkConfig:
             "channels_last": self.channels_last,
             "joint": self.joint,
             "joint_schedule": p.joint_schedule,
+            **({"joint_weights": list(p.joint_weights)} if p.joint_weights is not None else {}),
             "resamples": p.resamples,
             "tune": self.mode == "tune",
         }

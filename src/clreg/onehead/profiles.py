@@ -15,6 +15,8 @@ from typing import Any
 
 from .synthetic import SyntheticConfig
 
+JointCandidate = tuple[str, tuple[float, ...] | None]  # a joint reference's schedule and loss weights
+
 __all__ = [
     "PROFILES",
     "QUICK_SETTINGS",
@@ -65,6 +67,8 @@ class Profile:
     resamples: int = 1000
     latency: bool = True
     joint_schedule: str = "equal"  # the joint reference's schedule (clreg.onehead.protocol.joint_plan)
+    joint_weights: tuple[float, ...] | None = None  # its tasks' loss weights, in stage order (None: 1 each)
+    tune_joint: tuple[JointCandidate, ...] = (("equal", None), ("balanced", None))  # what the tune tries
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
 
@@ -113,6 +117,8 @@ PROFILES: dict[str, Profile] = {
         stage_settings=({}, {}, {}),
         tune_grid=_TUNE_GRID,
         tune_variants=_TUNE_VARIANTS,
+        # segmentation is the task the joint reference holds least of: its loss weighted up, too
+        tune_joint=(("equal", None), ("balanced", None), ("equal", (2.0, 1.0, 1.0)), ("equal", (4.0, 1.0, 1.0))),
     ),
     "tiny": Profile(
         name="tiny",

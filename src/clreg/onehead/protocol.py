@@ -14,7 +14,7 @@ seed's :class:`~clreg.onehead.store.UnitStore`.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -68,6 +68,7 @@ class SeedRun:
         baseline_lr: the learning rate of the baselines, the joint reference and stage 1.
         wrap: an optional ``model -> model`` applied for training (e.g. DDP).
         joint_schedule: how the joint reference takes its tasks' batches (:func:`joint_plan`).
+        joint_weights: the joint reference's loss weight of each task, in stage order (``None``: 1 each).
     """
 
     make_model: Callable[[], nn.Module]
@@ -78,6 +79,7 @@ class SeedRun:
     baseline_lr: float = 2e-3
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
     joint_schedule: str = "equal"  # see joint_plan
+    joint_weights: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         unknown = [s.task for s in self.stages if s.task not in self.tasks]
@@ -85,6 +87,10 @@ class SeedRun:
             raise ValueError(f"stages name unknown tasks {unknown}; tasks: {list(self.tasks)}")
         if len({s.task for s in self.stages}) != len(self.stages):
             raise ValueError("each task may appear in one stage only")
+        if self.joint_weights is not None and (
+            len(self.joint_weights) != len(self.stages) or any(not w > 0 for w in self.joint_weights)
+        ):
+            raise ValueError(f"joint_weights must be {len(self.stages)} weights > 0, got {self.joint_weights}")
 
     @property
     def seed(self) -> int:
@@ -174,7 +180,8 @@ def joint_plan(stages: list[Stage], schedule: str) -> tuple[int, list[int] | Non
 
 def joint(run: SeedRun) -> UnitState:
     """All tasks together in one model, from the seed's init, with the baselines' learning rate; the
-    schedule (:func:`joint_plan`) is the run's ``joint_schedule``."""
+    schedule (:func:`joint_plan`) is the run's ``joint_schedule``, the tasks' loss weights its
+    ``joint_weights``."""
     steps, per_task = joint_plan(run.stages, run.joint_schedule)
     first = run.stages[0]
 
@@ -182,12 +189,17 @@ def joint(run: SeedRun) -> UnitState:
         model = run.fresh_model("joint")
         tasks = [run.tasks[s.task] for s in run.stages]
         job = TrainJob(tasks, steps, run.lr(first, None), stable_seed(run.seed, "joint"), desc="joint",
-                       batches_per_task=per_task)  # fmt: skip
+                       batches_per_task=per_task, task_weights=run.joint_weights)  # fmt: skip
         res = train(run.wrap(model), job, run.settings_for(first))
         return UnitState(run.evaluate(model), train=res.record())
 
-    name = "joint" if run.joint_schedule == "equal" else f"joint-{run.joint_schedule}"
-    return run.store.run(first.unit(name), fn)
+    return run.store.run(first.unit(joint_unit(run.joint_schedule, run.joint_weights)), fn)
+
+
+def joint_unit(schedule: str, weights: Sequence[float] | None) -> str:
+    """The joint reference's unit name: ``joint``, ``joint-balanced``, ``joint-w2-1-1`` …"""
+    name = "joint" if schedule == "equal" else f"joint-{schedule}"
+    return name if weights is None else f"{name}-w{'-'.join(f'{w:g}' for w in weights)}"
 
 
 def method_stages(run: SeedRun, method: Method) -> list[UnitState]:

@@ -22,7 +22,8 @@ from typing import Any
 
 from ..config import BenchmarkConfig
 from ..methods import Method
-from ..protocol import JOINT_SCHEDULES, SeedRun, joint, method_stages, single_task
+from ..profiles import JointCandidate
+from ..protocol import SeedRun, joint, method_stages, single_task
 from ..provenance import provenance
 from ..report import lambda_figure
 from .workspace import Workspace, open_workspace
@@ -51,15 +52,17 @@ def _tune_baselines(ws: Workspace, lrs: Sequence[float]) -> tuple[SeedRun, dict[
     return run, {"grid": list(lrs), "trials": trials, "chosen": chosen}
 
 
-def _tune_joint(run: SeedRun, base: dict[str, float]) -> dict[str, Any]:
-    """The joint reference under each schedule (val), scored like a method: its worst task's score
-    over that task's baseline; the best schedule is chosen."""
+def _tune_joint(run: SeedRun, base: dict[str, float], candidates: Sequence[JointCandidate]) -> dict[str, Any]:
+    """The joint reference under each (schedule, loss weights) candidate (val), scored like a method:
+    its worst task's score over that task's baseline; the best is chosen."""
     trials = []
-    for schedule in JOINT_SCHEDULES:
-        state = joint(replace(run, joint_schedule=schedule))
+    for schedule, w in candidates:
+        state = joint(replace(run, joint_schedule=schedule, joint_weights=w))
         finals = {t: state.evals[t].value / max(b, 1e-9) for t, b in base.items()}
-        trials.append({"schedule": schedule, "final": finals, "score": min(finals.values())})
-    return {"trials": trials, "chosen": max(trials, key=lambda t: t["score"])["schedule"]}
+        trial = {"schedule": schedule, "final": finals, "score": min(finals.values())}
+        trials.append(trial | ({"weights": list(w)} if w is not None else {}))
+    best = max(trials, key=lambda t: t["score"])
+    return {"trials": trials, "chosen": best["schedule"], **({"weights": best["weights"]} if "weights" in best else {})}
 
 
 def _trial(run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float]) -> dict[str, Any]:
@@ -146,7 +149,7 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
     base = {st.task: single_task(run, i).evals[st.task].value for i, st in enumerate(run.stages)}
     report: dict[str, Any] = {"grid": grid, "baselines": base, "baseline_lr": baselines, "methods": {}, "split": "val"}
     if config.joint:
-        report["joint"] = _tune_joint(run, base)
+        report["joint"] = _tune_joint(run, base, config.profile.tune_joint)
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))

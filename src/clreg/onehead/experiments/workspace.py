@@ -102,7 +102,8 @@ class Workspace:
         store = UnitStore(self.config.out, seed, self.log)
         return SeedRun(self.make_model, self.tasks, self.stages, self.run_settings, store,
                        baseline_lr=self.config.settings["lr"], wrap=wrap,
-                       joint_schedule=self.config.profile.joint_schedule)  # fmt: skip
+                       joint_schedule=self.config.profile.joint_schedule,
+                       joint_weights=self.config.profile.joint_weights)  # fmt: skip
 
 
 def _check_backbone(config: BenchmarkConfig) -> None:
