@@ -7,10 +7,13 @@ from collections.abc import Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._sharding import local, local_all
+
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes held by ``tensors`` (elements times element size)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held by ``tensors`` on this rank (elements times element size; a sharded tensor's local
+    shard)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def buffer_key(name: str) -> str:
@@ -42,13 +45,14 @@ class TensorStore(nn.Module):
         self._refresh()
 
     def set(self, tensors: Sequence[Tensor]) -> None:
-        """Copy ``tensors`` in place (dtypes and devices kept)."""
+        """Copy ``tensors`` in place (dtypes and devices kept; sharded stores copy the local shards of
+        tensors sharded alike)."""
         tensors = list(tensors)
         if len(tensors) != len(self.tensors):
             raise ValueError(f"expected {len(self.tensors)} tensors, got {len(tensors)}")
         if tensors:
             with torch.no_grad():
-                torch._foreach_copy_(self.tensors, tensors)
+                torch._foreach_copy_(local_all(self.tensors), local_all(tensors))
 
     def __len__(self) -> int:
         return len(self.names)

@@ -1,0 +1,84 @@
+"""FSDP2: every check in one spawned two-process gloo group with the model ``fully_shard``ed (see
+fsdp_worker.py), each against the unsharded model run in this process on the same data.
+
+Tolerances: float32 throughout; a sharded sum adds the ranks' partial sums in another order than the
+single process, so values agree to rtol 1e-5 (atol 1e-6 for parameters and penalties near zero,
+1e-8 for importances, whose entries are small).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
+pytestmark = pytest.mark.skipif(
+    not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="FSDP2 (fully_shard) is not available"
+)
+
+import fsdp_worker  # noqa: E402
+
+PARAM_SHAPED = ("importance.", "anchor.", "omega.", "previous.", "teacher_params.")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    mp.spawn(fsdp_worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    torch.set_num_threads(min(2, torch.get_num_threads()))
+    single, _ = fsdp_worker.scenario(0, 1)
+    return [r["results"] for r in ranks], single, ranks[0]["errors"], tmp
+
+
+def keys(single, prefix):
+    found = [k for k in single if k.startswith(prefix)]
+    assert found, prefix
+    return found
+
+
+def shard_numel(shape: torch.Size, rank: int, world: int = 2) -> int:
+    """The rows FSDP2 gives ``rank`` (torch.chunk on dim 0)."""
+    parts = torch.empty(shape).chunk(world, 0)
+    return parts[rank].numel() if rank < len(parts) else 0
+
+
+STATES = [f"state/{k}" for k in fsdp_worker.KINDS]
+
+
+@pytest.mark.parametrize("key", STATES)
+def test_state_sharded_like_the_parameters(runs, key) -> None:
+    """Parameter-shaped state is a DTensor laid out as its parameter, each rank holding its rows (about
+    half: 7 and 3 rows split 4 + 3 and 2 + 1); the rest (counters, EWC's offset, BatchNorm statistics,
+    K-FAC factors) is replicated. As built (``state/``) and after the first task (``step/``), gathered
+    equal to the single process's."""
+    ranks, single, _, _ = runs
+    for r in ranks:
+        for k in keys(single, f"{key}/state/"):
+            torch.testing.assert_close(r[k].to(single[k].dtype), single[k], rtol=1e-5, atol=1e-7, msg=k)
+    names = [k.split("/state/", 1)[1] for k in keys(single, f"{key}/state/")]
+    shaped = [n for n in names if n.startswith(PARAM_SHAPED)]
+    assert shaped
+    for rank, r in enumerate(ranks):
+        held = 0
+        for name in names:
+            whole = int(single[f"bytes/{key}/{name}"])
+            mine = int(r[f"bytes/{key}/{name}"])
+            if name in shaped:
+                assert bool(r[f"sharded/{key}/{name}"]) and bool(r[f"laid_out/{key}/{name}"]), name
+                size = single[f"{key}/state/{name}"].element_size()
+                assert mine == shard_numel(single[f"{key}/state/{name}"].shape, rank) * size, name
+                held += mine
+            else:
+                assert not bool(r[f"sharded/{key}/{name}"]) and mine == whole, name
+    total = sum(int(single[f"bytes/{key}/{n}"]) for n in shaped)
+    per_rank = [sum(int(r[f"bytes/{key}/{n}"]) for n in shaped) for r in ranks]
+    assert sum(per_rank) == total and max(per_rank) <= total // 2 + total // 6, (per_rank, total)
+    rest = int(single[f"bytes/{key}/state_bytes"]) - total
+    for r, mine in zip(ranks, per_rank):
+        # state_bytes counts this rank's shards plus the replicated rest (and caches of the shards)
+        assert mine + rest <= int(r[f"bytes/{key}/state_bytes"]) < int(single[f"bytes/{key}/state_bytes"])
