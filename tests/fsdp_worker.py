@@ -12,11 +12,17 @@ import os
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import TensorDataset
 
 import clreg
 from clreg._sharding import full, is_sharded, local
+
+try:
+    from torch.distributed.tensor import distribute_tensor
+except ImportError:  # pragma: no cover - the test is skipped without torch.distributed
+    distribute_tensor = None
 
 N = 11  # odd: the ranks' shares of the samples differ in size
 KINDS = ("ewc", "online_ewc", "mas", "si", "lwf")
@@ -81,6 +87,10 @@ def gathered(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {k: full(v).detach().clone() for k, v in tensors.items()}
 
 
+def half(rank: int, world: int, n: int = 8) -> slice:
+    return slice(rank * n // world, (rank + 1) * n // world)
+
+
 def make(kind: str, model: nn.Module) -> clreg.Regularizer:
     return {
         "ewc": lambda: clreg.EWC(model, lam=3.0, estimator="exact"),
@@ -90,6 +100,52 @@ def make(kind: str, model: nn.Module) -> clreg.Regularizer:
         "lwf": lambda: clreg.LwF(model, temperature=2.0),
         "kfac_ewc": lambda: clreg.KFACEWC(model, lam=3.0, estimator="exact"),
     }[kind]()
+
+
+def given_state(reg: clreg.EWC, seed: int = 11) -> None:
+    """A state as a consolidation would leave it, without a Fisher: the same whole importance and anchor
+    in every run (each rank keeps its shards), offset 0.25."""
+    g = torch.Generator().manual_seed(seed)
+    wholes = [(torch.rand(s, generator=g), torch.randn(s, generator=g)) for s in reg._pset.shapes]
+    params = reg._pset.last()
+
+    def cut(t: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        return distribute_tensor(t, p.device_mesh, p.placements, src_data_rank=None) if is_sharded(p) else t
+
+    reg.importance.set([cut(a, p) for (a, _), p in zip(wholes, params)])
+    reg.anchor.set([cut(m, p) for (_, m), p in zip(wholes, params)])
+    reg.offset.fill_(0.25)
+    reg._bump_tasks()
+    reg._state_changed()
+
+
+def second_step(model: nn.Module, reg: clreg.Regularizer, mode: str, rank: int, world: int, **how) -> torch.Tensor:
+    """One SGD step on task 2 with the regularizer (``accumulate`` micro-batches, clipping at ``clip``);
+    returns the penalty's value (LwF's: the mean over ranks of each rank's half-batch value)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    if mode == "attached":
+        reg.attach(opt)
+    x, y = (t[half(rank, world)] for t in data(seed=9, n=8).tensors)
+    micro = how.get("accumulate", 1)  # "plain": 1
+    opt.zero_grad()
+    values = []
+    for i, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+        if world > 1 and micro > 1:
+            model.set_requires_gradient_sync(i == micro - 1)  # FSDP's accumulation without communication
+        out = model(xs)
+        value = reg(model, inputs=xs, outputs=out)
+        values.append(value.detach())
+        extra = torch.zeros(()) if mode == "attached" else value
+        ((F.cross_entropy(out, ys) + extra) / micro).backward()
+    if "clip" in how:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), how["clip"])
+    opt.step()
+    reg.detach()
+    value = values[-1].clone()
+    if isinstance(reg, clreg.LwF) and world > 1:
+        dist.all_reduce(value)
+        value /= world
+    return value
 
 
 def state_record(prefix: str, reg: clreg.Regularizer, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -118,8 +174,74 @@ def state_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def penalty_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """EWC's penalty from a given state in both modes: a plain step, two micro-batches (FSDP's gradient
+    sync off for the first), clip_grad_norm_ on the gradients."""
+    out: dict[str, torch.Tensor] = {}
+    for how in ({"plain": 1}, {"accumulate": 2}, {"clip": 0.05}):
+        for mode in ("autograd", "attached"):
+            key = f"how/{next(iter(how))}/{mode}"
+            model = build(world, seed=5)
+            reg = make("ewc", model)
+            given_state(reg)
+            out[f"{key}/value"] = second_step(model, reg, mode, rank, world, **how)
+            out |= {f"{key}/param/{n}": p for n, p in gathered(dict(model.named_parameters())).items()}
+    return out
+
+
+def penalty_gradient(world: int, rank: int, mode: str, **kw) -> dict[str, torch.Tensor]:
+    """The gradient the EWC penalty adds on a step (with minus without it, at lr 0), and its value."""
+    grads = {}
+    for with_reg in (True, False):
+        model = build(world, seed=5, **kw)
+        reg = make("ewc", model)
+        given_state(reg)
+        opt = torch.optim.SGD(model.parameters(), lr=0.0)
+        if mode == "attached" and with_reg:
+            reg.attach(opt)
+        seen: list[dict[str, torch.Tensor]] = []
+        opt.register_step_pre_hook(
+            lambda o, a, k, m=model, s=seen: s.append({n: p.grad for n, p in m.named_parameters()})
+        )
+        x, y = (t[half(rank, world)] for t in data(seed=9, n=8).tensors)
+        out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        value = reg(model)
+        if mode == "autograd" and with_reg:
+            loss = loss + value
+        loss.backward()
+        opt.step()
+        grads[with_reg] = gathered(seen[0])
+        if with_reg:
+            kept = {"value": value.detach().clone(), "offset": reg.offset.clone()}
+            kept |= {f"param/{n}": p for n, p in gathered(dict(model.named_parameters())).items()}
+            kept |= {
+                f"importance/{n}": t for n, t in gathered(dict(zip(reg.param_names, reg.importance.tensors))).items()
+            }
+            kept |= {f"anchor/{n}": t for n, t in gathered(dict(zip(reg.param_names, reg.anchor.tensors))).items()}
+    diff = {f"penalty_grad/{n}": grads[True][n] - grads[False][n] for n in grads[True]}
+    return {**diff, **{f"data_grad/{n}": g for n, g in grads[False].items()}, **kept}
+
+
+def mixed_precision(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """EWC under FSDP's MixedPrecisionPolicy (bf16 parameters and collectives where sharded)."""
+    kw = {}
+    if world > 1:
+        from torch.distributed.fsdp import MixedPrecisionPolicy
+
+        kw = {
+            "mp_policy": MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+            # the BatchNorm in float32 (its statistics are float32), its input cast up by FSDP
+            "norm_kw": {"mp_policy": MixedPrecisionPolicy(param_dtype=torch.float32)},
+        }
+    out = {}
+    for mode in ("autograd", "attached"):
+        out |= {f"mp/{mode}/{k}": v for k, v in penalty_gradient(world, rank, mode, **kw).items()}
+    return out
+
+
 def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
-    out = state_cases(rank, world)
+    out = state_cases(rank, world) | penalty_cases(rank, world) | mixed_precision(rank, world)
     return out, []
 
 

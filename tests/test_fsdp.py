@@ -22,6 +22,7 @@ pytestmark = pytest.mark.skipif(
 
 import fsdp_worker  # noqa: E402
 
+TOL = {"rtol": 1e-5, "atol": 1e-6}
 PARAM_SHAPED = ("importance.", "anchor.", "omega.", "previous.", "teacher_params.")
 
 
@@ -39,6 +40,19 @@ def keys(single, prefix):
     found = [k for k in single if k.startswith(prefix)]
     assert found, prefix
     return found
+
+
+@pytest.mark.parametrize("how", ["plain", "accumulate", "clip"])
+@pytest.mark.parametrize("mode", ["autograd", "attached"])
+def test_penalty_step_equals_single_process(runs, how, mode) -> None:
+    """EWC's penalty from a given state on a step of the sharded model: a plain step, two micro-batches
+    (FSDP's gradient sync off for the first), and clip_grad_norm_ on DTensor gradients."""
+    ranks, single, _, _ = runs
+    key = f"how/{how}/{mode}"
+    for r in ranks:
+        torch.testing.assert_close(r[f"{key}/value"], single[f"{key}/value"], **TOL)
+        for k in keys(single, f"{key}/param/"):
+            torch.testing.assert_close(r[k], single[k], **TOL, msg=k)
 
 
 def shard_numel(shape: torch.Size, rank: int, world: int = 2) -> int:
@@ -82,3 +96,23 @@ def test_state_sharded_like_the_parameters(runs, key) -> None:
     for r, mine in zip(ranks, per_rank):
         # state_bytes counts this rank's shards plus the replicated rest (and caches of the shards)
         assert mine + rest <= int(r[f"bytes/{key}/state_bytes"]) < int(single[f"bytes/{key}/state_bytes"])
+
+
+def test_mixed_precision_penalty_gradient(runs) -> None:
+    """bf16 parameters and collectives (MixedPrecisionPolicy, reduce in float32): the penalty is taken
+    on the float32 shards, so its gradient and value are the closed form of the sharded state exactly;
+    the bf16 forward's data gradient is close to the float32 one."""
+    ranks, single, _, _ = runs
+    for mode in ("autograd", "attached"):
+        for r in ranks:
+            value = torch.zeros((), dtype=torch.float64)
+            for k in keys(single, f"mp/{mode}/param/"):
+                n = k.split("/param/", 1)[1]
+                theta, a, m = (r[f"mp/{mode}/{what}/{n}"] for what in ("param", "importance", "anchor"))
+                grad = 2 * 1.5 * a * (theta - m)  # EWC: s = λ/2 = 1.5
+                torch.testing.assert_close(r[f"mp/{mode}/penalty_grad/{n}"], grad, rtol=1e-5, atol=1e-7, msg=n)
+                value += (a.double() * (theta.double() - m.double()) ** 2).sum()
+                torch.testing.assert_close(r[f"mp/{mode}/data_grad/{n}"], single[f"mp/{mode}/data_grad/{n}"],
+                                           rtol=0.05, atol=0.01, msg=n)  # fmt: skip
+            expected = 1.5 * (value + r[f"mp/{mode}/offset"])
+            torch.testing.assert_close(r[f"mp/{mode}/value"].double(), expected, rtol=1e-5, atol=1e-7)
