@@ -9,15 +9,18 @@ the single run's entry of the same key. Entries under ``bytes/`` are this rank's
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import clreg
+from clreg import TaskSpec
 from clreg._sharding import full, is_sharded, local
+from clreg.functional import fisher_diagonal, mas_importance
 
 try:
     from torch.distributed.tensor import distribute_tensor
@@ -25,7 +28,7 @@ except ImportError:  # pragma: no cover - the test is skipped without torch.dist
     distribute_tensor = None
 
 N = 11  # odd: the ranks' shares of the samples differ in size
-KINDS = ("ewc", "online_ewc", "mas", "si", "lwf")
+KINDS = ("ewc", "online_ewc", "mas", "si", "lwf", "kfac_ewc")
 
 
 class Net(nn.Module):
@@ -119,6 +122,25 @@ def given_state(reg: clreg.EWC, seed: int = 11) -> None:
     reg._state_changed()
 
 
+def first_task(model: nn.Module, reg: clreg.Regularizer, mode: str, rank: int, world: int) -> None:
+    """Two SGD steps on task 1 (each rank its half of the batch; SI follows them), then consolidation on
+    the whole task (clreg shards it)."""
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    if isinstance(reg, clreg.SI):
+        reg.attach(opt) if mode == "attached" else reg.track(opt)
+    task = data(seed=6, n=8)
+    x, y = (t[half(rank, world)] for t in task.tensors)
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+    reg.detach()
+    reg.consolidate(model, task, TaskSpec())
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05)
+
+
 def second_step(model: nn.Module, reg: clreg.Regularizer, mode: str, rank: int, world: int, **how) -> torch.Tensor:
     """One SGD step on task 2 with the regularizer (``accumulate`` micro-batches, clipping at ``clip``);
     returns the penalty's value (LwF's: the mean over ranks of each rank's half-batch value)."""
@@ -189,6 +211,23 @@ def penalty_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def step_cases(rank: int, world: int, kinds: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    """Each regularizer in each mode: the state after task 1, the value and the parameters after a step."""
+    out: dict[str, torch.Tensor] = {}
+    for kind in kinds:
+        for mode in ("autograd", "attached"):
+            if kind == "lwf" and mode == "attached":
+                continue
+            key = f"step/{kind}/{mode}"
+            model = build(world, seed=5)
+            reg = make(kind, model)
+            first_task(model, reg, mode, rank, world)
+            out |= state_record(key, reg, model)
+            out[f"{key}/value"] = second_step(model, reg, mode, rank, world)
+            out |= {f"{key}/param/{n}": p for n, p in gathered(dict(model.named_parameters())).items()}
+    return out
+
+
 def penalty_gradient(world: int, rank: int, mode: str, **kw) -> dict[str, torch.Tensor]:
     """The gradient the EWC penalty adds on a step (with minus without it, at lr 0), and its value."""
     grads = {}
@@ -240,8 +279,46 @@ def mixed_precision(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def rank_batches(world_for_reference: int = 2, n: int = N, size: int = 4) -> list[list[int]]:
+    """The batches the ranks form of a Dataset under ``batched`` (strided shares, then batches of size)."""
+    out = []
+    for r in range(world_for_reference):
+        idx = list(range(r, n, world_for_reference))
+        out += [idx[i : i + size] for i in range(0, len(idx), size)]
+    return out
+
+
+def fisher_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
+    """Each estimator and MAS on N samples (odd), gathered."""
+    out: dict[str, torch.Tensor] = {}
+    model, ds = build(world, seed=3), data()
+    runs: dict[str, Callable[[], dict[str, torch.Tensor]]] = {
+        "exact": lambda: fisher_diagonal(model, ds, estimator="exact", chunk_size=3),
+        "mc": lambda: fisher_diagonal(model, ds, estimator="mc", mc_samples=2, chunk_size=3),
+        "empirical": lambda: fisher_diagonal(model, ds, estimator="empirical", chunk_size=3),
+        "max7": lambda: fisher_diagonal(model, ds, estimator="exact", max_samples=7),
+        "mas": lambda: mas_importance(model, ds, chunk_size=3),
+        "mas_normalized": lambda: mas_importance(model, ds, normalize=True, chunk_size=4),
+    }
+    # batched: the same batches in both runs (its value depends on how the data is split)
+    if world > 1:
+        runs["batched"] = lambda: fisher_diagonal(model, ds, estimator="batched", batch_size=4)
+    else:
+        batches = [tuple(t[idx] for t in ds.tensors) for idx in rank_batches()]
+        runs["batched"] = lambda: fisher_diagonal(model, batches, estimator="batched")
+    # an iterable of batches per rank, with as many batches on one rank as on the other plus one
+    share = Subset(ds, list(range(rank, N, world))) if world > 1 else ds
+    runs["loader"] = lambda: fisher_diagonal(model, DataLoader(share, batch_size=5), estimator="empirical")
+    for name, run in runs.items():
+        result = run()
+        out[f"sharded/fisher/{name}"] = torch.tensor(all(is_sharded(v) for v in result.values()))
+        out |= {f"fisher/{name}/{k}": v for k, v in gathered(result).items()}
+    return out
+
+
 def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     out = state_cases(rank, world) | penalty_cases(rank, world) | mixed_precision(rank, world)
+    out |= fisher_cases(rank, world) | step_cases(rank, world, ("ewc", "online_ewc", "mas", "kfac_ewc"))
     return out, []
 
 

@@ -42,6 +42,32 @@ def keys(single, prefix):
     return found
 
 
+@pytest.mark.parametrize("name", ["exact", "mc", "empirical", "batched", "max7", "loader", "mas", "mas_normalized"])
+def test_sharded_fisher_and_mas_equal_single_process(runs, name) -> None:
+    ranks, single, _, _ = runs
+    for r in ranks:
+        assert bool(r[f"sharded/fisher/{name}"]), "the result is sharded like the parameters"
+        for k in keys(single, f"fisher/{name}/"):
+            assert single[k].abs().sum() > 0, k
+            torch.testing.assert_close(r[k], single[k], rtol=1e-5, atol=1e-8, msg=k)
+
+
+CASES = [(k, m) for k in ("ewc", "online_ewc", "mas", "kfac_ewc") for m in ("autograd", "attached")]
+
+
+@pytest.mark.parametrize(("kind", "mode"), CASES)
+def test_sharded_step_equals_single_process(runs, kind, mode) -> None:
+    """A step of the sharded model with the regularizer: the same value, the same parameters after it,
+    and the same state after the first task (SI's path integral included)."""
+    ranks, single, _, _ = runs
+    key = f"step/{kind}/{mode}"
+    assert float(single[f"{key}/value"]) > 0
+    for r in ranks:
+        torch.testing.assert_close(r[f"{key}/value"], single[f"{key}/value"], **TOL)
+        for k in keys(single, f"{key}/param/") + keys(single, f"{key}/state/"):
+            torch.testing.assert_close(r[k].to(single[k].dtype), single[k], rtol=1e-5, atol=1e-7, msg=k)
+
+
 @pytest.mark.parametrize("how", ["plain", "accumulate", "clip"])
 @pytest.mark.parametrize("mode", ["autograd", "attached"])
 def test_penalty_step_equals_single_process(runs, how, mode) -> None:
@@ -61,7 +87,7 @@ def shard_numel(shape: torch.Size, rank: int, world: int = 2) -> int:
     return parts[rank].numel() if rank < len(parts) else 0
 
 
-STATES = [f"state/{k}" for k in fsdp_worker.KINDS]
+STATES = [f"state/{k}" for k in fsdp_worker.KINDS] + [f"step/{k}/{m}" for k, m in CASES]
 
 
 @pytest.mark.parametrize("key", STATES)

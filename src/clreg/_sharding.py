@@ -19,8 +19,8 @@ Nothing here imports ``torch.distributed.tensor`` (a second of start-up): a tens
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -28,13 +28,17 @@ from torch import Tensor, nn
 
 __all__ = [
     "Layout",
+    "base_type",
     "fsdp_modules",
     "full",
+    "in_lockstep",
     "is_sharded",
     "layout_of",
     "local",
     "local_all",
+    "reduce_to_shard",
     "reshard_all",
+    "shard_like",
     "shard_mesh",
     "sum_over_mesh",
     "wrap_like",
@@ -195,6 +199,26 @@ def wrap_like(local_t: Tensor, like: Tensor) -> Tensor:
     )
 
 
+def shard_like(whole: Tensor, like: Tensor) -> Tensor:
+    """A ``DTensor`` laid out as ``like`` whose shards are cut from ``whole``, a tensor every rank holds in
+    full (no communication)."""
+    from torch.distributed.tensor import distribute_tensor
+
+    if tuple(whole.shape) != tuple(like.shape):
+        raise ValueError(f"a tensor of shape {tuple(whole.shape)} cannot be sharded as one of {tuple(like.shape)}")
+    return distribute_tensor(whole.to(like.device), like.device_mesh, like.placements, src_data_rank=None)
+
+
+def reduce_to_shard(partial: Tensor, like: Tensor) -> Tensor:
+    """This rank's shard (laid out as ``like``) of the sum over ranks of ``partial``, a whole-shaped
+    tensor each rank holds its own term of: one reduce-scatter."""
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = like.device_mesh
+    summed = DTensor.from_local(partial, mesh, [Partial()] * mesh.ndim, run_check=False)
+    return summed.redistribute(mesh, like.placements).to_local()
+
+
 # -- FSDP modules -----------------------------------------------------------------------------------
 
 
@@ -204,8 +228,48 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [] if cls is None else [m for m in model.modules() if isinstance(m, cls)]
 
 
+def base_type(m: nn.Module) -> type:
+    """The module's own class: ``fully_shard`` swaps ``Linear`` for a subclass ``FSDPLinear``."""
+    cls = _fsdp_module_type()
+    if cls is None or not isinstance(m, cls):
+        return type(m)
+    return next(b for b in type(m).__mro__ if not issubclass(b, cls))
+
+
 def reshard_all(model: nn.Module) -> None:
     """Free every unsharded parameter of ``model``'s FSDP modules: the next use all-gathers from the
     shards again. (The root module keeps its own parameters unsharded between forward and backward.)"""
     for m in fsdp_modules(model):
         m.reshard()
+
+
+T = TypeVar("T")
+
+
+def in_lockstep(items: Iterator[T], stand_in: Callable[[], T | None]) -> Iterator[tuple[T, bool]]:
+    """``(item, True)`` for each of this rank's items, then ``(filler, False)`` until every rank is done.
+
+    Under FSDP each forward and backward is a collective, so every rank must take as many steps as the
+    rank with the most data; samples stay sharded without padding: a rank whose share is done repeats
+    its last item (or ``stand_in()``, when it had none) and drops what that step gives. One all-reduce
+    of two integers per step. A ValueError on every rank when one of them has nothing to repeat.
+    """
+    last: T | None = None
+    while True:
+        item = next(items, None)
+        if item is not None:
+            last = item
+        filler = item if item is not None else (last if last is not None else stand_in())
+        state = 2 if item is not None else (1 if filler is not None else 0)
+        flags = torch.tensor([state, -state], dtype=torch.int64)
+        if dist.is_initialized():
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        most, least = int(flags[0]), -int(flags[1])
+        if most < 2:
+            return
+        if least == 0:
+            raise ValueError(
+                "a rank has no samples of its own: under FSDP every rank takes part in each forward, so each needs "
+                "at least one batch; pass a Dataset (clreg shards it) or give every rank some data"
+            )
+        yield filler, item is not None  # type: ignore[misc]
