@@ -316,9 +316,18 @@ def fisher_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def replay_case(rank: int) -> dict[str, torch.Tensor]:
+    buf = clreg.ReplayBuffer(3, seed=4)
+    buf.add("a", [(torch.full((2,), float(10 * rank + i)), torch.tensor(rank)) for i in range(4)])
+    return {"replay/a": torch.stack([s[0] for s in buf.samples("a")])}
+
+
 def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
     out = state_cases(rank, world) | penalty_cases(rank, world) | mixed_precision(rank, world)
     out |= fisher_cases(rank, world) | step_cases(rank, world, ("ewc", "online_ewc", "mas", "kfac_ewc"))
+    out |= step_cases(rank, world, ("si", "lwf"))
+    if world > 1:
+        out |= replay_case(rank)
     return out, []
 
 

@@ -52,7 +52,7 @@ def test_sharded_fisher_and_mas_equal_single_process(runs, name) -> None:
             torch.testing.assert_close(r[k], single[k], rtol=1e-5, atol=1e-8, msg=k)
 
 
-CASES = [(k, m) for k in ("ewc", "online_ewc", "mas", "kfac_ewc") for m in ("autograd", "attached")]
+CASES = [(k, m) for k in fsdp_worker.KINDS for m in ("autograd", "attached") if (k, m) != ("lwf", "attached")]
 
 
 @pytest.mark.parametrize(("kind", "mode"), CASES)
@@ -142,3 +142,9 @@ def test_mixed_precision_penalty_gradient(runs) -> None:
                                            rtol=0.05, atol=0.01, msg=n)  # fmt: skip
             expected = 1.5 * (value + r[f"mp/{mode}/offset"])
             torch.testing.assert_close(r[f"mp/{mode}/value"].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def test_replay_buffer_unchanged_under_fsdp(runs) -> None:
+    ranks, _, _, _ = runs
+    torch.testing.assert_close(ranks[0]["replay/a"], ranks[1]["replay/a"], rtol=0, atol=0)
+    assert ranks[0]["replay/a"].shape == (3, 2)

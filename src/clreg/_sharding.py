@@ -18,8 +18,9 @@ Nothing here imports ``torch.distributed.tensor`` (a second of start-up): a tens
 
 from __future__ import annotations
 
+import contextlib
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -41,6 +42,7 @@ __all__ = [
     "shard_like",
     "shard_mesh",
     "sum_over_mesh",
+    "swapped_into",
     "wrap_like",
 ]
 
@@ -241,6 +243,46 @@ def reshard_all(model: nn.Module) -> None:
     shards again. (The root module keeps its own parameters unsharded between forward and backward.)"""
     for m in fsdp_modules(model):
         m.reshard()
+
+
+@contextlib.contextmanager
+def swapped_into(model: nn.Module, params: Mapping[str, Tensor], buffers: Mapping[str, Tensor]) -> Iterator[None]:
+    """Run ``model`` (an FSDP2 model) on other values of its parameters and buffers, by name.
+
+    ``functional_call`` cannot do it: FSDP's pre-forward hook puts its own all-gathered parameters back
+    on the modules. So the given values are copied into the model's shards for the duration, after
+    every FSDP module is resharded so that each forward gathers them, and the model's own values are
+    copied back, resharded again, on exit: a backward that follows gathers the model's own parameters.
+    Buffers (which FSDP leaves alone) are swapped as objects, never written, since a graph may hold
+    them. Costs a copy of this rank's shards.
+    """
+    reshard_all(model)
+    own = dict(model.named_parameters())
+    targets = [local(own[n]) for n in params]
+    with torch.no_grad():
+        stash = [t.clone() for t in targets]
+        if targets:
+            torch._foreach_copy_(targets, local_all(list(params.values())))
+    kept = _set_buffers(model, buffers)
+    try:
+        yield
+    finally:
+        _set_buffers(model, kept)
+        reshard_all(model)
+        with torch.no_grad():
+            if targets:
+                torch._foreach_copy_(targets, stash)
+
+
+def _set_buffers(model: nn.Module, buffers: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Put ``buffers`` on the model by name; returns the ones they replaced."""
+    old = {}
+    for name, value in buffers.items():
+        owner, _, attr = name.rpartition(".")
+        module = model.get_submodule(owner)
+        old[name] = module._buffers[attr]
+        module._buffers[attr] = value
+    return old
 
 
 T = TypeVar("T")
