@@ -20,6 +20,7 @@ from torch.utils.data import DataLoader, Subset, TensorDataset
 import clreg
 from clreg import TaskSpec
 from clreg._sharding import full, is_sharded, local
+from clreg.distributed import full_state_dict
 from clreg.functional import fisher_diagonal, mas_importance
 
 try:
@@ -316,6 +317,42 @@ def fisher_cases(rank: int, world: int) -> dict[str, torch.Tensor]:
     return out
 
 
+def checkpoint_cases(rank: int, world: int, out_dir: str) -> dict[str, torch.Tensor]:
+    """DCP (sharded) and the full form: saved here, loaded back into sharded regularizers; the test loads
+    both into a single process."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    out: dict[str, torch.Tensor] = {}
+    model = build(world, seed=5)
+    reg = clreg.Compose(make("ewc", model), make("si", model))
+    first_task(model, reg["ewc"], "autograd", rank, world)
+    reg["si"].update(model)  # a step of path for SI
+    reg["si"].consolidate(model)
+    out["ckpt/value"] = reg(model).detach().clone()
+    out |= {f"ckpt/param/{n}": p for n, p in gathered(dict(model.named_parameters())).items()}
+    dcp.save(
+        {"model": get_model_state_dict(model), "reg": reg.state_dict()}, checkpoint_id=os.path.join(out_dir, "dcp")
+    )
+    whole = full_state_dict(reg)
+    if rank == 0:
+        torch.save(whole, os.path.join(out_dir, "full.pt"))
+    dist.barrier()
+    # back into fresh sharded regularizers on a fresh sharded model holding the same parameters
+    for form in ("dcp", "full"):
+        model2 = build(world, seed=7)
+        reg2 = clreg.Compose(make("ewc", model2), make("si", model2))
+        state = {"model": get_model_state_dict(model2), "reg": reg2.state_dict()}
+        dcp.load(state, checkpoint_id=os.path.join(out_dir, "dcp"))  # the model's parameters
+        model2.load_state_dict(state["model"])
+        if form == "full":
+            state["reg"] = torch.load(os.path.join(out_dir, "full.pt"), weights_only=True)
+        reg2.load_state_dict(state["reg"])
+        out[f"ckpt/{form}/value"] = reg2(model2).detach().clone()
+        out[f"ckpt/{form}/sharded"] = torch.tensor(all(is_sharded(t) for t in reg2["ewc"].importance.tensors))
+    return out
+
+
 def replay_case(rank: int) -> dict[str, torch.Tensor]:
     buf = clreg.ReplayBuffer(3, seed=4)
     buf.add("a", [(torch.full((2,), float(10 * rank + i)), torch.tensor(rank)) for i in range(4)])
@@ -327,7 +364,7 @@ def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[st
     out |= fisher_cases(rank, world) | step_cases(rank, world, ("ewc", "online_ewc", "mas", "kfac_ewc"))
     out |= step_cases(rank, world, ("si", "lwf"))
     if world > 1:
-        out |= replay_case(rank)
+        out |= replay_case(rank) | checkpoint_cases(rank, world, out_dir)
     return out, []
 
 

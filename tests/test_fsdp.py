@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(
     not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="FSDP2 (fully_shard) is not available"
 )
 
+import clreg  # noqa: E402
 import fsdp_worker  # noqa: E402
 
 TOL = {"rtol": 1e-5, "atol": 1e-6}
@@ -142,6 +143,35 @@ def test_mixed_precision_penalty_gradient(runs) -> None:
                                            rtol=0.05, atol=0.01, msg=n)  # fmt: skip
             expected = 1.5 * (value + r[f"mp/{mode}/offset"])
             torch.testing.assert_close(r[f"mp/{mode}/value"].double(), expected, rtol=1e-5, atol=1e-7)
+
+
+def _single_reg(seed: int = 7):
+    model = fsdp_worker.Net(seed)
+    return model, clreg.Compose(fsdp_worker.make("ewc", model), fsdp_worker.make("si", model))
+
+
+def test_checkpoints_round_trip(runs) -> None:
+    """DCP on two ranks, loaded back sharded and, converted, into one process; the full form (gathered,
+    CPU, read with weights_only=True) into two ranks and into one process: the same penalty."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    ranks, _, _, tmp = runs
+    value = ranks[0]["ckpt/value"]
+    assert float(value) > 0
+    for r in ranks:
+        torch.testing.assert_close(r["ckpt/value"], value, rtol=0, atol=0)
+        for form in ("dcp", "full"):
+            assert bool(r[f"ckpt/{form}/sharded"])
+            torch.testing.assert_close(r[f"ckpt/{form}/value"], value, **TOL)
+    dcp_to_torch_save(os.path.join(tmp, "dcp"), os.path.join(tmp, "dcp.pt"))
+    saved = torch.load(os.path.join(tmp, "dcp.pt"), weights_only=True)
+    for state in (saved["reg"], torch.load(os.path.join(tmp, "full.pt"), weights_only=True)):
+        model, reg = _single_reg()
+        model.load_state_dict(saved["model"])
+        reg.load_state_dict(state)
+        for k in keys(ranks[0], "ckpt/param/"):
+            torch.testing.assert_close(dict(model.named_parameters())[k.split("/param/")[1]], ranks[0][k])
+        torch.testing.assert_close(reg(model), value, **TOL)
 
 
 def test_replay_buffer_unchanged_under_fsdp(runs) -> None:
