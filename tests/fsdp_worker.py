@@ -55,6 +55,18 @@ class Net(nn.Module):
         return self.fc2(torch.tanh(self.norm(self.fc1(x))))
 
 
+class Scaled(nn.Module):
+    """A parameter no layer rule covers (an element-wise scale)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.ones(3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(x) * self.scale
+
+
 def mesh():
     from torch.distributed.device_mesh import init_device_mesh
 
@@ -353,6 +365,45 @@ def checkpoint_cases(rank: int, world: int, out_dir: str) -> dict[str, torch.Ten
     return out
 
 
+def refusals(world: int) -> list[str]:
+    """The messages of what cannot work (sharded runs only)."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    messages = []
+
+    def refused(fn: Callable[[], object]) -> None:
+        try:
+            fn()
+        except (ValueError, TypeError) as err:
+            messages.append(f"{type(err).__name__}: {err}")
+        else:
+            messages.append("no error")
+
+    m = mesh()
+    partly = Net()  # only fc1 sharded: the other parameters stay plain
+    fully_shard(partly.fc1, mesh=m)
+    refused(lambda: clreg.EWC(partly))
+    model = build(world)
+    ewc = make("ewc", model)
+    ewc.consolidate(model, data())
+    by_columns = build(
+        world, shard_placement_fn=lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else None
+    )
+    refused(lambda: ewc(by_columns))  # another layout of the same parameters
+    refused(lambda: make("ewc", Net()).load_state_dict(ewc.state_dict()))  # sharded state, plain model
+    refused(lambda: make("ewc", by_columns).load_state_dict(ewc.state_dict()))  # sharded another way
+    plain = Net()
+    early = make("ewc", plain)
+    shard(plain, world)
+    refused(lambda: early.consolidate(plain, data()))  # built before fully_shard
+    refused(lambda: fisher_diagonal(shard(Scaled(), world), data(), estimator="exact"))
+    empty_on_one = DataLoader(Subset(data(), [] if dist.get_rank() == 1 else [0, 2]), batch_size=2)
+    refused(lambda: fisher_diagonal(model, empty_on_one, estimator="empirical"))  # no rank left waiting
+    refused(lambda: mas_importance(model, empty_on_one))
+    return messages
+
+
 def replay_case(rank: int) -> dict[str, torch.Tensor]:
     buf = clreg.ReplayBuffer(3, seed=4)
     buf.add("a", [(torch.full((2,), float(10 * rank + i)), torch.tensor(rank)) for i in range(4)])
@@ -363,9 +414,11 @@ def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[st
     out = state_cases(rank, world) | penalty_cases(rank, world) | mixed_precision(rank, world)
     out |= fisher_cases(rank, world) | step_cases(rank, world, ("ewc", "online_ewc", "mas", "kfac_ewc"))
     out |= step_cases(rank, world, ("si", "lwf"))
+    messages: list[str] = []
     if world > 1:
         out |= replay_case(rank) | checkpoint_cases(rank, world, out_dir)
-    return out, []
+        messages = refusals(world)
+    return out, messages
 
 
 def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:

@@ -174,6 +174,28 @@ def test_checkpoints_round_trip(runs) -> None:
         torch.testing.assert_close(reg(model), value, **TOL)
 
 
+def test_refusals_name_the_problem(runs) -> None:
+    _, _, errors, _ = runs
+    expected = [
+        "ValueError: parameter 'norm.weight' is not sharded but 'fc1.weight' is",
+        "ValueError: parameter 'fc1.weight' is sharded over the cpu mesh of ranks [0, 1] as [Shard(dim=1)], but this "
+        "state is sharded over the cpu mesh of ranks [0, 1] as [Shard(dim=0)]",
+        "ValueError: state 'importance.fc1/weight' (parameter 'fc1.weight') was saved sharded over the cpu mesh of "
+        "ranks [0, 1] as [Shard(dim=0)], but this regularizer's state is not sharded",
+        "ValueError: state 'importance.fc1/weight' (parameter 'fc1.weight') was saved sharded over the cpu mesh of "
+        "ranks [0, 1] as [Shard(dim=0)], but this regularizer's state is sharded over the cpu mesh of ranks [0, 1] "
+        "as [Shard(dim=1)]",
+        "ValueError: parameter 'fc1.weight' is sharded over the cpu mesh of ranks [0, 1] as [Shard(dim=0)], but this "
+        "state is not sharded: build the regularizer on the model as it is trained (after fully_shard)",
+        "ValueError: under FSDP2 importances are formed layer by layer, and parameter 'scale'",
+        "ValueError: a rank has no samples of its own: under FSDP every rank takes part in each forward",
+        "ValueError: a rank has no samples of its own: under FSDP every rank takes part in each forward",
+    ]
+    assert len(errors) == len(expected), errors
+    for got, want in zip(errors, expected):
+        assert got.startswith(want), (got, want)
+
+
 def test_replay_buffer_unchanged_under_fsdp(runs) -> None:
     ranks, _, _, _ = runs
     torch.testing.assert_close(ranks[0]["replay/a"], ranks[1]["replay/a"], rtol=0, atol=0)

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 
 __all__ = [
     "Layout",
+    "any_rank",
     "base_type",
     "fsdp_modules",
     "full",
@@ -310,8 +311,20 @@ def in_lockstep(items: Iterator[T], stand_in: Callable[[], T | None]) -> Iterato
         if most < 2:
             return
         if least == 0:
-            raise ValueError(
-                "a rank has no samples of its own: under FSDP every rank takes part in each forward, so each needs "
-                "at least one batch; pass a Dataset (clreg shards it) or give every rank some data"
-            )
+            raise ValueError(NO_SAMPLES)
         yield filler, item is not None  # type: ignore[misc]
+
+
+NO_SAMPLES = (
+    "a rank has no samples of its own: under FSDP every rank takes part in each forward, so each needs at least "
+    "one batch; pass a Dataset (clreg shards it) or give every rank some data"
+)
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on some rank (one all-reduce; ``flag`` itself in a single process): every rank
+    gets the same answer, so every rank can raise alike before a collective it would otherwise miss."""
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    if dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

@@ -65,7 +65,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .._params import ParamSelector, unwrap_model
-from .._sharding import fsdp_modules
+from .._sharding import NO_SAMPLES, any_rank, fsdp_modules
 from ..data import Chunk, call_model, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
@@ -210,6 +210,8 @@ def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> li
         x = default_collate([split_item(data[0])[0]])
     else:
         first = next(iter_chunks(data, 1), None)
+        if fsdp_modules(model) and any_rank(first is None):  # the probe's forward is a collective
+            raise ValueError(NO_SAMPLES)
         if first is None:
             raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
         x = first.inputs
