@@ -2,7 +2,7 @@
 
 Everything here is a no-op in a single process. A regularizer's state is identical on every rank
 after ``consolidate`` because sums and counts are all-reduced before they are divided; under FSDP2
-the state of a sharded parameter is sharded like it, and :func:`full_state_dict`
+the state of a sharded parameter is sharded like it (see :doc:`/fsdp`), and :func:`full_state_dict`
 gathers it whole.
 """
 
