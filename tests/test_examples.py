@@ -55,3 +55,20 @@ def test_torchrun_example_with_two_processes() -> None:
         timeout=180,
     )
     assert "world size 2" in out and "importance identical on every rank: True" in out, out
+
+
+def test_fsdp2_example_with_two_processes() -> None:
+    pytest.importorskip("torch.distributed.fsdp")
+    out = run(
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(EXAMPLES / "fsdp2.py"),
+        "--smoke",
+        timeout=180,
+    )
+    assert "world size 2" in out and "EWC state bytes per rank" in out, out
+    assert "the full form in one process gives the same penalty: True" in out, out

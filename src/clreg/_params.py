@@ -9,6 +9,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ._sharding import describe, layout_of, reshard_all, shard_mesh
+
 ParamSelector = Sequence[str] | Callable[[str, nn.Parameter], bool] | None
 
 _WRAPPER_SEGMENTS = ("module", "_orig_mod")
@@ -42,12 +44,16 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 class ParamSet:
-    """The parameters a regularizer acts on: canonical names, shapes and state dtypes.
+    """The parameters a regularizer acts on: canonical names, shapes, state dtypes and layouts.
 
-    The resolved parameter list is cached per model (weakly), so the hot path does not walk the model.
+    The resolved parameter list is cached per model (weakly) and per the model's class (``fully_shard``
+    swaps it), so the hot path does not walk the model. Parameters sharded by FSDP2 (DTensors) must all
+    be sharded over one mesh (``mesh``), or none (see :func:`clreg._sharding.shard_mesh`); a model
+    resolved later must lay them out alike.
     """
 
     def __init__(self, model: nn.Module, select: ParamSelector = None) -> None:
+        reshard_all(model)  # FSDP2's root keeps its own parameters unsharded after a forward
         named = [(canonical_name(n), p) for n, p in model.named_parameters()]
         if select is None:
             chosen = [(n, p) for n, p in named if p.requires_grad]
@@ -67,27 +73,35 @@ class ParamSet:
         self.names: list[str] = [n for n, _ in chosen]
         self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
         self.dtypes: list[torch.dtype] = [p.dtype for _, p in chosen]
-        self._cache: tuple[weakref.ref, list[nn.Parameter]] | None = None
+        self.mesh = shard_mesh([p for _, p in chosen], self.names)
+        self.layouts = [layout_of(p) for _, p in chosen] if self.mesh is not None else [None] * len(chosen)
+        self._cache: tuple[weakref.ref, type, list[nn.Parameter]] | None = None
         self._remember(model, [p for _, p in chosen])
 
     def __len__(self) -> int:
         return len(self.names)
 
+    @property
+    def sharded(self) -> bool:
+        """True when the parameters are sharded by FSDP2 (DTensors)."""
+        return self.mesh is not None
+
     def _remember(self, model: nn.Module, params: list[nn.Parameter]) -> None:
-        self._cache = (weakref.ref(model), params)
+        self._cache = (weakref.ref(model), type(model), params)
 
     def last(self) -> list[nn.Parameter]:
         """The parameters of the model last resolved (for optimizer hooks)."""
         if self._cache is None:
             raise ValueError("no model has been resolved yet")
-        return self._cache[1]
+        return self._cache[2]
 
     def resolve(self, model: nn.Module) -> list[nn.Parameter]:
-        """This selection's parameters in ``model``, in order, with names and shapes checked."""
-        if self._cache is not None and self._cache[0]() is model:
-            return self._cache[1]
+        """This selection's parameters in ``model``, in order, with names, shapes and layouts checked."""
+        if self._cache is not None and self._cache[0]() is model and self._cache[1] is type(model):
+            return self._cache[2]
         if not isinstance(model, nn.Module):
             raise TypeError(f"expected the model (an nn.Module), got {type(model).__name__}")
+        reshard_all(model)
         by_name = {canonical_name(n): p for n, p in model.named_parameters()}
         params = []
         for name, shape in zip(self.names, self.shapes):
@@ -102,10 +116,24 @@ class ParamSet:
                     "(the model changed since this regularizer was built)"
                 )
             params.append(p)
+        self._check_layouts(params)
         self._remember(model, params)
         return params
 
+    def _check_layouts(self, params: list[nn.Parameter]) -> None:
+        for name, p, want in zip(self.names, params, self.layouts):
+            got = layout_of(p)
+            if got != want:
+                hint = (
+                    "build the regularizer on the model as it is trained (after fully_shard), or load the full "
+                    "state (clreg.distributed.full_state_dict) into one built on this model"
+                )
+                raise ValueError(f"parameter {name!r} is {describe(got)}, but this state is {describe(want)}: {hint}")
+
     def zeros(self, device: torch.device | str | None = None) -> list[Tensor]:
+        """Zeros in the state dtype, one per parameter: sharded like the parameter where it is."""
+        if self.mesh is not None:
+            return [torch.zeros_like(p.detach(), dtype=state_dtype(p.dtype)) for p in self.last()]
         return [torch.zeros(s, dtype=state_dtype(d), device=device) for s, d in zip(self.shapes, self.dtypes)]
 
 

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from ._sharding import describe, layout_of, local, local_all, shard_like
+
 
 def tensor_bytes(tensors: Iterable[Tensor]) -> int:
-    """Bytes held by ``tensors`` (elements times element size)."""
-    return sum(t.numel() * t.element_size() for t in tensors)
+    """Bytes held by ``tensors`` on this rank (elements times element size; a sharded tensor's local
+    shard)."""
+    return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
 def buffer_key(name: str) -> str:
@@ -37,18 +40,42 @@ class TensorStore(nn.Module):
         self._refresh()
         return out
 
-    def _load_from_state_dict(self, *args, **kwargs) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        state_dict = self._laid_out(state_dict, prefix)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh()
 
+    def _laid_out(self, state_dict: Mapping[str, Tensor], prefix: str) -> Mapping[str, Tensor]:
+        """``state_dict`` with each whole tensor meant for a sharded buffer cut to this rank's shard (the
+        full form loads into a sharded regularizer); a ValueError where the layouts cannot meet."""
+        changed = {}
+        for key in self._keys:
+            ours, theirs = self._buffers.get(key), state_dict.get(prefix + key)
+            if ours is None or not isinstance(theirs, Tensor):
+                continue
+            mine, given = layout_of(ours), layout_of(theirs)
+            if mine == given:
+                continue
+            name = self.names[self._keys.index(key)]
+            if given is not None:
+                raise ValueError(
+                    f"state {prefix + key!r} (parameter {name!r}) was saved {describe(given)}, but this regularizer's "
+                    f"state is {describe(mine)}: save the full form (clreg.distributed.full_state_dict) to change "
+                    "the sharding"
+                )
+            if tuple(theirs.shape) == tuple(ours.shape):
+                changed[prefix + key] = shard_like(theirs.to(ours.dtype), ours)
+        return {**state_dict, **changed} if changed else state_dict
+
     def set(self, tensors: Sequence[Tensor]) -> None:
-        """Copy ``tensors`` in place (dtypes and devices kept)."""
+        """Copy ``tensors`` in place (dtypes and devices kept; sharded stores copy the local shards of
+        tensors sharded alike)."""
         tensors = list(tensors)
         if len(tensors) != len(self.tensors):
             raise ValueError(f"expected {len(self.tensors)} tensors, got {len(tensors)}")
         if tensors:
             with torch.no_grad():
-                torch._foreach_copy_(self.tensors, tensors)
+                torch._foreach_copy_(local_all(self.tensors), local_all(tensors))
 
     def __len__(self) -> int:
         return len(self.names)

@@ -39,6 +39,7 @@ __all__ = [
     "functional_call_model",
     "iter_chunks",
     "stable_seed",
+    "stand_in_chunk",
     "tree_index",
     "tree_leaves",
     "tree_map",
@@ -226,3 +227,12 @@ def iter_chunks(data: Any, chunk_size: int, max_samples: int | None = None) -> I
             seen += take
         if limit is not None and seen >= limit:
             return
+
+
+def stand_in_chunk(data: Any) -> Chunk | None:
+    """A chunk of the global first sample of a ``Dataset`` (every rank can read it), or ``None`` for an
+    iterable of batches: what a rank with no samples of its own runs when every rank must take a step."""
+    if not is_map_dataset(data) or len(data) == 0:
+        return None
+    x, y = split_item(data[0])
+    return Chunk(default_collate([x]), None if y is None else default_collate([y]), torch.zeros(1, dtype=torch.int64))

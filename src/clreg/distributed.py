@@ -1,7 +1,9 @@
 """Reductions under ``torch.distributed``: importance sums and sample counts are summed over ranks.
 
 Everything here is a no-op in a single process. A regularizer's state is identical on every rank
-after ``consolidate`` because sums and counts are all-reduced before they are divided.
+after ``consolidate`` because sums and counts are all-reduced before they are divided; under FSDP2
+the state of a sharded parameter is sharded like it (see :doc:`/fsdp`), and :func:`full_state_dict`
+gathers it whole.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["all_gather_objects", "all_reduce_sum_", "is_distributed", "rank_and_world", "shard"]
+from ._sharding import full
+
+__all__ = ["all_gather_objects", "all_reduce_sum_", "full_state_dict", "is_distributed", "rank_and_world", "shard"]
 
 
 def is_distributed() -> bool:
@@ -85,3 +89,27 @@ def shard(n: int) -> range:
     """This rank's share of ``range(n)``: strided, no padding, so the shares partition the range."""
     rank, world = rank_and_world()
     return range(rank, n, world)
+
+
+def full_state_dict(module: nn.Module, *, cpu: bool = True) -> dict[str, Any]:
+    """``module.state_dict()`` with each tensor sharded by FSDP2 (a DTensor) gathered whole, on the CPU
+    unless ``cpu=False``: the full form of a regularizer's state (or a :class:`~clreg.Compose`'s).
+
+    It loads with ``load_state_dict`` into the same regularizer built on the unsharded model in one
+    process, or on the model sharded over any number of ranks (each rank keeps its shard), and it is
+    read back with ``torch.load(..., weights_only=True)``. Every rank must call it (one all-gather per
+    sharded tensor); a state with nothing sharded comes back as it is, on the CPU.
+
+    Example:
+        >>> import torch, clreg
+        >>> ewc = clreg.EWC(torch.nn.Linear(2, 1))
+        >>> sorted(full_state_dict(ewc))[:2]
+        ['_extra_state', 'anchor/bias']
+    """
+    out: dict[str, Any] = {}
+    for key, value in module.state_dict().items():
+        if isinstance(value, Tensor):
+            value = full(value).detach()
+            value = value.cpu() if cpu else value
+        out[key] = value
+    return out

@@ -19,6 +19,7 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 from .._params import ParamSelector, ParamSet, canonical_name, state_dtype, unwrap_model
+from .._sharding import fsdp_modules
 from ..data import (
     Chunk,
     batch_size_of,
@@ -68,6 +69,12 @@ class PerSampleEngine:
     def __init__(self, model: nn.Module, params: ParamSelector = None, vectorize: bool = True) -> None:
         self.model = unwrap_model(model)
         self.pset = ParamSet(self.model, params)
+        if self.pset.sharded or fsdp_modules(self.model):
+            raise ValueError(
+                "per-sample gradients by functional_call cannot run on a model sharded by fully_shard: the Fisher "
+                "and MAS of an FSDP2 model are formed by the curvature engine (fisher_diagonal and mas_importance "
+                "choose it)"
+            )
         chosen = set(self.pset.names)
         self.selected: dict[str, Tensor] = {}
         self.frozen: dict[str, Tensor] = {}

@@ -35,6 +35,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._sharding import local_all, shard_mesh, sum_over_mesh
+
 __all__ = ["ewc_merge_"]
 
 
@@ -45,8 +47,15 @@ def ewc_merge_(
     new_importance: Sequence[Tensor],
     new_anchor: Sequence[Tensor],
 ) -> Tensor:
-    """Fold one task (weighted importance B, anchor a) into (A, m) in place; returns ΣC updated."""
-    total = offset.clone()
+    """Fold one task (weighted importance B, anchor a) into (A, m) in place; returns ΣC updated.
+
+    Sharded tensors (FSDP2) are folded shard by shard; ΣC is then the sum over ranks of the shards'
+    terms, the same on every rank."""
+    mesh = shard_mesh(importance)
+    if mesh is not None:
+        importance, center = local_all(importance), local_all(center)
+        new_importance, new_anchor = local_all(new_importance), local_all(new_anchor)
+    total = offset.clone() if mesh is None else torch.zeros_like(offset)
     with torch.no_grad():
         for a_, m_, b_, anc in zip(importance, center, new_importance, new_anchor):
             b = b_.to(a_.dtype)
@@ -59,4 +68,4 @@ def ewc_merge_(
             total += term.sum()
             m_.copy_(torch.where(pos, m_ + ratio * (anc - m_), anc))
             a_.copy_(s)
-    return total
+    return total if mesh is None else offset + sum_over_mesh(total, mesh)

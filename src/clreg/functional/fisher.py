@@ -37,6 +37,12 @@ dependent on the batch size B and on how the data is split. It is offered for co
 so the result depends neither on batching nor on the number of ranks; with an iterable of batches the
 key is the sample's position in this rank's stream. Each draw is seeded by ``(seed, key, draw)``.
 
+A model sharded by FSDP2 (``fully_shard``) takes the curvature engine whatever ``engine`` says (the
+per-sample path's ``functional_call`` cannot run on FSDP's parameters): FSDP gathers one module's
+parameters at a time, each layer's statistic is reduce-scattered as it is formed, and the result is a
+DTensor per parameter, sharded like it, equal gathered to the single-process Fisher (see
+:mod:`clreg.functional.curvature.engine`). ``batched`` forms each batch's gradient layer by layer too.
+
 Example:
     >>> import torch
     >>> from clreg.functional import fisher_diagonal
@@ -59,6 +65,7 @@ from torch import Tensor, nn
 from torch.utils.data import default_collate
 
 from .._params import ParamSelector, unwrap_model
+from .._sharding import NO_SAMPLES, any_rank, fsdp_modules
 from ..data import Chunk, call_model, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
 from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
@@ -203,6 +210,8 @@ def _probe_shapes(model: nn.Module, data: Any, outs: Sequence[OutputSpec]) -> li
         x = default_collate([split_item(data[0])[0]])
     else:
         first = next(iter_chunks(data, 1), None)
+        if fsdp_modules(model) and any_rank(first is None):  # the probe's forward is a collective
+            raise ValueError(NO_SAMPLES)
         if first is None:
             raise ValueError("the data gave no samples: cannot estimate a Fisher from empty data")
         x = first.inputs
@@ -262,11 +271,13 @@ def fisher_diagonal(
         raise ValueError(f"engine must be one of {ENGINES}, got {engine!r}")
     inner = unwrap_model(model)
     check = _label_check(req, inner, data)
+    sharded = bool(fsdp_modules(inner))
     if req.estimator == "batched":
-        return _batched(inner, data, req, params, max_samples, batch_size, progress, check)
+        batched = _batched_layers if sharded else _batched
+        return batched(inner, data, req, params, max_samples, batch_size, progress, check)
     vectorize = req.estimator != "exact" if vectorize is None else vectorize
     objective = _OBJECTIVES[req.estimator, req.per_sample_loss is not None](req, inner, data)
-    if engine == "layers":
+    if engine == "layers" or sharded:
         curv = CurvatureEngine(inner, params).run(
             data, objective.fn, k=objective.k, extra=objective.extra, chunk_size=chunk_size,
             max_samples=max_samples, progress=progress, vectorize=vectorize, check=check,
@@ -592,6 +603,25 @@ def _batched(
     if nb == 0:
         raise ValueError("the data gave no batches: cannot estimate a Fisher from empty data")
     return {engine.canon[name]: s.div_(nb) for name, s in sums.items()}
+
+
+def _batched_layers(
+    model: nn.Module,
+    data: Any,
+    req: FisherRequest,
+    params: ParamSelector,
+    max_samples: int | None,
+    batch_size: int,
+    progress: ProgressFn | None,
+    check: Callable[[Chunk], None] | None = None,
+) -> dict[str, Tensor]:
+    """:func:`_batched` by the curvature engine (a model sharded by FSDP2): the same batches, each
+    batch's gradient formed layer by layer."""
+    engine = CurvatureEngine(model, params)
+    chunk = batch_size if is_map_dataset(data) else 1 << 62
+    loss = lambda out, y: _batch_loss(out, y, req)  # noqa: E731
+    sums, nb = engine.run_batched(data, loss, chunk, max_samples=max_samples, progress=progress, check=check)
+    return {name: s.div_(nb) for name, s in sums.items()}
 
 
 def _nll(z: Tensor, labels: Tensor, ignore_index: int, d: int) -> Tensor:

@@ -13,6 +13,11 @@ augmented weight is :math:`\tilde W = [W, b]` and, with Kronecker factors A (in'
 
 (A and G symmetric; vec stacks columns). EWC's convention is s = λ/2. No inverse is needed.
 
+Under FSDP2 (weights sharded as DTensors by rows) G mixes the rows, so each layer's Δ is gathered
+whole (one all-gather of Δ per layer and evaluation, one layer at a time); the value, computed from
+the whole Δ, is the same on every rank, and each rank keeps its rows of the gradient. The factors are
+replicated.
+
 Example:
     >>> import torch
     >>> from clreg.functional import kfac_penalty
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._sharding import full, is_sharded, local, shard_like, wrap_like
 from .penalty import GradRecorder
 
 __all__ = ["kfac_penalty", "kfac_penalty_grad", "kfac_penalty_value"]
@@ -43,7 +49,27 @@ def _augmented(weight: Tensor, bias: Tensor | None, like: Tensor) -> Tensor:
 
 
 def _deltas(layers: Sequence[Layer], anchors: Sequence[Layer], factors: Sequence[Tensor]) -> list[Tensor]:
-    return [_augmented(*lay, a) - _augmented(*anc, a) for lay, anc, a in zip(layers, anchors, factors)]
+    return [_delta(lay, anc, a) for lay, anc, a in zip(layers, anchors, factors)]
+
+
+def _delta(layer: Layer, anchor: Layer, like: Tensor) -> Tensor:
+    """[W, b] − [W*, b*], whole: of sharded tensors, the shards' differences gathered."""
+    if not is_sharded(layer[0]):
+        return _augmented(*layer, like) - _augmented(*anchor, like)
+    (w, b), (w0, b0) = layer, anchor
+    whole = [
+        full(wrap_like(local(t.detach()).to(like.dtype) - local(t0).to(like.dtype), t))
+        for t, t0 in ((w, w0), (b, b0))
+        if t is not None
+    ]
+    d = whole[0].reshape(w.shape[0], -1)
+    return d if b is None else torch.cat([d, whole[1][:, None]], 1)
+
+
+def _cut(grad: Tensor, param: Tensor) -> Tensor:
+    """A whole gradient in the parameter's dtype, sharded like it where it is sharded."""
+    grad = grad.to(param.dtype)
+    return shard_like(grad, param) if is_sharded(param) else grad
 
 
 def kfac_penalty_value(
@@ -64,9 +90,9 @@ def kfac_penalty_grad(
     out = []
     with torch.no_grad():
         for (w, b), d, ai, gi in zip(layers, _deltas(layers, anchors, a), a, g):
-            full = (gi @ d @ ai).mul_(2.0 * scale)
-            gw = full[:, : w[0].numel()].reshape(w.shape).to(w.dtype)
-            gb = None if b is None else full[:, -1].to(b.dtype)
+            whole = (gi @ d @ ai).mul_(2.0 * scale)
+            gw = _cut(whole[:, : w.shape[1:].numel()].reshape(w.shape), w)
+            gb = None if b is None else _cut(whole[:, -1], b)
             out.append((gw, gb))
     return out
 
@@ -81,7 +107,7 @@ class _KFACPenaltyFn(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output):
-        flat = [t * grad_output.to(t.dtype) for gw, gb in ctx.grads for t in (gw, gb) if t is not None]
+        flat = [local(t) * grad_output.to(t.dtype) for gw, gb in ctx.grads for t in (gw, gb) if t is not None]
         if ctx.recorder is not None:
             ctx.recorder(ctx.params, flat)
         return (None, None, None, None, None, None, *flat)
@@ -100,4 +126,8 @@ def kfac_penalty(
     if not (len(layers) == len(anchors) == len(a) == len(g)):
         raise ValueError("layers, anchors and the factors A and G must have the same length")
     params = [t for w, b in layers for t in (w, b) if t is not None]
+    if params and is_sharded(params[0]):  # the closed form on the local shards (see penalty.py)
+        rec = None if recorder is None else (lambda _shards, grads: recorder(params, grads))
+        shards = [p.to_local() for p in params]
+        return _KFACPenaltyFn.apply(float(scale), list(layers), list(anchors), list(a), list(g), rec, *shards)
     return _KFACPenaltyFn.apply(float(scale), list(layers), list(anchors), list(a), list(g), recorder, *params)

@@ -7,6 +7,10 @@ per sample and without ½, where f is the model's output (or the selected output
 ~500 k terms against 10 for a classifier, so the plain form makes importances incomparable across
 output sizes.
 
+A model sharded by FSDP2 takes the curvature engine (the sum over samples of abs(g_n), layer by
+layer, reduce-scattered into shards: see :mod:`clreg.functional.curvature.engine`); the result is
+then a DTensor per parameter.
+
 Example:
     >>> import torch
     >>> from clreg.functional import mas_importance
@@ -25,8 +29,10 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector, unwrap_model
+from .._sharding import fsdp_modules
 from ..spec import OutputSpec, select_tensor
 from ._per_sample import PerSampleEngine, ProgressFn
+from .curvature.engine import CurvatureEngine
 
 __all__ = ["mas_importance"]
 
@@ -62,7 +68,13 @@ def mas_importance(
         v = (total / count if normalize else total).reshape(1)
         return v, torch.ones_like(v)
 
-    engine = PerSampleEngine(unwrap_model(model), params, vectorize=vectorize)
+    inner = unwrap_model(model)
+    if fsdp_modules(inner):  # sharded by FSDP2: layer by layer (see clreg.functional.curvature.engine)
+        curv = CurvatureEngine(inner, params).run(
+            data, objective, reduce="abs", chunk_size=chunk_size, max_samples=max_samples, progress=progress
+        )
+        return {name: s.div_(curv.n) for name, s in curv.diagonal.items()}
+    engine = PerSampleEngine(inner, params, vectorize=vectorize)
     sums, n = engine.run(
         data, objective, reduce="abs", chunk_size=chunk_size, max_samples=max_samples, progress=progress
     )

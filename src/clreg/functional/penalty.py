@@ -9,6 +9,11 @@ where A is the importance, m the anchor, C ≥ 0 a constant (EWC's collapsed off
 (λ/2 for EWC, c for SI, λ for MAS). All functions work on lists of tensors with ``torch._foreach_*``
 kernels: a handful of passes over memory and no autograd graph per parameter.
 
+Parameters sharded by FSDP2 (DTensors, with their state sharded alike) are handled shard by shard: the
+passes run on each rank's local shards and the value is the sum over ranks of the local sums (one
+all-reduce of a scalar), the same on every rank. In the autograd mode the gradient reaching each
+parameter is a DTensor sharded like it: the closed form on this rank's shard.
+
 Example:
     >>> import torch
     >>> from clreg.functional import quadratic_penalty
@@ -24,6 +29,8 @@ from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
+
+from .._sharding import local_all, shard_mesh, sum_over_mesh, wrap_like
 
 __all__ = [
     "add_quadratic_penalty_grad_",
@@ -64,16 +71,23 @@ def quadratic_penalty_value(
 
     ``sqrt_importance`` = √A, when the caller keeps it across steps.
     """
+    mesh = shard_mesh(params)
+    if mesh is not None:
+        params, importance, anchor = local_all(params), local_all(importance), local_all(anchor)
+        sqrt_importance = None if sqrt_importance is None else local_all(sqrt_importance)
     with torch.no_grad():
         root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
-        value = _sum_squares(_scaled_residual(params, anchor, root))
+        value = sum_over_mesh(_sum_squares(_scaled_residual(params, anchor, root)), mesh)
         return value.mul(scale).add(torch.as_tensor(const, dtype=value.dtype, device=value.device) * scale)
 
 
 def quadratic_penalty_grad(
     params: Sequence[Tensor], importance: Sequence[Tensor], anchor: Sequence[Tensor], scale: float
 ) -> list[Tensor]:
-    """The closed-form gradient 2 s A (θ − m), in the parameters' dtypes."""
+    """The closed-form gradient 2 s A (θ − m), in the parameters' dtypes (sharded like them)."""
+    if shard_mesh(params) is not None:
+        shards = quadratic_penalty_grad(local_all(params), local_all(importance), local_all(anchor), scale)
+        return [wrap_like(g, p) for g, p in zip(shards, params)]
     with torch.no_grad():
         d = torch._foreach_sub(_as_state(params, anchor), anchor)
         torch._foreach_mul_(d, importance)
@@ -94,6 +108,9 @@ def add_quadratic_penalty_grad_(
     """
     if not grads:
         return
+    if shard_mesh(params) is not None:  # in place on the local shards
+        grads, params = local_all(grads), local_all(params)
+        importance, weighted_anchor = local_all(importance), local_all(weighted_anchor)
     with torch.no_grad():
         if all(g.dtype == a.dtype and p.dtype == a.dtype for g, p, a in zip(grads, params, importance)):
             torch._foreach_addcmul_(grads, importance, params, value=2.0 * scale)
@@ -145,6 +162,33 @@ def quadratic_penalty(
     """
     if not (len(params) == len(importance) == len(anchor)):
         raise ValueError("params, importance and anchor must have the same length")
+    mesh = shard_mesh(params)
+    if mesh is not None:
+        return _sharded_penalty(params, importance, anchor, scale, const, recorder, sqrt_importance, mesh)
     root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
     const_t = torch.as_tensor(const, dtype=anchor[0].dtype, device=anchor[0].device)
     return _QuadraticPenaltyFn.apply(root, anchor, float(scale), const_t, recorder, *params)
+
+
+def _sharded_penalty(
+    params: Sequence[Tensor],
+    importance: Sequence[Tensor],
+    anchor: Sequence[Tensor],
+    scale: float,
+    const: float | Tensor,
+    recorder: GradRecorder | None,
+    sqrt_importance: Sequence[Tensor] | None,
+    mesh: object,
+) -> Tensor:
+    """:func:`quadratic_penalty` of sharded parameters: the closed form on the local shards (reached
+    through ``to_local()``, whose backward makes each gradient a DTensor sharded like its parameter),
+    the partial values summed over ranks, the constant added once. The recorder gets the local
+    gradients, keyed by the sharded parameters."""
+    shards = [p.to_local() for p in params]  # differentiable views
+    anchor = local_all(anchor)
+    root = local_all(sqrt_importance) if sqrt_importance is not None else torch._foreach_sqrt(local_all(importance))
+    zero = torch.zeros((), dtype=anchor[0].dtype, device=anchor[0].device)
+    rec = None if recorder is None else (lambda _shards, grads: recorder(params, grads))
+    partial = _QuadraticPenaltyFn.apply(root, anchor, float(scale), zero, rec, *shards)
+    const_t = torch.as_tensor(const, dtype=partial.dtype, device=partial.device)
+    return sum_over_mesh(partial, mesh) + const_t * float(scale)

@@ -29,15 +29,17 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor
 
+from .._sharding import local_all
+
 __all__ = ["CLAMPS", "si_importance_", "si_path_update_"]
 
 CLAMPS = ("cumulative", "per_task", None)
 
 
 def si_path_update_(omega: Sequence[Tensor], grads: Sequence[Tensor], steps: Sequence[Tensor]) -> None:
-    """ω −= g · Δθ in place (one fused pass)."""
+    """ω −= g · Δθ in place (one fused pass; on the local shards of sharded tensors)."""
     with torch.no_grad():
-        torch._foreach_addcmul_(omega, grads, steps, value=-1.0)
+        torch._foreach_addcmul_(local_all(omega), local_all(grads), local_all(steps), value=-1.0)
 
 
 def si_importance_(
@@ -48,13 +50,14 @@ def si_importance_(
     clamp: str | None = "cumulative",
     weight: float = 1.0,
 ) -> None:
-    """Ω ← Ω + w·ω/(Δ² + ξ) in place, clamped as ``clamp`` says."""
+    """Ω ← Ω + w·ω/(Δ² + ξ) in place, clamped as ``clamp`` says (element-wise: sharded tensors shard by
+    shard)."""
     if not xi > 0:
         raise ValueError(f"xi must be > 0, got {xi}")
     if clamp not in CLAMPS:
         raise ValueError(f"clamp must be one of {CLAMPS}, got {clamp!r}")
     with torch.no_grad():
-        for big, w, d in zip(importance, omega, delta):
+        for big, w, d in zip(local_all(importance), local_all(omega), local_all(delta)):
             term = w.to(big.dtype) * weight / (d.to(big.dtype).square() + xi)
             if clamp == "per_task":
                 term.clamp_(min=0.0)

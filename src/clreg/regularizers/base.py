@@ -11,6 +11,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector, ParamSet
+from .._sharding import any_over_mesh, local_all, shard_mesh
 from .._store import TensorStore, tensor_bytes
 from ..spec import TaskSpec
 from .ledger import GradientLedger
@@ -55,10 +56,27 @@ class Hyperparameter:
 
 
 def check_finite(kind: str, tensors: dict[str, Tensor]) -> None:
+    """A ValueError naming the first tensor with a NaN or an inf; sharded tensors are checked on every
+    rank's shard and the verdict shared, so every rank raises alike."""
+    mesh = shard_mesh(list(tensors.values()), list(tensors))
+    if mesh is not None:
+        return _check_finite_sharded(kind, tensors, mesh)
     for name, t in tensors.items():
         if not torch.isfinite(t).all():
             bad = "NaN" if torch.isnan(t).any() else "inf"
             raise ValueError(f"{kind} of parameter {name!r} contains {bad}: check the data, the loss and the model")
+
+
+def _check_finite_sharded(kind: str, tensors: dict[str, Tensor], mesh: Any) -> None:
+    shards = local_all(list(tensors.values()))
+    flags = torch.stack([torch.stack([~torch.isfinite(t).all(), torch.isnan(t).any()]) for t in shards]).long()
+    any_over_mesh(flags, mesh)
+    for name, (bad, nan) in zip(tensors, flags.tolist()):
+        if bad:
+            raise ValueError(
+                f"{kind} of parameter {name!r} contains {'NaN' if nan else 'inf'}: "
+                "check the data, the loss and the model"
+            )
 
 
 class Regularizer(nn.Module, metaclass=abc.ABCMeta):
@@ -257,7 +275,8 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
         return []
 
     def state_bytes(self) -> int:
-        """Bytes of state held: every buffer plus the caches derived from it."""
+        """Bytes of state held on this rank: every buffer plus the caches derived from it (of state
+        sharded like its FSDP2 parameters, the local shard)."""
         return tensor_bytes(self.buffers()) + tensor_bytes(self._cache_tensors())
 
     def get_extra_state(self) -> dict[str, Any]:

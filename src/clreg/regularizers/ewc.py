@@ -30,6 +30,7 @@ from typing import Any, TypedDict
 from torch import Tensor, nn
 
 from .._params import ParamSelector, check_covered
+from .._sharding import local_all, shard_mesh, sum_over_mesh
 from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
 from ..functional.fisher import ESTIMATORS, default_estimator, fisher_diagonal
@@ -110,9 +111,13 @@ class FisherOptions:
 
 
 def normalized(fisher: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Each entry divided by the mean over all entries (in float64); a zero Fisher unchanged."""
-    total = sum(f.double().sum() for f in fisher.values())
-    count = sum(f.numel() for f in fisher.values())
+    """Each entry divided by the mean over all entries (in float64); a zero Fisher unchanged. (Sharded
+    entries: the sum over ranks of the shards' sums over the global count.)"""
+    values = list(fisher.values())
+    total = sum(f.double().sum() for f in local_all(values))
+    if isinstance(total, Tensor):
+        total = sum_over_mesh(total, shard_mesh(values, list(fisher)))
+    count = sum(f.numel() for f in values)
     mean = float(total) / max(count, 1)
     if mean == 0.0:
         return fisher

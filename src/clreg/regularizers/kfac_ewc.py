@@ -19,6 +19,10 @@ product of sums carries cross terms :math:`A_s \otimes G_t` (s ≠ t) that a sum
 would not. ``damping`` δ ≥ 0 (default 0: no inverse is needed) adds :math:`\sqrt\delta\,I` to both
 factors in the penalty.
 
+Under FSDP2 the anchor and the diagonal are sharded like the parameters; the factors A and G are
+replicated on every rank (in² + out² numbers per layer, in the state dtype), and each evaluation
+gathers one layer's Δ at a time (see :mod:`clreg.functional.kfac`).
+
 Example:
     >>> import torch, clreg
     >>> model = torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3))
@@ -36,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
+from .._sharding import local, local_all
 from ..functional.curvature import CurvatureEngine
 from ..functional.fisher import fisher_curvature
 from ..functional.kfac import kfac_penalty, kfac_penalty_grad, kfac_penalty_value
@@ -108,7 +113,7 @@ class KFACEWC(Regularizer):
         a, g = {}, {}
         for name, lay, (_, bias) in zip(self.kfac_layers, layers, self._layer_params):
             w = lay.rule.module.weight
-            n_in = w[0].numel() + (bias is not None)
+            n_in = w.shape[1:].numel() + (bias is not None)
             a[name] = torch.zeros(n_in, n_in, dtype=like.dtype, device=like.device)
             g[name] = torch.zeros(w.shape[0], w.shape[0], dtype=like.dtype, device=like.device)
         self.add_state("factor_a", a)
@@ -182,10 +187,10 @@ class KFACEWC(Regularizer):
         if diag:
             added += list(zip(diag, quadratic_penalty_grad(diag, self.importance.tensors, diag_anchors, scale)))
         live = {id(p) for p, m in zip(params, mask) if m}
-        kept = [(p, d) for p, d in added if id(p) in live and p.grad is not None]
+        kept = [(p, local(d)) for p, d in added if id(p) in live and p.grad is not None]
         with torch.no_grad():
             for p, d in kept:
-                p.grad.add_(d)
+                local(p.grad).add_(d)
         if kept and self._recording(params):
             self.ledger.record_unscaled([p for p, _ in kept], [d for _, d in kept])
 
@@ -212,8 +217,8 @@ class KFACEWC(Regularizer):
                 ta, tg = curv.factors[name]
                 a.mul_(self._gamma).add_(ta.to(a.dtype))
                 g.mul_(self._gamma).add_(tg.to(g.dtype), alpha=spec.weight)
-            for big, name in zip(self.importance.tensors, self._diag_names):
-                big.mul_(self._gamma).add_(curv.diagonal[name].to(big.dtype), alpha=spec.weight)
+            for big, name in zip(local_all(self.importance.tensors), self._diag_names):
+                big.mul_(self._gamma).add_(local(curv.diagonal[name]).to(big.dtype), alpha=spec.weight)
             self.anchor.set([p.detach() for p in params])
         self._bump_tasks()
         self._state_changed()

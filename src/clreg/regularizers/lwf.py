@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector, canonical_name, unwrap_model
+from .._sharding import fsdp_modules, reshard_all, swapped_into
 from ..data import call_model, functional_call_model
 from ..functional._per_sample import eval_mode
 from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
@@ -59,8 +60,9 @@ class LwF(Regularizer):
             others read from the model itself, so they must stay frozen: a PEFT model's base weights,
             whose adapter alone trains (a ValueError if an unselected parameter requires grad).
 
-    State: ``teacher_params`` (every parameter of the model, or the selected ones) and
-    ``teacher_buffers`` (every buffer: the teacher runs the whole model). The saved record holds the
+    State: ``teacher_params`` (every parameter of the model, or the selected ones; sharded like the
+    parameters under FSDP2) and ``teacher_buffers`` (every buffer: the teacher runs the whole model;
+    replicated, as FSDP keeps buffers). The saved record holds the
     ``hyperparameters`` and the outputs of the consolidated tasks.
     """
 
@@ -87,6 +89,7 @@ class LwF(Regularizer):
         self._fixed_outputs = tuple(outputs) if outputs is not None else None
         self._task_outputs: list[OutputSpec] = []
         inner = unwrap_model(model)
+        reshard_all(inner)
         named_p = [(n, p) for n, p in inner.named_parameters()]
         self._teacher_all = teacher_params == "all"
         if not self._teacher_all:
@@ -139,6 +142,7 @@ class LwF(Regularizer):
     def consolidate(self, model: nn.Module, data: Any = None, spec: TaskSpec | None = None) -> None:
         """The teacher becomes the current model; the task's outputs join those distilled."""
         inner = unwrap_model(model)
+        reshard_all(inner)  # FSDP2: the parameters as shards (the root keeps its own whole after a forward)
         params = dict(inner.named_parameters())
         buffers = dict(inner.named_buffers())
         names = list(params) if self._teacher_all else [n for n in params if n in set(self._p_names)]
@@ -159,12 +163,17 @@ class LwF(Regularizer):
         self._bump_tasks()
 
     def teacher(self, model: nn.Module, inputs: Any) -> Any:
-        """The teacher's outputs on ``inputs`` (eval mode, no gradients)."""
+        """The teacher's outputs on ``inputs`` (eval mode, no gradients). A model sharded by FSDP2 runs
+        its own forward with the teacher's shards copied into its parameters for the call
+        (:func:`~clreg._sharding.swapped_into`), so FSDP gathers them a module at a time."""
         inner = unwrap_model(model)
-        state = dict(zip(self._p_names, self.teacher_params.tensors))
-        state.update(zip(self._b_names, self.teacher_buffers.tensors))
+        params = dict(zip(self._p_names, self.teacher_params.tensors))
+        buffers = dict(zip(self._b_names, self.teacher_buffers.tensors))
+        if fsdp_modules(inner):
+            with torch.no_grad(), eval_mode(inner), swapped_into(inner, params, buffers):
+                return call_model(inner, inputs)
         with torch.no_grad(), eval_mode(inner):
-            return functional_call_model(inner, state, inputs, strict=self._teacher_all)
+            return functional_call_model(inner, {**params, **buffers}, inputs, strict=self._teacher_all)
 
     # -- the loss ---------------------------------------------------------------------------------
     def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .._params import ParamSelector, check_covered
+from .._sharding import local, local_all
 from ..functional.mas import mas_importance
 from ..spec import TaskSpec
 from .base import Hyperparameter, check_finite
@@ -89,8 +90,8 @@ class MAS(QuadraticPenalty):
         check_covered("MAS", self._pset.names, omega)
         check_finite("MAS importance", omega)
         with torch.no_grad():
-            for big, name in zip(self.importance.tensors, self._pset.names):
-                big.add_(omega[name].to(big.dtype), alpha=spec.weight)
+            for big, name in zip(local_all(self.importance.tensors), self._pset.names):
+                big.add_(local(omega[name]).to(big.dtype), alpha=spec.weight)
             self.anchor.set([p.detach() for p in params])
         self._bump_tasks()
         self._state_changed()

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .._sharding import local, local_all
 from ..spec import TaskSpec
 from .base import Hyperparameter
 from .ewc import EWC, EWCOptions
@@ -51,8 +52,8 @@ class OnlineEWC(EWC):
         params = self._resolve(model)
         fisher = self.fisher_options.fisher(type(self).__name__, self._pset.names, model, data, spec, self._n_tasks_py)
         with torch.no_grad():
-            for big, name in zip(self.importance.tensors, self._pset.names):
-                big.mul_(self._gamma).add_(fisher[name].to(big.dtype), alpha=spec.weight)
+            for big, name in zip(local_all(self.importance.tensors), self._pset.names):
+                big.mul_(self._gamma).add_(local(fisher[name]).to(big.dtype), alpha=spec.weight)
             self.anchor.set([p.detach() for p in params])
         self._bump_tasks()
         self._state_changed()

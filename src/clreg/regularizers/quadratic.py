@@ -12,6 +12,10 @@ with importance A, anchor m, offset C and a scale s set by the subclass (λ/2, c
   does before ``step()`` (so clipping does not see the penalty's gradient) — once per optimizer step;
   ``reg(model)`` then returns the value alone, detached, for logging (skip the call on steps you do
   not log: it costs two passes over the state).
+
+Under FSDP2 (parameters sharded as DTensors by ``fully_shard``) the state is sharded like the
+parameters and both modes run on the local shards: the attached pre-hook after FSDP's reduce-scatter,
+on the sharded ``.grad``; the value summed over ranks (one scalar all-reduce per evaluation).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
+from .._sharding import local_all
 from ..functional.penalty import (
     add_quadratic_penalty_grad_,
     quadratic_penalty,
@@ -68,15 +73,19 @@ class QuadraticPenalty(Regularizer):
         return out
 
     def sqrt_importance(self) -> list[Tensor]:
-        """√A, cached for the autograd path and the value (derived from the state, not saved)."""
+        """√A, cached for the autograd path and the value (derived from the state, not saved; of sharded
+        state, the local shards)."""
         if self._sqrt is None:
-            self._sqrt = torch._foreach_sqrt(self.importance.tensors)
+            self._sqrt = torch._foreach_sqrt(local_all(self.importance.tensors))
         return self._sqrt
 
     def weighted_anchor(self) -> list[Tensor]:
-        """A·m, cached for the attached path (not saved: derived from the state)."""
+        """A·m, cached for the attached path (not saved: derived from the state; of sharded state, the
+        local shards)."""
         if self._weighted_anchor is None:
-            self._weighted_anchor = torch._foreach_mul(self.importance.tensors, self.anchor.tensors)
+            self._weighted_anchor = torch._foreach_mul(
+                local_all(self.importance.tensors), local_all(self.anchor.tensors)
+            )
         return self._weighted_anchor
 
     # -- value ------------------------------------------------------------------------------------
@@ -130,14 +139,16 @@ class QuadraticPenalty(Regularizer):
         return tensors if len(idx) == len(tensors) else [tensors[i] for i in idx]
 
     def _add_penalty_grad(self, idx: list[int], ps: list[Tensor], grads: list[Tensor], record: bool) -> None:
-        """grads += 2 s A (θ − m); with ``record``, what is added also goes to the ledger for SI."""
-        imp = self._subset(self.importance.tensors, idx)
+        """grads += 2 s A (θ − m); with ``record``, what is added also goes to the ledger for SI (keyed by
+        the parameters; of sharded ones, the local shards)."""
+        imp = local_all(self._subset(self.importance.tensors, idx))
+        shards, local_grads = local_all(ps), local_all(grads)
         if record:
-            added = quadratic_penalty_grad(ps, imp, self._subset(self.anchor.tensors, idx), self.scale)
-            torch._foreach_add_(grads, added)
+            added = quadratic_penalty_grad(shards, imp, local_all(self._subset(self.anchor.tensors, idx)), self.scale)
+            torch._foreach_add_(local_grads, added)
             self.ledger.record_unscaled(ps, added)
         else:
-            add_quadratic_penalty_grad_(grads, ps, imp, self._subset(self.weighted_anchor(), idx), self.scale)
+            add_quadratic_penalty_grad_(local_grads, shards, imp, self._subset(self.weighted_anchor(), idx), self.scale)
 
     def _pre_step(self, mask: list[bool]) -> None:
         if self._n_tasks_py == 0:

@@ -24,6 +24,10 @@ another ledger is not subtracted: its gradient is in the path. With a GradScaler
 it (``track(optimizer, scaler=...)``) so the penalties' recorded gradients are unscaled like ``.grad``.
 A user's clipping of ``.grad`` is not undone, and LwF's gradient (not closed-form) is not subtracted.
 
+Under FSDP2 the path is integrated shard by shard: ω, Ω, θ* and the previous parameters are sharded
+like the parameters, each rank adds its shard's g · Δθ after each step (no communication), and the
+result equals the unsharded run's.
+
 Example:
     >>> import torch, clreg
     >>> model = torch.nn.Linear(2, 1)
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
+from .._sharding import local, local_all
 from ..functional.si import CLAMPS, si_importance_
 from ..spec import TaskSpec
 from .base import Hyperparameter, check_finite
@@ -188,10 +193,10 @@ class SI(QuadraticPenalty):
             return
         idx, ps, grads = targets
         if self._snapshot is None:
-            self._snapshot = [torch.empty_like(w) for w in self.omega.tensors]
+            self._snapshot = [torch.empty_like(w) for w in local_all(self.omega.tensors)]
         snap = self._subset(self._snapshot, idx)
         with torch.no_grad():
-            torch._foreach_copy_(snap, grads)
+            torch._foreach_copy_(snap, local_all(grads))
             for g, a in zip(snap, self.ledger.take(ps, self._loss_scale())):  # added before this hook ran
                 if a is not None:
                     g.sub_(a.to(g.dtype))
@@ -201,7 +206,7 @@ class SI(QuadraticPenalty):
         from_snapshot = params is None and self.attached and self._snapshot_idx is not None
         params = self._pset.last() if params is None else params
         idx = self._snapshot_idx if from_snapshot else [i for i, p in enumerate(params) if p.grad is not None]
-        prev, omega = self.previous.tensors, self.omega.tensors
+        prev, omega = local_all(self.previous.tensors), local_all(self.omega.tensors)
         with torch.no_grad():
             if idx:
                 ps, pv, om = (self._subset(t, idx) for t in (params, prev, omega))
@@ -209,14 +214,14 @@ class SI(QuadraticPenalty):
                     grads = self._subset(self._snapshot, idx)
                     self.ledger.clear(ps)  # added after the snapshot: not in it
                 else:
-                    grads = [p.grad for p in ps]
+                    grads = [local(p.grad) for p in ps]
                     if self._path_gradient == "task":
                         added = self.ledger.take(ps, self._loss_scale())
                         if any(a is not None for a in added):
                             grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
                 if grads[0].dtype != pv[0].dtype:
                     grads = [g.to(v.dtype) for g, v in zip(grads, pv)]
-                ps_state = [p.detach() if p.dtype == v.dtype else p.detach().to(v.dtype) for p, v in zip(ps, pv)]
+                ps_state = [p if p.dtype == v.dtype else p.to(v.dtype) for p, v in zip(local_all(ps), pv)]
                 torch._foreach_sub_(pv, ps_state)  # previous ← θ_old − θ_new = −Δθ
                 torch._foreach_addcmul_(om, grads, pv)  # ω += g · (−Δθ)
             self.previous.set([p.detach() for p in params])
@@ -234,12 +239,12 @@ class SI(QuadraticPenalty):
                 "(si.track(optimizer)) or call si.update(model) after each optimizer.step()"
             )
         spec = spec or TaskSpec()
-        params = [p.detach() for p in self._resolve(model)]
+        params = local_all([p.detach() for p in self._resolve(model)])
         check_finite("SI path integral", dict(zip(self._pset.names, self.omega.tensors)))
         with torch.no_grad():
-            delta = [p.to(a.dtype) - a for p, a in zip(params, self.anchor.tensors)]
+            delta = [p.to(a.dtype) - a for p, a in zip(params, local_all(self.anchor.tensors))]
             si_importance_(self.importance.tensors, self.omega.tensors, delta, self._xi, self._clamp, spec.weight)
-            for w in self.omega.tensors:
+            for w in local_all(self.omega.tensors):
                 w.zero_()
             self.anchor.set(params)
             self.previous.set(params)

@@ -12,6 +12,15 @@ over samples of squared per-sample gradients and into Kronecker factors. ``exact
 p) backpropagates the columns √p_c (e_c − p) of the softmax output Hessian's square root: one batched
 backward per class. Parameters outside the covered layers (other layer types, weights shared between
 layers, a BatchNorm in training mode) take the per-sample path, restricted to them.
+
+Under FSDP2 (``fully_shard``) the same passes run through FSDP's own forward and backward, which
+gather one FSDP module's parameters at a time; no parameter gradient is formed. Each layer's statistic
+of this rank's samples is formed whole, one parameter at a time, and reduce-scattered at once into
+this rank's shard of the sum (:func:`~clreg._sharding.reduce_to_shard`), so a rank holds its shards of
+the sums and one parameter's whole statistic at most. Every rank takes the same number of steps (a
+rank whose share of the data is done repeats a chunk whose statistics it drops), since each forward
+and backward is a collective. The per-sample path cannot run on sharded parameters: a parameter
+without a layer rule is refused.
 """
 
 from __future__ import annotations
@@ -25,7 +34,8 @@ import torch
 from torch import Tensor, nn
 
 from ..._params import ParamSelector, ParamSet, canonical_name, state_dtype, unwrap_model
-from ...data import Chunk, call_model, iter_chunks, tree_index, tree_slice, tree_to
+from ..._sharding import base_type, fsdp_modules, in_lockstep, is_sharded, local, reduce_to_shard, wrap_like
+from ...data import Chunk, call_model, iter_chunks, stand_in_chunk, tree_index, tree_slice, tree_to
 from ...distributed import all_reduce_sum_
 from .._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
 from .layers import Call, LayerRule, rule_for
@@ -70,7 +80,7 @@ def _affine_output_taps(module: nn.Module, layer: _Layer) -> list[Any]:
 
     handles = [module.register_forward_pre_hook(keep_input)]
     drop = getattr(module, "drop", None)
-    if type(module) not in _PLAIN_TYPES and isinstance(drop, nn.Module):  # a BatchNorm with its activation
+    if base_type(module) not in _PLAIN_TYPES and isinstance(drop, nn.Module):  # a BatchNorm with its activation
         handles.append(drop.register_forward_pre_hook(lambda m, args: (keep_output(args[0]),)))
     else:
         handles.append(module.register_forward_hook(lambda m, args, out: keep_output(out)))
@@ -108,6 +118,30 @@ class CurvatureEngine:
         self.kfac, self.max_factor = kfac, max_factor
         self.layers, self.fallback = self._cover()
         self.device = model_device(self.model)
+        self.fsdp = bool(fsdp_modules(self.model))
+        self._like = {n: p for n, p in zip(self.pset.names, self.pset.last()) if is_sharded(p)}
+        if self.fsdp or self._like:
+            self._check_shardable()
+
+    def _check_shardable(self) -> None:
+        """A ValueError where sharded parameters cannot be covered layer by layer."""
+        if not self.fsdp:
+            raise ValueError(
+                "the model's parameters are DTensors but no module of it was passed to fully_shard: clreg forms "
+                "importances of sharded parameters under FSDP2 only"
+            )
+        if self.fallback:
+            owner = {
+                canonical_name(f"{m}.{a}" if m else a): base_type(mod).__name__
+                for m, mod in self.model.named_modules()
+                for a, _ in mod.named_parameters(recurse=False)
+            }
+            name = self.fallback[0]
+            raise ValueError(
+                f"under FSDP2 importances are formed layer by layer, and parameter {name!r} (of a {owner.get(name)}; "
+                f"{len(self.fallback)} such) has no layer rule (Linear, Conv2d, BatchNorm, LayerNorm, GroupNorm, "
+                "Embedding, each parameter owned by one layer): leave it out with params=..."
+            )
 
     def _cover(self) -> tuple[list[_Layer], list[str]]:
         selected = set(self.pset.names)
@@ -132,16 +166,29 @@ class CurvatureEngine:
         if not (self.kfac and layer.rule.kfac and "weight" in layer.params):
             return False
         w = layer.rule.module.weight
-        rows = max(w.shape[0], w[0].numel() + (layer.rule.module.bias is not None))
+        rows = max(w.shape[0], w.shape[1:].numel() + (layer.rule.module.bias is not None))
         return self.max_factor is None or rows <= self.max_factor
 
     def zeros(self) -> CurvatureSums:
+        """Zero sums: of a sharded parameter, this rank's shard (a plain tensor until :meth:`run` ends)."""
         diag = {}
         for layer in self.layers:
             for attr, name in layer.params.items():
+                p = self._like.get(name, None)
+                if p is not None:
+                    diag[name] = torch.zeros(local(p).shape, dtype=state_dtype(p.dtype), device=p.device)
+                    continue
                 p = getattr(layer.rule.module, attr)
                 diag[name] = torch.zeros(p.shape, dtype=state_dtype(p.dtype), device=p.device)
         return CurvatureSums(diag)
+
+    def _chunks(self, data: Any, chunk_size: int, max_samples: int | None) -> Iterator[tuple[Chunk, bool]]:
+        """(chunk, whether it counts): every chunk of this rank's share; under FSDP, in lockstep with the
+        other ranks (see :func:`~clreg._sharding.in_lockstep`)."""
+        chunks = iter_chunks(data, chunk_size, max_samples)
+        if not self.fsdp:
+            return ((ch, True) for ch in chunks)
+        return in_lockstep(chunks, lambda: stand_in_chunk(data))
 
     @contextlib.contextmanager
     def _tapped(self) -> Iterator[None]:
@@ -154,7 +201,7 @@ class CurvatureEngine:
             for layer in self.layers:
                 layer.calls, layer.outputs = [], []
 
-    def _chunk(self, ch: Chunk, objective: Objective, extra: Any, sums: CurvatureSums) -> None:
+    def _chunk(self, ch: Chunk, objective: Objective, extra: Any, sums: CurvatureSums, reduce: str, keep: bool) -> None:
         x, y = tree_to(ch.inputs, self.device), tree_to(ch.targets, self.device)
         e = tree_to(extra(ch), self.device) if extra is not None else None
         with self._tapped(), torch.enable_grad():
@@ -164,19 +211,32 @@ class CurvatureEngine:
             for k in range(values.shape[1]):
                 seed = (values[:, k] * weights[:, k].detach().clamp(min=0).sqrt()).sum()
                 grads = torch.autograd.grad(seed, outs, retain_graph=k + 1 < values.shape[1], allow_unused=True)
-                self._accumulate(outs, grads, sums)
+                self._accumulate(outs, grads, sums, reduce, keep)
 
-    def _accumulate(self, outs: list[Tensor], grads: tuple, sums: CurvatureSums) -> None:
+    def _accumulate(
+        self, outs: list[Tensor], grads: tuple, sums: CurvatureSums, reduce: str = "square", keep: bool = True
+    ) -> None:
+        """Add each layer's statistic (``reduce``: see :data:`_STATISTICS`) of this pass to the sums;
+        with ``keep`` False (a rank repeating a chunk), zeros, through the same collectives."""
         by_tensor = {id(o): g for o, g in zip(outs, grads)}
+        statistic = _STATISTICS[reduce]
         for layer in self.layers:
             calls = []
             for c in layer.calls:  # c.g holds the call's output until its gradient replaces it
                 g = by_tensor[id(c.g)]
                 calls.append(Call(c.x, torch.zeros_like(c.g) if g is None else g))
+            if self.fsdp:
+                calls = [_widened(c) for c in calls]
             for attr, name in layer.params.items():
                 s = sums.diagonal[name]
-                s.add_(layer.rule.square_sum(calls, attr).to(s.dtype))
-            if self._wants_factors(layer):
+                like = self._like.get(name)
+                stat = statistic(layer.rule, calls, attr)
+                if like is None:
+                    if keep:
+                        s.add_(stat.to(s.dtype))
+                else:
+                    s.add_(reduce_to_shard((stat if keep else torch.zeros_like(stat)).to(s.dtype), like))
+            if keep and reduce == "square" and self._wants_factors(layer):
                 a, g = layer.rule.factors(calls)
                 if layer.name in sums.factors:
                     sa, sg = sums.factors[layer.name]
@@ -197,32 +257,96 @@ class CurvatureEngine:
         progress: ProgressFn | None = None,
         vectorize: bool = True,
         check: Callable[[Chunk], None] | None = None,
+        reduce: str = "square",
     ) -> CurvatureSums:
-        """The sums over ``data`` (all-reduced under torch.distributed); the fallback parameters'
-        squared per-sample gradients come from the per-sample path, restricted to them."""
+        """The sums over ``data`` (all-reduced under torch.distributed; of parameters sharded by FSDP2,
+        DTensors sharded like them); the fallback parameters' statistics come from the per-sample path,
+        restricted to them. ``reduce``: ``"square"`` sums squared per-sample gradients (the Fisher),
+        ``"abs"`` their absolute values (MAS; no factors)."""
+        if reduce not in ("square", "abs"):
+            raise ValueError(f"reduce must be 'square' or 'abs', got {reduce!r}")
         sums = self.zeros()
         count = 0
         with eval_mode(self.model):
-            for ch in iter_chunks(data, chunk_size or _CHUNK, max_samples):
-                if check is not None:
+            for ch, keep in self._chunks(data, chunk_size or _CHUNK, max_samples):
+                if keep and check is not None:
                     check(ch)
-                self._chunk(ch, objective, extra, sums)
-                count += int(ch.keys.numel())
-                if progress is not None:
-                    progress(count, None)
+                self._chunk(ch, objective, extra, sums, reduce, keep)
+                if keep:
+                    count += int(ch.keys.numel())
+                    if progress is not None:
+                        progress(count, None)
         total = torch.tensor([float(count)], dtype=torch.float64, device=self.device)
         factors = [t for pair in sums.factors.values() for t in pair]
-        all_reduce_sum_([*sums.diagonal.values(), *factors, total])
+        plain = [t for n, t in sums.diagonal.items() if n not in self._like]  # the shards are summed already
+        all_reduce_sum_([*plain, *factors, total])
         sums.n = round(total.item())
         if sums.n == 0:
             raise ValueError("the data gave no samples: cannot estimate an importance from empty data")
+        self._wrap_shards(sums.diagonal)
         if self.fallback:
             per_sample = PerSampleEngine(self.model, self.fallback, vectorize=vectorize)
-            rest, _ = per_sample.run(data, objective, reduce="square", k=k, extra=extra, chunk_size=chunk_size,
+            rest, _ = per_sample.run(data, objective, reduce=reduce, k=k, extra=extra, chunk_size=chunk_size,
                                      max_samples=max_samples, check=check)  # fmt: skip
             sums.diagonal.update(rest)
             sums.fallback = list(self.fallback)
         return sums
+
+    def _wrap_shards(self, diagonal: dict[str, Tensor]) -> None:
+        for name, like in self._like.items():
+            if name in diagonal:
+                diagonal[name] = wrap_like(diagonal[name], like)
+
+    def run_batched(
+        self,
+        data: Any,
+        batch_loss: Callable[[Any, Any], Tensor],
+        batch_size: int,
+        *,
+        max_samples: int | None = None,
+        progress: ProgressFn | None = None,
+        check: Callable[[Chunk], None] | None = None,
+    ) -> tuple[dict[str, Tensor], int]:
+        """(Σ over batches of the squared gradient of ``batch_loss(outputs, targets)``, the number of
+        batches over every rank): the ``batched`` estimator layer by layer, each batch's gradient
+        formed from its layers' inputs and output gradients (for FSDP2, where no rank may form another
+        rank's batch gradient). ``batch_size`` as :func:`~clreg.data.iter_chunks` takes it."""
+        sums = self.zeros()
+        count = 0
+        with eval_mode(self.model):
+            for ch, keep in self._chunks(data, batch_size, max_samples):
+                if keep and check is not None:
+                    check(ch)
+                x, y = tree_to(ch.inputs, self.device), tree_to(ch.targets, self.device)
+                with self._tapped(), torch.enable_grad():
+                    loss = batch_loss(call_model(self.model, x), y)
+                    outs = [o for layer in self.layers for o in layer.outputs]
+                    grads = torch.autograd.grad(loss, outs, allow_unused=True)
+                    self._accumulate(outs, grads, sums, "batch", keep)
+                count += keep
+                if keep and progress is not None:
+                    progress(count, None)
+        total = torch.tensor([float(count)], dtype=torch.float64, device=self.device)
+        all_reduce_sum_([*(t for n, t in sums.diagonal.items() if n not in self._like), total])
+        n = round(total.item())
+        if n == 0:
+            raise ValueError("the data gave no batches: cannot estimate a Fisher from empty data")
+        self._wrap_shards(sums.diagonal)
+        return sums.diagonal, n
+
+
+_STATISTICS: dict[str, Callable[[LayerRule, list[Call], str], Tensor]] = {
+    "square": lambda rule, calls, attr: rule.square_sum(calls, attr),
+    "abs": lambda rule, calls, attr: rule.abs_sum(calls, attr),
+    "batch": lambda rule, calls, attr: rule.batch_grad(calls, attr).square(),
+}
+"""What a pass adds per parameter: Σ_n g_n² (the Fisher), Σ_n abs(g_n) (MAS), (Σ_n g_n)² (``batched``)."""
+
+
+def _widened(c: Call) -> Call:
+    """A call's half-precision tensors (FSDP's mixed precision) in float32, for the statistics."""
+    wide = lambda t: t.float() if t.dtype in (torch.float16, torch.bfloat16) else t  # noqa: E731
+    return Call(wide(c.x), wide(c.g))
 
 
 def _per_sample_values(objective: Objective, out: Any, y: Any, e: Any, batch: int) -> tuple[Tensor, Tensor]:

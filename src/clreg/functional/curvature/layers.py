@@ -30,12 +30,14 @@ is that block exactly.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from ..._sharding import base_type
 
 __all__ = ["Call", "LayerRule", "rule_for"]
 
@@ -70,11 +72,22 @@ class LayerRule:
 
     def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ over the batch of the squared per-sample gradient of parameter ``name``."""
+        return self._reduced(calls, name, lambda t: t.square())
+
+    def abs_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        """Σ over the batch of the per-sample gradient's absolute value (MAS)."""
+        return self._reduced(calls, name, lambda t: t.abs())
+
+    def batch_grad(self, calls: Sequence[Call], name: str) -> Tensor:
+        """The gradient of the batch's summed objective (Σ over the batch of the per-sample gradients)."""
+        return self._reduced(calls, name, lambda t: t)
+
+    def _reduced(self, calls: Sequence[Call], name: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
         p = getattr(self.module, name)
         batch = calls[0].x.shape[0]
         out = torch.zeros(p.shape, dtype=calls[0].g.dtype, device=p.device)
         for sl in _chunks(batch, p.numel()):
-            out += self.per_sample(calls, name, sl).square().sum(0)
+            out += fn(self.per_sample(calls, name, sl)).sum(0)
         return out
 
 
@@ -99,6 +112,20 @@ class LinearRule(LayerRule):
             x, g = calls[0].x.to(calls[0].g.dtype), calls[0].g
             return g.square().t() @ x.square() if name == "weight" else g.square().sum(0)
         return super().square_sum(calls, name)
+
+    def abs_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        if len(calls) == 1 and calls[0].x.dim() == 2:  # |g_o x_i| = |g_o| |x_i|
+            x, g = calls[0].x.to(calls[0].g.dtype), calls[0].g
+            return g.abs().t() @ x.abs() if name == "weight" else g.abs().sum(0)
+        return super().abs_sum(calls, name)
+
+    def batch_grad(self, calls: Sequence[Call], name: str) -> Tensor:
+        total = None
+        for c in calls:
+            x, g = self._flat(c)
+            grad = torch.einsum("bto,bti->oi", g, x.to(g.dtype)) if name == "weight" else g.sum((0, 1))
+            total = grad if total is None else total + grad
+        return total
 
     def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         """(A, G) summed over the batch (see the module's docstring)."""
@@ -187,6 +214,18 @@ class EmbeddingRule(LayerRule):
 
     def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ_n Σ_v (Σ_{t: idx_{n,t} = v} g_{n,t})², over the (sample, row) pairs that occur."""
+        return self._rows(calls, lambda t: t.square())
+
+    def abs_sum(self, calls: Sequence[Call], name: str) -> Tensor:
+        """Σ_n Σ_v abs(Σ_{t: idx_{n,t} = v} g_{n,t})."""
+        return self._rows(calls, lambda t: t.abs())
+
+    def batch_grad(self, calls: Sequence[Call], name: str) -> Tensor:
+        """Row v: Σ over the positions whose index is v of g (none for the padding index)."""
+        return self._rows(calls, lambda t: t)
+
+    def _rows(self, calls: Sequence[Call], fn: Callable[[Tensor], Tensor]) -> Tensor:
+        """Σ_n Σ_v fn(Σ_{t: idx_{n,t} = v} g_{n,t}) into row v, over the (sample, row) pairs that occur."""
         m = self.module
         vocab = m.weight.shape[0]
         out = torch.zeros(m.weight.shape, dtype=calls[0].g.dtype, device=m.weight.device)
@@ -200,7 +239,7 @@ class EmbeddingRule(LayerRule):
         )
         rows = uniq % vocab
         keep = rows != m.padding_idx if m.padding_idx is not None else torch.ones_like(rows, dtype=torch.bool)
-        return out.index_add_(0, rows[keep], sums[keep].square())
+        return out.index_add_(0, rows[keep], fn(sums[keep]))
 
 
 def _plain_batchnorm(m: nn.Module) -> bool:
@@ -215,18 +254,20 @@ def _plain_batchnorm(m: nn.Module) -> bool:
 
 
 def rule_for(m: nn.Module) -> LayerRule | None:
-    """The rule for a module this engine covers, or ``None`` (its parameters take the per-sample path)."""
-    if type(m) is nn.Linear:
+    """The rule for a module this engine covers, or ``None`` (its parameters take the per-sample path).
+    A module ``fully_shard`` was applied to is taken as its own class (``FSDPLinear`` as ``Linear``)."""
+    kind = base_type(m)
+    if kind is nn.Linear:
         return LinearRule(m)
-    if type(m) is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
+    if kind is nn.Conv2d and m.padding_mode == "zeros" and not isinstance(m.padding, str):
         return Conv2dRule(m)
-    if type(m) in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and _plain_batchnorm(m):
+    if kind in (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d) and _plain_batchnorm(m):
         return NormRule(m)
     if _batchnorm_then_act(m) and _plain_batchnorm(m):
         return NormRule(m)
-    if type(m) in (nn.LayerNorm, nn.GroupNorm) and getattr(m, "weight", None) is not None:
+    if kind in (nn.LayerNorm, nn.GroupNorm) and getattr(m, "weight", None) is not None:
         return NormRule(m)
-    if type(m) is nn.Embedding and m.max_norm is None and not m.sparse:
+    if kind is nn.Embedding and m.max_norm is None and not m.sparse:
         return EmbeddingRule(m)
     return None
 
