@@ -104,7 +104,7 @@ def full_state_dict(module: nn.Module, *, cpu: bool = True) -> dict[str, Any]:
         >>> import torch, clreg
         >>> ewc = clreg.EWC(torch.nn.Linear(2, 1))
         >>> sorted(full_state_dict(ewc))[:2]
-        ['_extra_state', 'anchor/bias']
+        ['_extra_state', 'anchor.bias']
     """
     out: dict[str, Any] = {}
     for key, value in module.state_dict().items():
