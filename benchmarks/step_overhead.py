@@ -9,7 +9,9 @@ With avalanche-lib installed (``pip install clreg[avalanche]``) the same step wi
 Protocol (fixed in benchmarks/protocol.py): MobileNetV3-small + small conv head (~2 M parameters),
 batch 16 at 128×128, SGD with momentum, 2 threads, CPU. After a warm-up, the variants are run
 interleaved (a random order each round); a variant's ratio is the median over rounds of its step time
-over the plain step's in the same round, with a 95 % bootstrap interval (resampling rounds).
+over the plain step's in the same round, with a 95 % bootstrap interval (resampling rounds). The
+Fisher cases (each estimator by the vectorised, looped and per-layer paths; ``batched`` at B = 1, 8,
+16) are timed once cold, then ``--fisher-rounds`` times warm in a random order each round: the median.
 """
 
 from __future__ import annotations
@@ -70,7 +72,7 @@ def step_overhead(steps: int, warmup: int, names: list[str] | None = None) -> di
     return {"n_params": n_params, "steps": steps, "variants": rows}
 
 
-def fisher_throughput(samples: int) -> dict:
+def fisher_throughput(samples: int, rounds: int = 3) -> dict:
     torch.set_num_threads(protocol.THREADS)
     torch.manual_seed(0)
     model = protocol.Net()
@@ -79,22 +81,22 @@ def fisher_throughput(samples: int) -> dict:
         torch.randn(samples, 3, protocol.SIZE, protocol.SIZE, generator=g),
         torch.randint(0, protocol.CLASSES, (samples,), generator=g),
     )
+    paths = {"vmap": {"vectorize": True}, "loop": {"vectorize": False}, "layers": {"engine": "layers"}}
+    cases = {f"{e}/{p}": dict(estimator=e, **kw) for e in ("empirical", "mc", "exact") for p, kw in paths.items()}
+    cases |= {f"batched/B={b}": dict(estimator="batched", batch_size=b) for b in (1, 8, 16)}
     out = {}
-    for est in ("empirical", "mc", "exact"):
-        paths = (("vmap", {"vectorize": True}), ("loop", {"vectorize": False}), ("layers", {"engine": "layers"}))
-        for path, kw in paths:
-            cold = time.perf_counter()
-            fisher_diagonal(model, data, estimator=est, **kw)
-            cold = time.perf_counter() - cold
-            warm = time.perf_counter()
-            fisher_diagonal(model, data, estimator=est, **kw)
-            warm = time.perf_counter() - warm
-            out[f"{est}/{path}"] = {"cold_samples_per_s": samples / cold, "warm_samples_per_s": samples / warm}
-    for bs in (1, 8, 16):
+    for name, kw in cases.items():  # the first call of each: cold (compilation of the vmapped functions …)
         t = time.perf_counter()
-        fisher_diagonal(model, data, estimator="batched", batch_size=bs)
-        t = time.perf_counter() - t
-        out[f"batched/B={bs}"] = {"warm_samples_per_s": samples / t}
+        fisher_diagonal(model, data, **kw)
+        out[name] = {"cold_samples_per_s": samples / (time.perf_counter() - t), "warm": []}
+    rng = random.Random(0)
+    for _ in range(rounds):  # then warm, interleaved in a random order each round: the median of the rounds
+        for name in rng.sample(list(cases), len(cases)):
+            t = time.perf_counter()
+            fisher_diagonal(model, data, **cases[name])
+            out[name]["warm"].append(samples / (time.perf_counter() - t))
+    for r in out.values():
+        r["warm_samples_per_s"] = statistics.median(r.pop("warm"))
     return out
 
 
@@ -114,6 +116,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=60, help="timed rounds (>= 30 for the reported figures)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--fisher-samples", type=int, default=16)
+    p.add_argument("--fisher-rounds", type=int, default=3, help="warm rounds of every Fisher case (the median)")
     p.add_argument("--skip-fisher", action="store_true")
     p.add_argument(
         "--variants",
@@ -142,7 +145,7 @@ def main() -> None:
             f"{name:22s} {r['median_ms']:8.1f} {r['ratio']:7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16s} {r['state_bytes_per_param']:14.1f}"
         )
     if not args.skip_fisher:
-        res["fisher"] = fisher_throughput(args.fisher_samples)
+        res["fisher"] = fisher_throughput(args.fisher_samples, args.fisher_rounds)
         print(f"\nFisher throughput ({args.fisher_samples} samples), samples/s")
         for name, r in res["fisher"].items():
             cold = r.get("cold_samples_per_s")
