@@ -72,3 +72,11 @@ def test_fsdp2_example_with_two_processes() -> None:
     )
     assert "world size 2" in out and "EWC state bytes per rank" in out, out
     assert "the full form in one process gives the same penalty: True" in out, out
+
+
+def test_lora_causal_lm_example() -> None:
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    out = run(sys.executable, str(EXAMPLES / "lora_causal_lm.py"), "--smoke", timeout=300)
+    assert "naive    task 1" in out and "ewc      task 1" in out and "lwf      task 1" in out, out
+    assert "task 1 kept: naive" in out, out

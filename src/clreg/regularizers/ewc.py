@@ -53,7 +53,7 @@ class FisherOptions:
 
     ``normalize="mean"`` divides each task's Fisher by its mean over every selected entry,
 
-    .. math:: 	ilde F_t = F_t \Big/ \Bigl(	frac{1}{P} 	extstyle\sum_i F_{t,i}\Bigr),
+    .. math:: \tilde F_t = F_t \Big/ \Bigl(\tfrac{1}{P} \textstyle\sum_i F_{t,i}\Bigr),
 
     so tasks whose Fisher has different scales (a pixel-averaged softmax against a detection loss's
     empirical Fisher) weigh alike and λ multiplies a Fisher of mean 1 (its useful range moves with it).
