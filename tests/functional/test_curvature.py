@@ -15,6 +15,7 @@ from torch.utils.data import TensorDataset
 from clreg import OutputSpec
 from clreg.functional import fisher_diagonal
 from clreg.functional.curvature import CurvatureEngine, rule_for
+from clreg.functional.curvature.layers import Call
 from models import MultiHead
 
 
@@ -267,3 +268,22 @@ def test_rules_cover_the_layer_types_and_leave_others_to_the_per_sample_path() -
     assert CurvatureEngine(model).fallback == ["1.weight"]
     with pytest.raises(ValueError, match="engine must be one of"):
         fisher_diagonal(model, TensorDataset(torch.randn(2, 2), torch.zeros(2, dtype=torch.long)), engine="fast")
+
+
+def test_an_embeddings_dense_per_sample_gradients_give_its_row_by_row_sums() -> None:
+    """EmbeddingRule.per_sample (a dense (b, V, D) per sample) against autograd per sample, and its
+    square, absolute and plain sums against the row-by-row reductions (padding row left out)."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(6, 3, padding_idx=0).double()
+    idx = torch.tensor([[1, 2, 1, 0], [3, 3, 5, 0], [0, 4, 2, 2]])
+    g = torch.randn(3, 4, 3, dtype=torch.float64)
+    calls = [Call(idx, g)]
+    rule = rule_for(emb)
+    dense = rule.per_sample(calls, "weight", slice(0, 3))
+    for n in range(3):
+        (want,) = torch.autograd.grad((emb(idx[n]) * g[n]).sum(), [emb.weight])
+        torch.testing.assert_close(dense[n], want)
+    torch.testing.assert_close(rule.square_sum(calls, "weight"), dense.square().sum(0))
+    torch.testing.assert_close(rule.abs_sum(calls, "weight"), dense.abs().sum(0))
+    torch.testing.assert_close(rule.batch_grad(calls, "weight"), dense.sum(0))
+    torch.testing.assert_close(rule.per_sample(calls, "weight", slice(1, 3)), dense[1:])

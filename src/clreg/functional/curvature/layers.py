@@ -30,6 +30,7 @@ is that block exactly.
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -57,7 +58,7 @@ def _chunks(batch: int, per_sample: int) -> list[slice]:
     return [slice(i, min(batch, i + step)) for i in range(0, batch, step)]
 
 
-class LayerRule:
+class LayerRule(abc.ABC):
     """How one layer type gives per-sample gradients (and, where it can, Kronecker factors)."""
 
     names: tuple[str, ...] = ("weight", "bias")
@@ -66,9 +67,9 @@ class LayerRule:
     def __init__(self, module: nn.Module) -> None:
         self.module = module
 
+    @abc.abstractmethod
     def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
         """Samples ``sl``'s gradients of parameter ``name`` (summed over the calls), (b, ...) in its shape."""
-        raise NotImplementedError
 
     def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ over the batch of the squared per-sample gradient of parameter ``name``."""
@@ -210,7 +211,17 @@ class EmbeddingRule(LayerRule):
     names = ("weight",)
 
     def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
-        raise NotImplementedError("an embedding's square sum is formed row by row, not per sample")
+        """Dense (b, V, D): sample n's row v is Σ over its positions whose index is v of g (none for
+        the padding index). The reductions below form the same sums over the rows that occur only."""
+        m = self.module
+        b = len(range(*sl.indices(calls[0].x.shape[0])))
+        out = torch.zeros(b, *m.weight.shape, dtype=calls[0].g.dtype, device=m.weight.device)
+        for c in calls:
+            idx, g = c.x[sl].reshape(b, -1), c.g[sl].reshape(b, -1, c.g.shape[-1])
+            if m.padding_idx is not None:
+                g = g * (idx != m.padding_idx).unsqueeze(-1).to(g.dtype)
+            out.scatter_add_(1, idx.unsqueeze(-1).expand_as(g), g)
+        return out
 
     def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ_n Σ_v (Σ_{t: idx_{n,t} = v} g_{n,t})², over the (sample, row) pairs that occur."""
