@@ -203,6 +203,40 @@ def test_tune_writes_its_grid_scores_and_choice(cache_env, tmp_path):
     assert (out / "ewc_lambda_sensitivity.png").stat().st_size > 0
 
 
+def test_a_tune_takes_its_recorded_results_instead_of_training_again(cache_env, tmp_path, monkeypatch, capsys):
+    """Every result of a tune is recorded in tune-progress.json as it comes: a tune whose folder holds
+    only that file (its units gone, as on another machine) trains nothing and writes the same
+    tune.json; a record of another configuration is refused with a message."""
+    grid = {"baseline.lr": (1e-3, 2e-2), "ewc.lam@2": (1.0, 10.0), "ewc.lam@3": (1.0, 10.0)}
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tune_grid=grid))
+    out, again = tmp_path / "tune", tmp_path / "again"
+    args = ["--profile", "tiny", "--tune", "--methods", "naive,ewc", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    progress = json.loads((out / "tune-progress.json").read_text())
+    assert progress["config"]["profile"] == "tiny"
+    results = progress["results"]
+    assert {"baseline/seg/lr=0.001", "baseline/cls/lr=0.02", "joint/joint", "joint/joint-balanced"} <= set(results)
+    tune = json.loads((out / "tune.json").read_text())
+    for t in tune["methods"]["ewc"]["trials"]:
+        final = results[f"ewc/{json.dumps(t['settings'], sort_keys=True)}"]
+        assert t["final"] == {k: pytest.approx(v / max(tune["baselines"][k], 1e-9)) for k, v in final.items()}
+    # stage 2 is shared by the candidates that differ only in stage 3's λ
+    state = out / "state" / "seed0"
+    assert len(list(state.glob("ewc@*__stage2.pt"))) == 2 and len(list(state.glob("ewc@*__stage3.pt"))) == 4
+    again.mkdir()
+    shutil.copy(out / "tune-progress.json", again)
+    assert main([*args, "--out", str(again)]) == 0
+    assert not (again / "state").exists() or not list((again / "state").rglob("*.pt"))
+    redone = json.loads((again / "tune.json").read_text())
+    assert {k: v for k, v in redone.items() if k != "provenance"} == {k: v for k, v in tune.items() if k != "provenance"}
+    other = tmp_path / "other"
+    other.mkdir()
+    shutil.copy(out / "tune-progress.json", other)
+    assert main([*args, "--out", str(other), "--steps", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "tune-progress.json records a tune of another configuration" in err and "Traceback" not in err
+
+
 def test_a_folder_of_the_earlier_unit_layout_is_refused_with_a_message(tiny_run, cache_env, tmp_path, capsys):
     """Units written by an earlier layout (no format tag, SI's state under "si") are not resumed:
     the run stops with a message that names the file and asks for a new --out."""

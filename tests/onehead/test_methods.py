@@ -122,6 +122,11 @@ def test_a_methods_unit_key_is_its_name_and_a_digest_of_what_it_reads():
     assert a.key([{}, {}, {}]) != Method.parse("ewc", {"ewc.lam": 3.0}).key([{}, {}, {}])
     assert a.key([{}, {}, {}]) != a.key([{}, {"ewc.lam": 3.0}, {}])
     assert a.key([{}, {}, {}]).startswith("ewc@") and len(a.key([{}, {}, {}])) == len("ewc@") + 8
+    # a stage's key leaves out the settings of later stages, so those candidates share it
+    b, c = (Method.parse("ewc", {"ewc.lam": 10.0, "ewc.lam@3": v}) for v in (1.0, 2.0))
+    assert b.key([{}, {}, {}], upto=2) == c.key([{}, {}, {}], upto=2) != b.key([{}, {}, {}], upto=3)
+    assert b.key([{}, {}, {}], upto=3) != c.key([{}, {}, {}], upto=3)
+    assert b.key([{}, {}, {}], upto=2) != b.key([{}, {"ewc.lam": 3.0}, {}], upto=2)
 
 
 def test_the_tiny_profiles_ewc_units_keep_their_names():

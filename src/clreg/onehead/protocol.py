@@ -206,9 +206,10 @@ def method_stages(run: SeedRun, method: Method) -> list[UnitState]:
     """Stages 2… of ``method``, each from the previous one's saved state; returns every stage's
     state (stage 1's shared one first)."""
     states = [stage_one(run)]
-    key = method.key([s.settings for s in run.stages], start=run.stages[0].unit("stage1"))
+    per_stage = [s.settings for s in run.stages]
     for i in range(1, len(run.stages)):
         prev = states[-1]
+        key = method.key(per_stage, start=run.stages[0].unit("stage1"), upto=i + 1)
         states.append(run.store.run(f"{key}/stage{i + 1}", lambda i=i, prev=prev: method_stage(run, method, i, prev)))
     return states
 

@@ -11,64 +11,117 @@ lives on another scale): each is searched and the best kept. Unless ``--no-joint
 reference is run under each schedule too, and the one whose worst task keeps most of its baseline
 is chosen. Every candidate's units are keyed by its
 settings, so a repeated candidate is read back, not trained again, and a killed tune resumes.
+Every result is also recorded as it comes in ``OUT/tune-progress.json`` (:class:`TuneProgress`): a
+tune whose output folder holds that file, copied there from another machine for instance, takes its
+results instead of training them again, so a tune can be spread over several sittings.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import os
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from ..config import BenchmarkConfig
 from ..methods import Method
 from ..profiles import JointCandidate
-from ..protocol import SeedRun, joint, method_stages, single_task
+from ..protocol import SeedRun, joint, joint_unit, method_stages, single_task
 from ..provenance import provenance
 from ..report import lambda_figure
 from .workspace import Workspace, open_workspace
 
-__all__ = ["BASELINE_LR", "tune"]
+__all__ = ["BASELINE_LR", "TuneProgress", "tune"]
 
 BASELINE_LR = "baseline.lr"  # the grid key of the baselines' learning rate (searched per task)
 
 Grid = Mapping[str, Sequence[float]]
 
 
+class TuneProgress:
+    """The tune's results so far, by key (a baseline, a joint candidate, a method's trial), in a JSON
+    file written after each new one; a file of another configuration is refused."""
+
+    def __init__(self, path: Path, config: dict[str, Any]) -> None:
+        self.path, self.config, self.results = path, config, {}
+        if path.is_file():
+            saved = json.loads(path.read_text())
+            if saved.get("config") != config:
+                diff = sorted(
+                    k for k in set(saved.get("config", {})) | set(config) if saved["config"].get(k) != config.get(k)
+                )
+                raise ValueError(f"{path} records a tune of another configuration (differs in {', '.join(diff)}): "
+                                 "remove it or choose another --out")  # fmt: skip
+            self.results = saved["results"]
+
+    def get(self, key: str, compute: Callable[[], Any]) -> Any:
+        """The recorded result for ``key``, else ``compute()``'s, recorded."""
+        if key not in self.results:
+            self.results[key] = compute()
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+            tmp.write_text(json.dumps({"config": self.config, "results": self.results}, indent=1))
+            os.replace(tmp, self.path)
+        return self.results[key]
+
+
+def _settings_key(settings: Mapping[str, float]) -> str:
+    return json.dumps(dict(settings), sort_keys=True)
+
+
 def _best(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return max(trials, key=lambda t: (t["score"], t["mean"]))
 
 
-def _tune_baselines(ws: Workspace, lrs: Sequence[float]) -> tuple[SeedRun, dict[str, Any]]:
+def _baseline_value(run: SeedRun, i: int, progress: TuneProgress) -> float:
+    s = run.stages[i]
+    lr = run.lr(s, None)
+    return progress.get(f"baseline/{s.task}/lr={lr:g}", lambda: single_task(run, i).evals[s.task].value)
+
+
+def _tune_baselines(ws: Workspace, lrs: Sequence[float], progress: TuneProgress) -> tuple[SeedRun, dict[str, Any]]:
     """Each task's baseline at every learning rate of ``lrs`` (val); the seed's run with the best."""
     base = ws.seed_run(0)
     trials: dict[str, list[dict[str, Any]]] = {s.task: [] for s in base.stages}
     for lr in lrs:
         run = replace(base, stages=[replace(s, baseline_lr=lr) for s in base.stages])
         for i, s in enumerate(run.stages):
-            trials[s.task].append({"lr": lr, "value": single_task(run, i).evals[s.task].value})
+            trials[s.task].append({"lr": lr, "value": _baseline_value(run, i, progress)})
     chosen = {task: max(t, key=lambda x: x["value"])["lr"] for task, t in trials.items()}
     run = replace(base, stages=[replace(s, baseline_lr=chosen[s.task]) for s in base.stages])
     return run, {"grid": list(lrs), "trials": trials, "chosen": chosen}
 
 
-def _tune_joint(run: SeedRun, base: dict[str, float], candidates: Sequence[JointCandidate]) -> dict[str, Any]:
+def _tune_joint(
+    run: SeedRun, base: dict[str, float], candidates: Sequence[JointCandidate], progress: TuneProgress
+) -> dict[str, Any]:
     """The joint reference under each (schedule, loss weights) candidate (val), scored like a method:
     its worst task's score over that task's baseline; the best is chosen."""
     trials = []
     for schedule, w in candidates:
-        state = joint(replace(run, joint_schedule=schedule, joint_weights=w))
-        finals = {t: state.evals[t].value / max(b, 1e-9) for t, b in base.items()}
+        one = replace(run, joint_schedule=schedule, joint_weights=w)
+        values = progress.get(
+            f"joint/{joint_unit(schedule, w)}", lambda one=one: {t: r.value for t, r in joint(one).evals.items()}
+        )
+        finals = {t: values[t] / max(b, 1e-9) for t, b in base.items()}
         trial = {"schedule": schedule, "final": finals, "score": min(finals.values())}
         trials.append(trial | ({"weights": list(w)} if w is not None else {}))
     best = max(trials, key=lambda t: t["score"])
     return {"trials": trials, "chosen": best["schedule"], **({"weights": best["weights"]} if "weights" in best else {})}
 
 
-def _trial(run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float]) -> dict[str, Any]:
+def _trial(
+    run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float], progress: TuneProgress
+) -> dict[str, Any]:
     """One candidate: its final / baseline per task, its score (the worst) and the mean (tie-break)."""
-    states = method_stages(run, method.with_settings(settings))
-    finals = {t: states[-1].evals[t].value / max(b, 1e-9) for t, b in base.items()}
+
+    def values() -> dict[str, float]:
+        return {t: r.value for t, r in method_stages(run, method.with_settings(settings))[-1].evals.items()}
+
+    final = progress.get(f"{method.name}/{_settings_key(settings)}", values)
+    finals = {t: final[t] / max(b, 1e-9) for t, b in base.items()}
     score, mean = min(finals.values()), sum(finals.values()) / len(finals)
     return {"settings": dict(settings), "score": score, "mean": mean, "final": finals}
 
@@ -80,13 +133,13 @@ def _reads(method: Method, key: str) -> bool:
 
 
 def _coordinate_search(
-    run: SeedRun, method: Method, start: dict[str, float], grid: Grid, base: dict[str, float]
+    run: SeedRun, method: Method, start: dict[str, float], grid: Grid, base: dict[str, float], progress: TuneProgress
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Each key of ``grid`` the method reads, in turn, over its values, the others held at the best
     so far; returns the chosen settings and every trial."""
     chosen, trials = dict(start), []
     for key in [k for k in grid if _reads(method, k)]:
-        tried = [{**_trial(run, method, {**chosen, key: float(v)}, base), "key": key} for v in grid[key]]
+        tried = [{**_trial(run, method, {**chosen, key: float(v)}, base, progress), "key": key} for v in grid[key]]
         chosen[key] = _best(tried)["settings"][key]
         trials += tried
     return chosen, trials
@@ -121,13 +174,15 @@ def _score(result: dict[str, Any]) -> tuple[float, float]:
     return (_best(result["trials"])["score"], _best(result["trials"])["mean"]) if result["trials"] else (0.0, 0.0)
 
 
-def _search(run: SeedRun, method: Method, ws: Workspace, base: dict[str, float], done: dict) -> dict[str, Any]:
+def _search(
+    run: SeedRun, method: Method, ws: Workspace, base: dict[str, float], done: dict, progress: TuneProgress
+) -> dict[str, Any]:
     """Every variant of the method (one by default), each by coordinate search; the best one kept."""
     variants = _variants(method, ws, done)
     results = []
     for v in variants:
         grid = {k: g for k, g in v["grid"].items() if k != BASELINE_LR}
-        chosen, trials = _coordinate_search(run, method, _start(method, done, v["fixed"]), grid, base)
+        chosen, trials = _coordinate_search(run, method, _start(method, done, v["fixed"]), grid, base, progress)
         results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
     best = max(results, key=_score)
     trials = [t for r in results for t in r["trials"]]
@@ -140,20 +195,21 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
     and the EWC λ-sensitivity figure, from seed 0 on the validation split."""
     ws = open_workspace(config)
     config = ws.config
+    progress = TuneProgress(config.out / "tune-progress.json", config.comparable())
     grid = config.profile.tune_grid
     if BASELINE_LR in grid:
-        run, baselines = _tune_baselines(ws, grid[BASELINE_LR])
+        run, baselines = _tune_baselines(ws, grid[BASELINE_LR], progress)
         ws.log(f"tune baselines: learning rate per task {baselines['chosen']}")
     else:
         run, baselines = ws.seed_run(0), {}
-    base = {st.task: single_task(run, i).evals[st.task].value for i, st in enumerate(run.stages)}
+    base = {st.task: _baseline_value(run, i, progress) for i, st in enumerate(run.stages)}
     report: dict[str, Any] = {"grid": grid, "baselines": base, "baseline_lr": baselines, "methods": {}, "split": "val"}
     if config.joint:
-        report["joint"] = _tune_joint(run, base, config.profile.tune_joint)
+        report["joint"] = _tune_joint(run, base, config.profile.tune_joint, progress)
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))
-        report["methods"][name] = _search(run, method, ws, base, report["methods"])
+        report["methods"][name] = _search(run, method, ws, base, report["methods"], progress)
         ws.log(f"tune {name}: {report['methods'][name]['chosen']}")
     report["provenance"] = provenance()
     config.out.mkdir(parents=True, exist_ok=True)

@@ -132,11 +132,17 @@ class Method:
                 out[base] = v
         return out
 
-    def key(self, stage_settings: Sequence[Mapping[str, float]], start: str = "stage1") -> str:
+    def key(self, stage_settings: Sequence[Mapping[str, float]], start: str = "stage1", upto: int | None = None) -> str:
         """The method's name and a digest of the settings it reads, the per-stage overrides and the
         first-stage unit it starts from, so units of other settings never mix and changing one
-        method's settings reuses everything else."""
-        parts: list[Any] = [self.relevant_settings(), [dict(s) for s in stage_settings]]
+        method's settings reuses everything else. With ``upto`` (a 1-based stage), settings of later
+        stages (``"<setting>@<k>"``, k > upto) are left out, so a stage is shared by the settings
+        that differ only after it."""
+        settings = {
+            k: v for k, v in self.relevant_settings().items() if upto is None or (split_stage_key(k)[1] or 0) <= upto
+        }
+        stages = [dict(s) for s in stage_settings][: upto if upto is not None else None]
+        parts: list[Any] = [settings, stages]
         blob = json.dumps(parts + ([start] if start != "stage1" else []), sort_keys=True)
         return f"{self.name}@{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
