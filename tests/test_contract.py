@@ -70,11 +70,17 @@ def ewc_reference(model, reg, inputs, tasks) -> torch.Tensor:
     )
 
 
-def online_ewc_reference(model, reg, inputs, tasks) -> torch.Tensor:
-    """F* ← γ F* + F_t, anchor θ* at the last consolidation, (λ/2) Σ F* (θ − θ*)²."""
+def decayed_sum(tasks, statistic, gamma: float) -> dict:
+    """S ← γ S + (the task's per-sample mean of ``statistic``), over the tasks in order."""
     running: dict = {}
     for t in tasks:
-        running = {n: reg.gamma * running.get(n, 0) + f for n, f in per_sample_mean(t, empirical_fisher).items()}
+        running = {n: gamma * running.get(n, 0) + v for n, v in per_sample_mean(t, statistic).items()}
+    return running
+
+
+def online_ewc_reference(model, reg, inputs, tasks) -> torch.Tensor:
+    """F* ← γ F* + F_t, anchor θ* at the last consolidation, (λ/2) Σ F* (θ − θ*)²."""
+    running = decayed_sum(tasks, empirical_fisher, reg.gamma)
     return reg.lam / 2 * squared_distance(model, running, params_of(tasks[-1].model))
 
 
@@ -124,13 +130,8 @@ def kfac_factors(model, x, y) -> dict:
     return out
 
 
-def kfac_reference(model, reg, inputs, tasks) -> torch.Tensor:
-    """A ← γA + mean ã ãᵀ, G ← γG + mean g gᵀ per layer, one anchor, (λ/2) Σ vec(Δ)ᵀ (A ⊗ G) vec(Δ)
-    with Δ = [W, b] − [W*, b*] and vec stacking columns."""
-    running: dict = {}
-    for t in tasks:
-        running = {k: reg.gamma * running.get(k, 0) + v for k, v in per_sample_mean(t, kfac_factors).items()}
-    anchor = params_of(tasks[-1].model)
+def kronecker_quadratic(model, factors: dict, anchor: dict) -> torch.Tensor:
+    """Σ over the MLP's two layers of vec(Δ)ᵀ (A ⊗ G) vec(Δ), Δ = [W, b] − [W*, b*], vec stacking columns."""
     total = 0.0
     for name in ("0", "2"):
         lin = model.get_submodule(f"net.{name}")
@@ -138,8 +139,20 @@ def kfac_reference(model, reg, inputs, tasks) -> torch.Tensor:
             [lin.weight - anchor[f"net.{name}.weight"], (lin.bias - anchor[f"net.{name}.bias"])[:, None]], 1
         )
         vec = delta.t().reshape(-1)
-        total = total + vec @ torch.kron(running[f"{name}.A"], running[f"{name}.G"]) @ vec
-    return reg.lam / 2 * total
+        total = total + vec @ torch.kron(factors[f"{name}.A"], factors[f"{name}.G"]) @ vec
+    return total
+
+
+def kfac_reference(model, reg, inputs, tasks) -> torch.Tensor:
+    """A ← γA + mean ã ãᵀ, G ← γG + mean g gᵀ per layer, one anchor, (λ/2) Σ vec(Δ)ᵀ (A ⊗ G) vec(Δ)."""
+    running = decayed_sum(tasks, kfac_factors, reg.gamma)
+    return reg.lam / 2 * kronecker_quadratic(model, running, params_of(tasks[-1].model))
+
+
+def kfac_per_task_reference(model, reg, inputs, tasks) -> torch.Tensor:
+    """Each task its own factors and anchor: (λ/2) Σ_t vec(Δ_t)ᵀ (A_t ⊗ G_t) vec(Δ_t)."""
+    terms = [kronecker_quadratic(model, per_sample_mean(t, kfac_factors), params_of(t.model)) for t in tasks]
+    return reg.lam / 2 * sum(terms)
 
 
 CASES = {
@@ -148,6 +161,11 @@ CASES = {
     "si": (lambda m: clreg.SI(m, c=0.5, xi=0.1), si_reference, {}),
     "mas": (lambda m: clreg.MAS(m, lam=4.0), mas_reference, {}),
     "kfac_ewc": (lambda m: clreg.KFACEWC(m, lam=3.0, gamma=0.6, estimator="empirical"), kfac_reference, {}),
+    "kfac_ewc_per_task": (
+        lambda m: clreg.KFACEWC(m, lam=3.0, per_task=True, estimator="empirical"),
+        kfac_per_task_reference,
+        {},
+    ),
     "lwf": (
         lambda m: clreg.LwF(m, temperature=2.0, alpha=1.5),
         lwf_reference,

@@ -24,8 +24,11 @@ def buffer_key(name: str) -> str:
 class TensorStore(nn.Module):
     """An ordered set of named buffers, read as a list in the order they were given."""
 
-    def __init__(self, names: Sequence[str], tensors: Sequence[Tensor], persistent: bool = True) -> None:
+    def __init__(
+        self, names: Sequence[str], tensors: Sequence[Tensor], persistent: bool = True, growable: bool = False
+    ) -> None:
         super().__init__()
+        self.growable = growable  # the leading dimension may differ on load (one row per task, say)
         self.names = list(names)
         self._keys = [buffer_key(n) for n in self.names]
         for key, t in zip(self._keys, tensors):
@@ -42,6 +45,7 @@ class TensorStore(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         state_dict = self._laid_out(state_dict, prefix)
+        self._refresh()
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
         self._refresh()
 
@@ -54,6 +58,9 @@ class TensorStore(nn.Module):
             if ours is None or not isinstance(theirs, Tensor):
                 continue
             mine, given = layout_of(ours), layout_of(theirs)
+            if self.growable and mine is None and given is None and theirs.shape[1:] == ours.shape[1:]:
+                self._buffers[key] = ours.new_empty(theirs.shape)  # this state's number of rows
+                continue
             if mine == given:
                 continue
             name = self.names[self._keys.index(key)]
@@ -76,6 +83,15 @@ class TensorStore(nn.Module):
         if tensors:
             with torch.no_grad():
                 torch._foreach_copy_(local_all(self.tensors), local_all(tensors))
+
+    def append(self, tensors: Sequence[Tensor]) -> None:
+        """Add one row to each tensor of a growable store: ``t ← cat([t, new[None]])``."""
+        if not self.growable:
+            raise TypeError("append needs a growable store")
+        for key, t in zip(self._keys, tensors, strict=True):
+            old = self._buffers[key]
+            self._buffers[key] = torch.cat([old, t.detach().to(old.dtype, copy=True)[None]])
+        self._refresh()
 
     def __len__(self) -> int:
         return len(self.names)

@@ -122,6 +122,47 @@ def test_running_factors_decay_and_damping_adds_to_both() -> None:
         clreg.KFACEWC(model, estimator="batched")
 
 
+def test_per_task_factors_hold_each_task_and_cost_t_times_the_state() -> None:
+    """per_task=True keeps each task's A, G, diagonal and anchor (a row per task): its penalty is the
+    sum of one-task penalties, its state T times the running form's, and it loads into a fresh
+    per-task instance but not into a running one."""
+    torch.manual_seed(0)
+    model = Net()
+    per = clreg.KFACEWC(model, lam=2.0, per_task=True, max_factor=32, estimator="empirical")
+    running = clreg.KFACEWC(model, lam=2.0, max_factor=32, estimator="empirical")
+    one_task = []
+    for seed, weight in ((1, 1.0), (2, 3.0)):
+        spec = clreg.TaskSpec(weight=weight)
+        per.consolidate(model, _data(seed=seed), spec)
+        alone = clreg.KFACEWC(model, lam=2.0, max_factor=32, estimator="empirical")
+        alone.consolidate(model, _data(seed=seed), spec)
+        one_task.append(alone)
+        if seed == 1:
+            running.consolidate(model, _data(seed=seed), spec)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(0.05 * torch.randn_like(p))
+    assert [tuple(t.shape) for t in per.factor_a.tensors] == [(2, 19, 19), (2, 9, 9)]
+    value = per(model)
+    want = sum(r(model) for r in one_task)
+    torch.testing.assert_close(value, want)
+    grads = torch.autograd.grad(value, list(model.parameters()))
+    wants = torch.autograd.grad(sum(r(model) for r in one_task), list(model.parameters()))
+    for got, w in zip(grads, wants):
+        torch.testing.assert_close(got, w)
+    n_tasks_bytes = 8
+    assert per.state_bytes() - n_tasks_bytes == 2 * (running.state_bytes() - n_tasks_bytes)
+    assert running.factor_bytes() == {"conv": (19 * 19 + 4 * 4) * 4, "out": (9 * 9 + 3 * 3) * 4}
+    assert per.factor_bytes() == {k: 2 * v for k, v in running.factor_bytes().items()}
+    fresh = clreg.KFACEWC(model, lam=2.0, per_task=True, max_factor=32, estimator="empirical")
+    fresh.load_state_dict(per.state_dict(), strict=True)
+    torch.testing.assert_close(fresh(model), value)
+    with pytest.raises(ValueError, match="per_task=True"):
+        clreg.KFACEWC(model, max_factor=32).load_state_dict(per.state_dict())
+    with pytest.raises(ValueError, match="gamma"):
+        clreg.KFACEWC(model, per_task=True, gamma=0.5)
+
+
 def test_sis_path_excludes_the_kronecker_penalty_in_a_compose() -> None:
     """Beside K-FAC EWC in one Compose (one ledger), SI integrates the task loss's gradient alone."""
     torch.manual_seed(0)

@@ -235,7 +235,12 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
 
     # -- state ------------------------------------------------------------------------------------
     def add_state(
-        self, name: str, default: Tensor | Mapping[str, Tensor] | None = None, *, per_parameter: bool = False
+        self,
+        name: str,
+        default: Tensor | Mapping[str, Tensor] | None = None,
+        *,
+        per_parameter: bool = False,
+        growable: bool = False,
     ) -> None:
         """Declare a piece of state, saved in ``state_dict`` and moved by ``.to()``.
 
@@ -243,7 +248,9 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
           parameter, zeros in the state dtype (the wider of float32 and the parameter's dtype) on the
           parameters' device, read as ``self.<name>.tensors``;
         * ``default`` a mapping name → tensor: a store of those tensors as given (state over other
-          tensors than the selected parameters, such as LwF's teacher);
+          tensors than the selected parameters, such as LwF's teacher); with ``growable=True`` their
+          leading dimension grows (one row per task, :meth:`~clreg._store.TensorStore.append`) and a
+          saved state with another number of rows loads;
         * ``default`` a tensor: a plain buffer, put on the parameters' device.
         """
         device = self._pset.last()[0].device
@@ -252,7 +259,7 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
                 raise TypeError(f"a per-parameter state starts at zero: give no default for {name!r}")
             self.add_module(name, TensorStore(self._pset.names, self._pset.zeros(device)))
         elif isinstance(default, Mapping):
-            self.add_module(name, TensorStore(list(default), list(default.values())))
+            self.add_module(name, TensorStore(list(default), list(default.values()), growable=growable))
         elif isinstance(default, Tensor):
             self.register_buffer(name, default.to(device))
         else:

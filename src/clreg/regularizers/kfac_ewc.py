@@ -16,8 +16,19 @@ Over tasks, as Online EWC: a running sum with decay γ of each factor and of the
 :math:`F \leftarrow \gamma F + w_t F_t`, and one anchor θ*, the parameters at the last consolidation.
 Summing the factors keeps the penalty O(in² + out²) per layer whatever the number of tasks; the
 product of sums carries cross terms :math:`A_s \otimes G_t` (s ≠ t) that a sum of per-task products
-would not. ``damping`` δ ≥ 0 (default 0: no inverse is needed) adds :math:`\sqrt\delta\,I` to both
-factors in the penalty.
+would not. With ``per_task=True`` each task keeps its own factors, diagonal and anchor, as Ritter
+et al. keep one Laplace term per task:
+
+.. math::
+
+    P(\theta) = \frac{\lambda}{2} \sum_t \Bigl[\sum_{\text{layers}} w_t\,\mathrm{tr}\bigl(G_t\,\Delta_t\,A_t\,\Delta_t^\top\bigr)
+                + \sum_{\text{other } i} w_t F_{t,i} (\theta_i - \theta^*_{t,i})^2\Bigr], \qquad \Delta_t = \tilde W - \tilde W^*_t,
+
+exact for any number of tasks, at T times the memory and the time of the running sums (per task:
+:math:`\sum_\text{layers} (in'^2 + out^2)` numbers for the factors, one per other parameter for the
+diagonal and one per parameter for the anchor; :meth:`state_bytes` counts them); γ is not used.
+``damping`` δ ≥ 0 (default 0: no inverse is needed) adds :math:`\sqrt\delta\,I` to both factors in
+the penalty.
 
 Under FSDP2 the anchor and the diagonal are sharded like the parameters; the factors A and G are
 replicated on every rank (in² + out² numbers per layer, in the state dtype), and each evaluation
@@ -40,7 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._sharding import local, local_all
+from .._sharding import is_sharded, local, local_all
 from ..functional.curvature import CurvatureEngine
 from ..functional.fisher import fisher_curvature
 from ..functional.kfac import kfac_penalty, kfac_penalty_grad, kfac_penalty_value
@@ -61,6 +72,8 @@ class KFACEWC(Regularizer):
         gamma: γ ∈ [0, 1], the decay of the running factors (1: plain sums).
         damping: δ ≥ 0 added as √δ I to A and G in the penalty.
         max_factor: a layer whose A or G would exceed this many rows keeps the diagonal.
+        per_task: keep each task's factors, diagonal and anchor apart (T times the state) instead of
+            running sums and one anchor; not for FSDP2-sharded parameters.
         estimator, mc_samples, max_samples, chunk_size, seed, progress: the Fisher's, as for :class:`EWC`
             (``batched`` has no factors).
         params: parameter names or a predicate.
@@ -77,6 +90,7 @@ class KFACEWC(Regularizer):
         gamma: float = 1.0,
         damping: float = 0.0,
         max_factor: int = 1024,
+        per_task: bool = False,
         estimator: str | None = None,
         mc_samples: int = 1,
         max_samples: int | None = None,
@@ -91,6 +105,11 @@ class KFACEWC(Regularizer):
             raise ValueError("KFACEWC needs per-sample statistics: the batched estimator has no factors")
         self.fisher_options = FisherOptions(estimator, mc_samples, max_samples, chunk_size, seed, progress)
         self.max_factor = int(max_factor)
+        self.per_task = bool(per_task)
+        if self.per_task and self._gamma != 1.0:
+            raise ValueError(
+                f"gamma decays the running factors; per_task=True keeps each task's whole (got gamma={gamma})"
+            )
         self._plan(model)
         self._recording = self.ledger.switch()
 
@@ -108,17 +127,29 @@ class KFACEWC(Regularizer):
         index = {n: i for i, n in enumerate(self.param_names)}
         self._layer_index = [(index[w], None if b is None else index[b]) for w, b in self._layer_params]
         self._diag_index = [index[n] for n in self._diag_names]
-        self.add_state("anchor", per_parameter=True)
-        like = self.anchor.tensors[0]
+        zeros = self._pset.zeros(self._pset.last()[0].device)
+        if self.per_task and any(is_sharded(z) for z in zeros):
+            raise ValueError("KFACEWC(per_task=True) keeps whole per-task anchors: it does not take FSDP2-sharded "
+                             "parameters; use the running factors (per_task=False)")  # fmt: skip
+        rows = (0,) if self.per_task else ()  # per task: a leading dimension of one row per task
+        like = zeros[0]
         a, g = {}, {}
         for name, lay, (_, bias) in zip(self.kfac_layers, layers, self._layer_params):
             w = lay.rule.module.weight
             n_in = w.shape[1:].numel() + (bias is not None)
-            a[name] = torch.zeros(n_in, n_in, dtype=like.dtype, device=like.device)
-            g[name] = torch.zeros(w.shape[0], w.shape[0], dtype=like.dtype, device=like.device)
-        self.add_state("factor_a", a)
-        self.add_state("factor_g", g)
-        self.add_state("importance", {n: self.anchor.tensors[index[n]].clone() for n in self._diag_names})
+            a[name] = torch.zeros(*rows, n_in, n_in, dtype=like.dtype, device=like.device)
+            g[name] = torch.zeros(*rows, w.shape[0], w.shape[0], dtype=like.dtype, device=like.device)
+        if self.per_task:
+            self.add_state(
+                "anchor", {n: z.new_zeros(0, *z.shape) for n, z in zip(self.param_names, zeros)}, growable=True
+            )
+        else:
+            self.add_state("anchor", per_parameter=True)
+        grow = {"growable": True} if self.per_task else {}
+        self.add_state("factor_a", a, **grow)
+        self.add_state("factor_g", g, **grow)
+        diag = {n: zeros[index[n]].new_zeros(*rows, *zeros[index[n]].shape) for n in self._diag_names}
+        self.add_state("importance", diag, **grow)
 
     # -- hyperparameters ---------------------------------------------------------------------------
     lam = Hyperparameter(doc="λ ≥ 0.")
@@ -128,17 +159,21 @@ class KFACEWC(Regularizer):
     damping = Hyperparameter(doc="δ ≥ 0, added as √δ I to both factors.")
 
     # -- the pieces of the penalty -----------------------------------------------------------------
-    def _factors(self) -> tuple[list[Tensor], list[Tensor]]:
-        a, g = self.factor_a.tensors, self.factor_g.tensors
+    def _damped(self, factors: list[Tensor]) -> list[Tensor]:
         if self._damping == 0.0:
-            return a, g
+            return factors
         root = self._damping**0.5
-        eye = lambda t: torch.eye(t.shape[0], dtype=t.dtype, device=t.device) * root  # noqa: E731
-        return [t + eye(t) for t in a], [t + eye(t) for t in g]
+        return [t + torch.eye(t.shape[0], dtype=t.dtype, device=t.device) * root for t in factors]
 
-    def _split(self, params: list[Tensor]) -> tuple[list, list, list[Tensor], list[Tensor]]:
+    def _terms(self) -> list[tuple[list[Tensor], list[Tensor], list[Tensor], list[Tensor]]]:
+        """One (anchors, A, G, diagonal) per term of the penalty: the running sums, or each task's."""
+        stores = (self.anchor, self.factor_a, self.factor_g, self.importance)
+        if not self.per_task:
+            return [tuple(st.tensors for st in stores)]  # type: ignore[list-item]
+        return [tuple([t[k] for t in st.tensors] for st in stores) for k in range(self._n_tasks_py)]  # type: ignore[misc]
+
+    def _split(self, params: list[Tensor], anchors: list[Tensor]) -> tuple[list, list, list[Tensor], list[Tensor]]:
         """(layers, their anchors, the diagonal's parameters, their anchors)."""
-        anchors = self.anchor.tensors
         pick = lambda i, src: None if i is None else src[i]  # noqa: E731
         layers = [(params[w], pick(b, params)) for w, b in self._layer_index]
         layer_anchors = [(anchors[w], pick(b, anchors)) for w, b in self._layer_index]
@@ -151,20 +186,29 @@ class KFACEWC(Regularizer):
             value = self._zero()
         else:
             params = self._resolve(model)
-            layers, anchors, diag, diag_anchors = self._split(params)
-            a, g = self._factors()
-            scale = self._lam / 2.0
+            rec = self.ledger.record_scaled if not self.attached and self._recording(params) else None
             with torch.autocast(params[0].device.type, enabled=False):
-                if self.attached:
-                    value = kfac_penalty_value(layers, anchors, a, g, scale) if layers else self._zero()
-                    if diag:
-                        value = value + quadratic_penalty_value(diag, self.importance.tensors, diag_anchors, scale)
-                else:
-                    rec = self.ledger.record_scaled if self._recording(params) else None
-                    value = kfac_penalty(layers, anchors, a, g, scale, rec) if layers else self._zero()
-                    if diag:
-                        value = value + quadratic_penalty(diag, self.importance.tensors, diag_anchors, scale, 0.0, rec)
+                value = self._zero()
+                for term in self._terms():
+                    value = value + self._term_value(params, *term, rec)
         self.last_value = value.detach()
+        return value
+
+    def _term_value(self, params: list[Tensor], anchor, a, g, importance, rec) -> Tensor:
+        """One term's value: without a graph when attached, else with its closed-form backward."""
+        layers, anchors, diag, diag_anchors = self._split(params, anchor)
+        a, g, scale = self._damped(a), self._damped(g), self._lam / 2.0
+        value = self._zero()
+        if self.attached:
+            if layers:
+                value = value + kfac_penalty_value(layers, anchors, a, g, scale)
+            if diag:
+                value = value + quadratic_penalty_value(diag, importance, diag_anchors, scale)
+            return value
+        if layers:
+            value = value + kfac_penalty(layers, anchors, a, g, scale, rec)
+        if diag:
+            value = value + quadratic_penalty(diag, importance, diag_anchors, scale, 0.0, rec)
         return value
 
     # -- attached mode -----------------------------------------------------------------------------
@@ -178,14 +222,17 @@ class KFACEWC(Regularizer):
         if self._n_tasks_py == 0:
             return
         params = self._pset.last()
-        layers, anchors, diag, diag_anchors = self._split(params)
-        a, g = self._factors()
-        scale = self._lam / 2.0
         added: list[tuple[Tensor, Tensor]] = []
-        for (w, b), (gw, gb) in zip(layers, kfac_penalty_grad(layers, anchors, a, g, scale)):
-            added += [(w, gw)] + ([(b, gb)] if b is not None else [])
-        if diag:
-            added += list(zip(diag, quadratic_penalty_grad(diag, self.importance.tensors, diag_anchors, scale)))
+        for anchor, a, g, importance in self._terms():
+            layers, anchors, diag, diag_anchors = self._split(params, anchor)
+            scale = self._lam / 2.0
+            for (w, b), (gw, gb) in zip(
+                layers, kfac_penalty_grad(layers, anchors, self._damped(a), self._damped(g), scale)
+            ):
+                added += [(w, gw)] + ([(b, gb)] if b is not None else [])
+            if diag:
+                added += list(zip(diag, quadratic_penalty_grad(diag, importance, diag_anchors, scale)))
+        added = _summed(added)
         live = {id(p) for p, m in zip(params, mask) if m}
         kept = [(p, local(d)) for p, d in added if id(p) in live and p.grad is not None]
         with torch.no_grad():
@@ -212,6 +259,9 @@ class KFACEWC(Regularizer):
                 f"KFACEWC: the model's factored layers changed ({sorted(curv.factors)} vs {self.kfac_layers})"
             )
         check_finite("Fisher", {n: curv.diagonal[n] for n in self._diag_names})
+        if self.per_task:
+            self._append_task(curv, spec.weight, params)
+            return
         with torch.no_grad():
             for name, a, g in zip(self.kfac_layers, self.factor_a.tensors, self.factor_g.tensors):
                 ta, tg = curv.factors[name]
@@ -222,3 +272,36 @@ class KFACEWC(Regularizer):
             self.anchor.set([p.detach() for p in params])
         self._bump_tasks()
         self._state_changed()
+
+    def factor_bytes(self) -> dict[str, int]:
+        """Bytes of the Kronecker factors held per factored layer (A and G; every task's, per task)."""
+        return {
+            name: a.numel() * a.element_size() + g.numel() * g.element_size()
+            for name, a, g in zip(self.kfac_layers, self.factor_a.tensors, self.factor_g.tensors)
+        }
+
+    def get_extra_state(self) -> dict[str, Any]:
+        return {**super().get_extra_state(), "per_task": self.per_task}
+
+    def set_extra_state(self, state: Any) -> None:
+        if isinstance(state, dict) and bool(state.get("per_task", False)) != self.per_task:
+            saved = "per task" if state.get("per_task") else "as running sums"
+            raise ValueError(f"state keeps its factors {saved}: build the KFACEWC with per_task={not self.per_task}")
+        super().set_extra_state(state)
+
+    def _append_task(self, curv: Any, weight: float, params: list[Tensor]) -> None:
+        """Per task: this task's A, w G, w F and θ* as a new row of each store."""
+        self.factor_a.append([curv.factors[n][0] for n in self.kfac_layers])
+        self.factor_g.append([curv.factors[n][1] * weight for n in self.kfac_layers])
+        self.importance.append([curv.diagonal[n] * weight for n in self._diag_names])
+        self.anchor.append([p.detach() for p in params])
+        self._bump_tasks()
+        self._state_changed()
+
+
+def _summed(pairs: list[tuple[Tensor, Tensor]]) -> list[tuple[Tensor, Tensor]]:
+    """(parameter, gradient) pairs with each parameter's gradients added (per-task terms)."""
+    out: dict[int, tuple[Tensor, Tensor]] = {}
+    for p, d in pairs:
+        out[id(p)] = (p, out[id(p)][1] + d) if id(p) in out else (p, d)
+    return list(out.values())
