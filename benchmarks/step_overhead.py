@@ -11,7 +11,8 @@ batch 16 at 128×128, SGD with momentum, 2 threads, CPU. After a warm-up, the va
 interleaved (a random order each round); a variant's ratio is the median over rounds of its step time
 over the plain step's in the same round, with a 95 % bootstrap interval (resampling rounds). The
 Fisher cases (each estimator by the vectorised, looped and per-layer paths; ``batched`` at B = 1, 8,
-16) are timed once cold, then ``--fisher-rounds`` times warm in a random order each round: the median.
+16) are timed once cold, then ``--fisher-rounds`` times warm in a random order each round: the median,
+and the median over rounds of each case's rate over ``batched`` B = 16's in the same round.
 """
 
 from __future__ import annotations
@@ -69,6 +70,8 @@ def step_overhead(steps: int, warmup: int, names: list[str] | None = None) -> di
             "ratio_ci95": [lo, hi],
             "state_bytes_per_param": held / n_params,
         }
+        if hasattr(v.reg, "factor_bytes"):  # K-FAC EWC: the factors' bytes per factored layer
+            rows[v.name]["factor_bytes"] = v.reg.factor_bytes()
     return {"n_params": n_params, "steps": steps, "variants": rows}
 
 
@@ -95,6 +98,9 @@ def fisher_throughput(samples: int, rounds: int = 3) -> dict:
             t = time.perf_counter()
             fisher_diagonal(model, data, **cases[name])
             out[name]["warm"].append(samples / (time.perf_counter() - t))
+    ref = out["batched/B=16"]["warm"]
+    for r in out.values():  # the same round's batched B = 16 as the reference: slow drifts cancel
+        r["ratio_to_batched16"] = statistics.median(w / b for w, b in zip(r["warm"], ref))
     for r in out.values():
         r["warm_samples_per_s"] = statistics.median(r.pop("warm"))
     return out
@@ -149,7 +155,10 @@ def main() -> None:
         print(f"\nFisher throughput ({args.fisher_samples} samples), samples/s")
         for name, r in res["fisher"].items():
             cold = r.get("cold_samples_per_s")
-            print(f"{name:20s} warm {r['warm_samples_per_s']:8.1f}" + (f"   cold {cold:8.1f}" if cold else ""))
+            print(
+                f"{name:20s} warm {r['warm_samples_per_s']:8.1f}   cold {cold:8.1f}   "
+                f"× batched B=16 (paired) {r['ratio_to_batched16']:.2f}"
+            )
     if args.json:
         args.json.write_text(json.dumps(res, indent=2))
 

@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from torch import nn
 from torch.utils.data import TensorDataset
 
+import clreg
 from clreg import OutputSpec
 from clreg.functional import fisher_diagonal
 from clreg.functional.curvature import CurvatureEngine, rule_for
+from clreg.functional.curvature import layers as layers_module
 from clreg.functional.curvature.layers import Call
 from models import MultiHead
 
@@ -104,6 +106,34 @@ def test_conv2d_square_sums_equal_a_per_sample_loop(n, groups, per_group, mult, 
 
 
 @pytest.mark.parametrize(
+    ("c_in", "c_out", "k", "stride", "dilation", "padding", "groups", "form"),
+    [
+        (6, 5, 1, 2, 1, 0, 1, "strided input"),  # a 1 × 1 convolution
+        (4, 8, 5, 2, 1, 2, 4, "convolution"),  # depthwise with a channel multiplier of 2
+        (3, 4, 3, 2, 2, 1, 1, "convolution"),  # a stem: 3 · 3² = 27 weights per output channel
+        (6, 4, 3, 1, 1, 1, 2, "convolution"),  # grouped, 3 · 3² = 27 per output channel
+        (8, 4, 3, 1, 2, 2, 1, "unfold"),  # 8 · 3² = 72
+        (4, 6, 5, 2, 1, 0, 2, "unfold"),  # 2 · 5² = 50
+    ],
+)
+def test_each_form_of_a_convolutions_per_sample_gradients_equals_a_loop(
+    c_in, c_out, k, stride, dilation, padding, groups, form
+) -> None:
+    """The 1 × 1 strided-input form, the grouped-convolution form and the unfolded one, each against a
+    per-sample loop (float64), with strides, dilations, paddings, groups and odd sizes."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(c_in, c_out, k, stride=stride, dilation=dilation, padding=padding, groups=groups)
+    model = Seq(conv).double()
+    x = torch.randn(3, c_in, 11, 10, dtype=torch.float64)
+    y = torch.randint(0, model(x[:1]).shape[1], (3,))
+    _close(_loop_square_sum(model, x, y), _engine_square_sum(model, x, y))
+    per_channel = conv.weight.shape[1:].numel()
+    taken = ("strided input" if k == 1 and padding == 0 and groups == 1
+             else "convolution" if per_channel <= layers_module._CONV_FORM_MAX else "unfold")  # fmt: skip
+    assert taken == form
+
+
+@pytest.mark.parametrize(
     "norm",
     [
         lambda: nn.BatchNorm2d(3).eval(),
@@ -168,7 +198,7 @@ def test_a_layer_used_twice_or_sharing_a_weight_takes_the_right_path() -> None:
     ref = _loop_square_sum(model, x, y)
     data = TensorDataset(x, y)
     got = fisher_diagonal(model, data, estimator="empirical", engine="layers")
-    want = fisher_diagonal(model, data, estimator="empirical")
+    want = fisher_diagonal(model, data, estimator="empirical", engine="per_sample")
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12)
         torch.testing.assert_close(got[k], ref[k] / 6, rtol=1e-5, atol=1e-8)
@@ -182,7 +212,7 @@ def test_the_engine_inside_fisher_diagonal_equals_the_per_sample_path(estimator)
     x = torch.randn(7, 3, 5, 5, generator=g, dtype=torch.float64)
     kw = dict(outputs=OutputSpec(select="cls"), estimator=estimator, mc_samples=2, seed=3)
     cls = TensorDataset(x, torch.randint(0, 3, (7,), generator=g))
-    want = fisher_diagonal(model, cls, **kw)
+    want = fisher_diagonal(model, cls, engine="per_sample", **kw)
     got = fisher_diagonal(model, cls, engine="layers", chunk_size=3, **kw)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=2e-6, atol=1e-9, msg=k)
@@ -197,7 +227,7 @@ def test_the_engine_on_dense_logits_with_an_ignore_index(estimator) -> None:
     y[:, 0] = 255
     data = TensorDataset(torch.randn(5, 3, 5, 5, generator=g, dtype=torch.float64), y)
     kw = dict(outputs=OutputSpec(select="seg", ignore_index=255), estimator=estimator, seed=1)
-    want = fisher_diagonal(model, data, **kw)
+    want = fisher_diagonal(model, data, engine="per_sample", **kw)
     got = fisher_diagonal(model, data, engine="layers", chunk_size=2, **kw)
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12, msg=k)
@@ -287,3 +317,28 @@ def test_an_embeddings_dense_per_sample_gradients_give_its_row_by_row_sums() -> 
     torch.testing.assert_close(rule.abs_sum(calls, "weight"), dense.abs().sum(0))
     torch.testing.assert_close(rule.batch_grad(calls, "weight"), dense.sum(0))
     torch.testing.assert_close(rule.per_sample(calls, "weight", slice(1, 3)), dense[1:])
+
+
+def test_a_model_that_flattens_samples_takes_the_per_sample_path_by_default() -> None:
+    """A Linear applied to (B·T, D) rows cannot be read per sample by the engine: ``auto`` (the
+    default) takes the per-sample path and equals it, ``layers`` names the layer in a ValueError."""
+
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.out = nn.Linear(3, 4), nn.Linear(8, 2)
+
+        def forward(self, x):  # (B, 2, 3) → rows (2B, 3) → (B, 8)
+            return self.out(torch.tanh(self.lin(x.reshape(-1, 3))).reshape(x.shape[0], 8))
+
+    torch.manual_seed(0)
+    model = Flat().double()
+    data = TensorDataset(torch.randn(5, 2, 3, dtype=torch.float64), torch.randint(0, 2, (5,)))
+    want = fisher_diagonal(model, data, estimator="empirical", engine="per_sample")
+    got = fisher_diagonal(model, data, estimator="empirical")
+    for k in want:
+        torch.testing.assert_close(got[k], want[k], rtol=1e-9, atol=1e-12)
+    with pytest.raises(ValueError, match=r"layer 'lin' ran on an input of shape \(10, 3\).*engine='per_sample'"):
+        fisher_diagonal(model, data, estimator="empirical", engine="layers")
+    with pytest.raises(ValueError, match="engine must be one of"):
+        clreg.EWC(model, engine="fast")

@@ -33,7 +33,7 @@ from .._params import ParamSelector, check_covered
 from .._sharding import local_all, shard_mesh, sum_over_mesh
 from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
-from ..functional.fisher import ESTIMATORS, default_estimator, fisher_diagonal
+from ..functional.fisher import ENGINES, ESTIMATORS, default_estimator, fisher_diagonal
 from ..spec import TaskSpec
 from .base import Hyperparameter, check_finite
 from .quadratic import QuadraticPenalty
@@ -67,6 +67,7 @@ class FisherOptions:
     seed: int = 0
     progress: ProgressFn | None = None
     normalize: str | None = None
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
         if self.estimator is not None and self.estimator not in ESTIMATORS:
@@ -85,6 +86,8 @@ class FisherOptions:
             raise TypeError(f"progress must be callable or None, got {type(self.progress).__name__}")
         if self.normalize not in NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {NORMALIZATIONS}, got {self.normalize!r}")
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {ENGINES}, got {self.engine!r}")
 
     def fisher(self, owner: str, names: list[str], model: nn.Module, data: Any, spec: TaskSpec, task: int) -> dict:
         """Task ``task``'s Fisher of ``model`` on ``data`` over the parameters ``names``, checked finite."""
@@ -102,6 +105,7 @@ class FisherOptions:
             max_samples=self.max_samples,
             chunk_size=self.chunk_size,
             progress=self.progress,
+            engine=self.engine,
         )
         check_covered(owner, names, fisher)
         what = "empirical Fisher of the per-sample loss" if spec.per_sample_loss is not None else f"{est} Fisher"
@@ -135,6 +139,7 @@ class EWCOptions(TypedDict, total=False):
     params: ParamSelector
     progress: ProgressFn | None
     normalize: str | None
+    engine: str
 
 
 class EWC(QuadraticPenalty):
@@ -148,6 +153,7 @@ class EWC(QuadraticPenalty):
         mc_samples, max_samples, chunk_size, seed, progress: see :func:`~clreg.functional.fisher_diagonal`.
         params: parameter names or a predicate ``(name, param) -> bool`` (e.g. to leave out norms).
         normalize: ``"mean"`` puts each task's Fisher on a comparable scale (see :class:`FisherOptions`).
+        engine: ``"auto"`` (default), ``"layers"`` or ``"per_sample"``: see :func:`~clreg.functional.fisher_diagonal`.
     """
 
     hyperparameters = ("lam",)
@@ -165,10 +171,13 @@ class EWC(QuadraticPenalty):
         params: ParamSelector = None,
         progress: ProgressFn | None = None,
         normalize: str | None = None,
+        engine: str = "auto",
     ) -> None:
         super().__init__(model, params)
         self.lam = lam
-        self.fisher_options = FisherOptions(estimator, mc_samples, max_samples, chunk_size, seed, progress, normalize)
+        self.fisher_options = FisherOptions(
+            estimator, mc_samples, max_samples, chunk_size, seed, progress, normalize, engine
+        )
 
     lam = Hyperparameter(doc="λ ≥ 0; it may change between tasks.")
 

@@ -35,7 +35,7 @@ from torch import Tensor, nn
 
 from ..._params import ParamSelector, ParamSet, canonical_name, state_dtype, unwrap_model
 from ..._sharding import base_type, fsdp_modules, in_lockstep, is_sharded, local, reduce_to_shard, wrap_like
-from ...data import Chunk, call_model, iter_chunks, stand_in_chunk, tree_index, tree_slice, tree_to
+from ...data import Chunk, call_model, iter_chunks, stand_in_chunk, tree_index, tree_map, tree_slice, tree_to
 from ...distributed import all_reduce_sum_
 from .._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
 from .layers import Call, LayerRule, rule_for
@@ -206,12 +206,24 @@ class CurvatureEngine:
         e = tree_to(extra(ch), self.device) if extra is not None else None
         with self._tapped(), torch.enable_grad():
             out = call_model(self.model, x)
+            self._check_sample_dims(ch.keys.numel())
             values, weights = _per_sample_values(objective, out, y, e, ch.keys.numel())
             outs = [o for layer in self.layers for o in layer.outputs]
             for k in range(values.shape[1]):
                 seed = (values[:, k] * weights[:, k].detach().clamp(min=0).sqrt()).sum()
                 grads = torch.autograd.grad(seed, outs, retain_graph=k + 1 < values.shape[1], allow_unused=True)
                 self._accumulate(outs, grads, sums, reduce, keep)
+
+    def _check_sample_dims(self, n: int) -> None:
+        """Every tapped call's input and output lead with the chunk's samples (the rules read them so)."""
+        for layer in self.layers:
+            for c in layer.calls:
+                if c.x.shape[0] != n or c.g.shape[0] != n:
+                    raise SampleLayoutError(
+                        f"layer {layer.name!r} ran on an input of shape {tuple(c.x.shape)} and gave {tuple(c.g.shape)} "
+                        f"for a chunk of {n} samples: the curvature engine reads the first dimension as the sample; "
+                        "use engine='per_sample' for a model that lays samples out otherwise"
+                    )
 
     def _accumulate(
         self, outs: list[Tensor], grads: tuple, sums: CurvatureSums, reduce: str = "square", keep: bool = True
@@ -349,13 +361,21 @@ def _widened(c: Call) -> Call:
     return Call(wide(c.x), wide(c.g))
 
 
+class SampleLayoutError(ValueError):
+    """A covered layer's input or output does not lead with the chunk's samples."""
+
+
 def _per_sample_values(objective: Objective, out: Any, y: Any, e: Any, batch: int) -> tuple[Tensor, Tensor]:
-    """(B, K) values and weights: the per-sample objective on each sample's slice of the output."""
+    """(B, K) values and weights: the per-sample objective on each sample's slice of the output. The
+    output is split once (``Tensor.split``), so the backward joins the samples' gradients in one pass
+    instead of one zero-filled output-sized gradient per sample."""
+    pieces: dict[int, tuple[Tensor, ...]] = {}
+    tree_map(lambda t: pieces.setdefault(id(t), t.split(1)), out)
     values, weights = [], []
     for i in range(batch):
         yi = None if y is None else tree_slice(y, slice(i, i + 1))
         ei = None if e is None else tree_index(e, i)
-        v, w = objective(tree_slice(out, slice(i, i + 1)), yi, ei)
+        v, w = objective(tree_map(lambda t, i=i: pieces[id(t)][i], out), yi, ei)
         values.append(v.reshape(-1))
         weights.append(w.reshape(-1))
     return torch.stack(values), torch.stack(weights)

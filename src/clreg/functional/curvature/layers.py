@@ -7,8 +7,11 @@ g is each sample's own), sample n's gradient is:
 * ``Linear``: :math:`\nabla W_n = \sum_t g_{n,t} x_{n,t}^\top`, :math:`\nabla b_n = \sum_t g_{n,t}`
   over its T locations (T = 1 for a plain (B, in) input, where the squared gradient is
   :math:`g_n^2 (x_n^2)^\top` and no per-sample gradient is formed);
-* ``Conv2d`` (groups and depthwise included): the same over the unfolded input patches and the output
-  locations, group by group;
+* ``Conv2d`` (groups and depthwise included): the same over the input patches and the output
+  locations, group by group; formed, for few input channels per group (depthwise convolutions, a
+  stem over the image's channels), as one grouped convolution of the input with each sample's
+  output gradient as its kernel (strides and dilations swapped), for a 1 × 1 convolution from the
+  (strided) input itself, and otherwise from the unfolded input;
 * ``BatchNorm`` (with running statistics: the engine runs in eval mode), ``LayerNorm``, ``GroupNorm``: :math:`\nabla\gamma_n
   = \sum g_n \hat x_n`, :math:`\nabla\beta_n = \sum g_n` over the locations, with :math:`\hat x`
   normalised as the layer does;
@@ -43,6 +46,7 @@ from ..._sharding import base_type
 __all__ = ["Call", "LayerRule", "rule_for"]
 
 _BUDGET = 1 << 25  # elements of per-sample gradients formed at once, per layer (128 MiB in float32)
+_CONV_FORM_MAX = 32  # at most this many weights per output channel (C_in/groups · kh · kw): the convolution form
 
 
 @dataclass
@@ -69,15 +73,16 @@ class LayerRule(abc.ABC):
 
     @abc.abstractmethod
     def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
-        """Samples ``sl``'s gradients of parameter ``name`` (summed over the calls), (b, ...) in its shape."""
+        """Samples ``sl``'s gradients of parameter ``name`` (summed over the calls), (b, ...) in its shape,
+        as a new tensor (the reductions work in place)."""
 
     def square_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ over the batch of the squared per-sample gradient of parameter ``name``."""
-        return self._reduced(calls, name, lambda t: t.square())
+        return self._reduced(calls, name, lambda t: t.square_())  # per_sample's result is new: in place
 
     def abs_sum(self, calls: Sequence[Call], name: str) -> Tensor:
         """Σ over the batch of the per-sample gradient's absolute value (MAS)."""
-        return self._reduced(calls, name, lambda t: t.abs())
+        return self._reduced(calls, name, lambda t: t.abs_())
 
     def batch_grad(self, calls: Sequence[Call], name: str) -> Tensor:
         """The gradient of the batch's summed objective (Σ over the batch of the per-sample gradients)."""
@@ -157,13 +162,35 @@ class Conv2dRule(LayerRule):
     def per_sample(self, calls: Sequence[Call], name: str, sl: slice) -> Tensor:
         total = None
         for c in calls:
-            if name == "weight":
-                x, g = self._patches(c, sl)
-                grad = torch.einsum("bgol,bgil->bgoi", g, x).reshape(x.shape[0], *self.module.weight.shape)
-            else:
-                grad = c.g[sl].flatten(2).sum(-1)
+            grad = self._weight_grads(c, sl) if name == "weight" else c.g[sl].flatten(2).sum(-1)
             total = grad if total is None else total + grad
         return total
+
+    def _weight_grads(self, c: Call, sl: slice) -> Tensor:
+        """Per-sample weight gradients (b, C_out, C_in/groups, kh, kw), by the cheapest form."""
+        m = self.module
+        if m.kernel_size == (1, 1) and m.padding == (0, 0) and m.groups == 1:
+            x = c.x[sl, :, :: m.stride[0], :: m.stride[1]].to(c.g.dtype)
+            g = c.g[sl]
+            return torch.einsum("bohw,bihw->boi", g, x).reshape(g.shape[0], *m.weight.shape)
+        if m.weight.shape[1:].numel() <= _CONV_FORM_MAX:
+            return self._grads_by_convolution(c, sl)
+        x, g = self._patches(c, sl)
+        return torch.einsum("bgol,bgil->bgoi", g, x).reshape(x.shape[0], *m.weight.shape)
+
+    def _grads_by_convolution(self, c: Call, sl: slice) -> Tensor:
+        """Per-sample weight gradients as one convolution: the input, its channels of each group
+        as the batch, correlated with every sample's output gradient as a kernel (groups b · groups),
+        the original stride as the dilation and the dilation as the stride, cropped to the kernel."""
+        m = self.module
+        x, g = c.x[sl].to(c.g.dtype), c.g[sl]
+        b, (h, w), (ho, wo) = x.shape[0], x.shape[-2:], g.shape[-2:]
+        per_in, per_out, kh, kw = m.weight.shape[1], m.out_channels // m.groups, *m.kernel_size
+        xs = x.reshape(b, m.groups, per_in, h, w).permute(2, 0, 1, 3, 4).reshape(per_in, b * m.groups, h, w)
+        r = F.conv2d(xs, g.reshape(b * m.out_channels, 1, ho, wo), stride=m.dilation, dilation=m.stride,
+                     padding=m.padding, groups=b * m.groups)[..., :kh, :kw]  # fmt: skip
+        r = r.reshape(per_in, b, m.groups, per_out, kh, kw).permute(1, 2, 3, 0, 4, 5)
+        return r.reshape(b, m.out_channels, per_in, kh, kw)
 
     def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
         a_sum = g_sum = None
