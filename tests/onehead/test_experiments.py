@@ -71,6 +71,29 @@ def test_tiny_run_writes_a_complete_report(tiny_run):
         assert "evals" in state and isinstance(state["rng"], torch.Tensor)
 
 
+def test_the_work_counted_before_the_run_is_what_its_units_did(tiny_run):
+    """results.json's planned work: each unit's optimizer steps and evaluated images equal what the
+    saved units record, and EWC's consolidation passes read each previous task's fit data once."""
+    res = json.loads((tiny_run / "results.json").read_text())
+    work = res["work"]["per_seed"]
+    state = tiny_run / "state" / "seed0"
+    units = {p.name: torch.load(p, weights_only=True) for p in state.glob("*.pt")}
+
+    def done(prefix: str) -> tuple[int, int]:
+        picked = [u for n, u in units.items() if n.startswith(prefix)]
+        return sum(u["train"]["steps"] for u in picked), sum(e["n"] for u in picked for e in u["evals"].values())
+
+    assert (work["stage1"]["optimizer_steps"], work["stage1"]["evaluated_images"]) == done("stage1")
+    assert (work["single/det"]["optimizer_steps"], work["single/det"]["evaluated_images"]) == done("single__det")
+    assert (work["joint"]["optimizer_steps"], work["joint"]["evaluated_images"]) == done("joint")
+    for m in ("naive", "ewc"):
+        assert (work[m]["optimizer_steps"], work[m]["evaluated_images"]) == done(f"{m}@")
+    assert work["naive"]["consolidation_samples"] == 0
+    assert work["ewc"]["consolidation_samples"] == 12 + 12  # tiny: 12 seg and 12 det training images
+    total = res["work"]["per_seed_total"]
+    assert total["optimizer_steps"] == sum(u["optimizer_steps"] for u in work.values())
+
+
 def test_a_finished_run_is_not_repeated(tiny_run, cache_env):
     before = {p: p.stat().st_mtime_ns for p in (tiny_run / "state" / "seed0").glob("*.pt")}
     first = json.loads((tiny_run / "results.json").read_text())
@@ -235,6 +258,25 @@ def test_a_tune_takes_its_recorded_results_instead_of_training_again(cache_env, 
     assert main([*args, "--out", str(other), "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "tune-progress.json records a tune of another configuration" in err and "Traceback" not in err
+
+
+def test_two_tunes_share_one_progress_record(tmp_path):
+    """Tunes running at once on one folder: each write merges the file's results, and a result another
+    tune recorded is read from the file instead of being computed."""
+    from clreg.onehead.experiments.tune import TuneProgress
+
+    path, cfg = tmp_path / "tune-progress.json", {"profile": "tiny"}
+    first, second = TuneProgress(path, cfg), TuneProgress(path, cfg)
+    assert first.get("ewc/a", lambda: {"seg": 0.5}) == {"seg": 0.5}
+    assert second.get("lwf/b", lambda: {"seg": 0.25}) == {"seg": 0.25}
+
+    def never():
+        raise AssertionError("computed again")
+
+    assert second.get("ewc/a", never) == {"seg": 0.5} and first.get("lwf/b", never) == {"seg": 0.25}
+    assert json.loads(path.read_text())["results"] == {"ewc/a": {"seg": 0.5}, "lwf/b": {"seg": 0.25}}
+    with pytest.raises(ValueError, match="another configuration"):
+        TuneProgress(path, {"profile": "quick"})
 
 
 def test_a_folder_of_the_earlier_unit_layout_is_refused_with_a_message(tiny_run, cache_env, tmp_path, capsys):

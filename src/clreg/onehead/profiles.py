@@ -77,7 +77,8 @@ class Profile:
 # learning rate per task, then each method's own keys (regularization strengths, EWC's, Online EWC's and
 # MAS's λ per stage), then its learning rate; EWC and Online EWC also with each task's Fisher normalised by
 # its mean, whose λ lives on another scale (about 30 normalised ≈ 1e5 raw for segmentation's Fisher).
-TUNE_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,lwf+replay,ewc+lwf,ewc+lwf+replay"
+# The within-rules methods come first; K-FAC EWC (outside the rules, not in the default list) last.
+TUNE_METHODS = "naive,ewc,lwf,replay,lwf+replay,ewc+lwf,ewc+lwf+replay,online_ewc,si,mas,kfac_ewc"
 _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "baseline.lr": (1e-3, 2e-3, 4e-3, 8e-3),
     "ewc.lam@2": (1e3, 1e4, 1e5),
@@ -88,6 +89,8 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "lwf.alpha": (1.0, 3.0, 10.0),
     "mas.lam@2": (25.0, 100.0, 400.0),
     "mas.lam@3": (25.0, 100.0, 400.0),
+    "kfac_ewc.lam@2": (1e3, 1e4, 1e5),  # A ⊗ G has the diagonal Fisher's scale: EWC's raw grid
+    "kfac_ewc.lam@3": (1e3, 1e4, 1e5),
     "replay.per_step": (4.0, 8.0),
     "lr": (5e-4, 1e-3, 2e-3),
 }

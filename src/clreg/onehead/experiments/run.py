@@ -11,6 +11,7 @@ from ..model import cpu_latency, save_checkpoint
 from ..protocol import SeedResult, run_seed
 from ..provenance import provenance
 from ..report import summarise, write_report
+from .work import describe, planned_work
 from .workspace import Workspace, open_workspace
 
 __all__ = ["run_benchmark"]
@@ -51,6 +52,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
     ws = open_workspace(config)
     config = ws.config
     methods = [Method.parse(name, config.settings_for(name)) for name in config.methods]
+    work = planned_work(ws)
+    ws.log(f"work: {describe(work)}")
     seeds = [run_seed(ws.seed_run(seed), methods, config.joint) for seed in config.seeds]
     if rank_and_world()[0] != 0:
         return None
@@ -65,6 +68,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
         "classes": {k: {"names": t.class_names, "source": t.class_source} for k, t in ws.tasks.items()},
         "summary": summary,
         "resources": _resources(ws),
+        "work": work,
         "provenance": provenance(),
     }
     results = write_report(results, config.out, {k: t.extra_scores for k, t in ws.tasks.items()})

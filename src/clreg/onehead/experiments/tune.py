@@ -13,14 +13,17 @@ is chosen. Every candidate's units are keyed by its
 settings, so a repeated candidate is read back, not trained again, and a killed tune resumes.
 Every result is also recorded as it comes in ``OUT/tune-progress.json`` (:class:`TuneProgress`): a
 tune whose output folder holds that file, copied there from another machine for instance, takes its
-results instead of training them again, so a tune can be spread over several sittings.
+results instead of training them again, so a tune can be spread over several sittings, and tunes of
+different ``--methods`` can run at once on one output folder (one process per core, say), a last
+tune over every method then reading them all back.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -42,29 +45,56 @@ Grid = Mapping[str, Sequence[float]]
 
 class TuneProgress:
     """The tune's results so far, by key (a baseline, a joint candidate, a method's trial), in a JSON
-    file written after each new one; a file of another configuration is refused."""
+    file written after each new one; a file of another configuration is refused. Tunes of other
+    methods may share the file (and the output folder) at once: each write merges the file's results
+    under a lock, and a result not yet known is looked for in the file before it is computed."""
 
     def __init__(self, path: Path, config: dict[str, Any]) -> None:
         self.path, self.config, self.results = path, config, {}
-        if path.is_file():
-            saved = json.loads(path.read_text())
-            if saved.get("config") != config:
-                diff = sorted(
-                    k for k in set(saved.get("config", {})) | set(config) if saved["config"].get(k) != config.get(k)
-                )
-                raise ValueError(f"{path} records a tune of another configuration (differs in {', '.join(diff)}): "
-                                 "remove it or choose another --out")  # fmt: skip
-            self.results = saved["results"]
+        self.results = self._read()
+
+    def _read(self) -> dict[str, Any]:
+        if not self.path.is_file():
+            return {}
+        saved = json.loads(self.path.read_text())
+        if saved.get("config") != self.config:
+            old = saved.get("config", {})
+            diff = sorted(k for k in set(old) | set(self.config) if old.get(k) != self.config.get(k))
+            raise ValueError(
+                f"{self.path} records a tune of another configuration (differs in {', '.join(diff)}): "
+                "remove it or choose another --out"
+            )
+        return saved["results"]
 
     def get(self, key: str, compute: Callable[[], Any]) -> Any:
-        """The recorded result for ``key``, else ``compute()``'s, recorded."""
+        """The recorded result for ``key`` (here or in the file), else ``compute()``'s, recorded."""
         if key not in self.results:
-            self.results[key] = compute()
+            self.results.update(self._read())
+        if key not in self.results:
+            value = compute()
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-            tmp.write_text(json.dumps({"config": self.config, "results": self.results}, indent=1))
-            os.replace(tmp, self.path)
+            with _locked(self.path.with_name(self.path.name + ".lock")):
+                self.results = {**self._read(), **self.results, key: value}
+                tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps({"config": self.config, "results": self.results}, indent=1))
+                os.replace(tmp, self.path)
         return self.results[key]
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` while the block runs (where the platform has ``fcntl``)."""
+    with open(path, "a") as f:
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover - not POSIX
+            yield
+            return
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _settings_key(settings: Mapping[str, float]) -> str:

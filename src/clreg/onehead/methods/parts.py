@@ -51,6 +51,7 @@ BUILTIN_PARTS = tuple(
                 model, lam=s["ewc.lam"], seed=seed, normalize=_norm(s["ewc.normalize"])
             ),
             stage_attributes={"ewc.lam": "lam"},
+            data_pass=True,
         ),
         Part(
             "online_ewc",
@@ -58,6 +59,7 @@ BUILTIN_PARTS = tuple(
             within_rules=False,
             regularizer=_online_ewc,
             stage_attributes={"online_ewc.lam": "lam"},
+            data_pass=True,
         ),
         Part(
             "si",
@@ -80,6 +82,7 @@ BUILTIN_PARTS = tuple(
             within_rules=False,
             regularizer=lambda model, s, seed: MAS(model, lam=s["mas.lam"], normalize=True),
             stage_attributes={"mas.lam": "lam"},
+            data_pass=True,
         ),
         Part(
             "kfac_ewc",  # Kronecker-factored EWC: outside the challenge's remedies
@@ -87,6 +90,7 @@ BUILTIN_PARTS = tuple(
             within_rules=False,
             regularizer=_kfac_ewc,
             stage_attributes={"kfac_ewc.lam": "lam"},
+            data_pass=True,
         ),
         Part(
             "replay",

@@ -36,6 +36,7 @@ class Part:
     stage_attributes: Mapping[str, str] = field(default_factory=dict)  # per-stage setting -> attribute
     stage_one_tracker: Callable[[nn.Module], Any] | None = None  # tracks the path in stage 1
     take_over: Callable[[Regularizer, dict[str, Any], Settings], None] | None = None  # from that state
+    data_pass: bool = False  # its consolidation reads the previous task's data once (a Fisher, an importance)
 
     def __post_init__(self) -> None:
         foreign = [k for k in (*self.settings, *self.stage_attributes) if not k.startswith(self.name + ".")]
