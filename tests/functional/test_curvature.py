@@ -342,3 +342,31 @@ def test_a_model_that_flattens_samples_takes_the_per_sample_path_by_default() ->
         fisher_diagonal(model, data, estimator="empirical", engine="layers")
     with pytest.raises(ValueError, match="engine must be one of"):
         clreg.EWC(model, engine="fast")
+
+
+@pytest.mark.parametrize("estimator", ["exact", "mc", "empirical"])
+def test_the_engine_equals_the_per_sample_path_on_the_performance_suites_model(estimator) -> None:
+    """The performance suite's model (MobileNetV3-small and a conv head: depthwise, 1 × 1, strided,
+    squeeze-excitation and 3 × 3 convolutions, BatchNorm) at 64 px: every estimator, each parameter
+    covered by a layer rule."""
+    pytest.importorskip("timm")
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "protocol.py"
+    spec = importlib.util.spec_from_file_location("suite_protocol", path)
+    protocol = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("suite_protocol", protocol)  # its dataclasses look their module up
+    spec.loader.exec_module(protocol)
+    torch.manual_seed(0)
+    model = protocol.Net().eval()
+    g = torch.Generator().manual_seed(3)
+    data = TensorDataset(torch.randn(3, 3, 64, 64, generator=g), torch.randint(0, protocol.CLASSES, (3,), generator=g))
+    assert CurvatureEngine(model).fallback == []
+    kw = dict(estimator=estimator, seed=1, chunk_size=2)
+    want = fisher_diagonal(model, data, engine="per_sample", **kw)
+    got = fisher_diagonal(model, data, engine="layers", **kw)
+    for name in want:
+        scale = float(want[name].abs().max()) + 1e-12
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-5 * scale, msg=name)

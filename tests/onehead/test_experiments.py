@@ -279,6 +279,57 @@ def test_two_tunes_share_one_progress_record(tmp_path):
         TuneProgress(path, {"profile": "quick"})
 
 
+def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys):
+    """--settings-from TUNE_JSON: the baselines' learning rate per task, the joint schedule and loss
+    weights and each tuned method's values (its variant's fixed settings too) replace the profile's,
+    --set still overrides, the provenance names the file; a file that is not a tune's is exit 2."""
+    from clreg.onehead.config import RunRequest, resolve
+
+    grid = {"baseline.lr": (1e-3, 2e-2), "ewc.lam@2": (1.0, 10.0)}
+    variants = {"ewc": [{"fixed": {"ewc.normalize": 1.0}, "grid": grid}]}
+    candidates = (("equal", None), ("equal", (4.0, 1.0, 1.0)))
+    tiny = replace(PROFILES["tiny"], tune_grid=grid, tune_variants=variants, tune_joint=candidates)
+    monkeypatch.setitem(PROFILES, "tiny", tiny)
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--methods", "naive,ewc", "--out", str(out), "--quiet"]) == 0
+    tune = json.loads((out / "tune.json").read_text())
+    cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc", settings_from=str(out / "tune.json"),
+                             sets={"naive:lr": 0.5}))  # fmt: skip
+    assert cfg.profile.baseline_lr == tuple(tune["baseline_lr"]["chosen"][t] for t in ("seg", "det", "cls"))
+    joint = tune["joint"]
+    assert cfg.profile.joint_schedule == joint["chosen"]
+    assert cfg.profile.joint_weights == (None if "weights" not in joint else tuple(joint["weights"]))
+    ewc = cfg.settings_for("ewc")
+    assert ewc["ewc.normalize"] == 1.0 and ewc["ewc.lam@2"] == tune["methods"]["ewc"]["chosen"]["ewc.lam@2"]
+    assert cfg.settings_for("naive")["lr"] == 0.5  # --set over the tune's choice
+    assert str(out / "tune.json") in cfg.settings_provenance and "--set naive:lr=0.5" in cfg.settings_provenance
+    (tmp_path / "bad.json").write_text('{"grid": {}}')
+    assert main(["--profile", "tiny", "--settings-from", str(tmp_path / "bad.json"), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "--settings-from" in err and "not a tune.json" in err and "Traceback" not in err
+
+
+def test_seeds_run_apart_are_read_back_by_the_run_of_all(tiny_run, cache_env, tmp_path):
+    """--first-seed K runs seeds K… alone (another process may run the others on the same --out);
+    --seeds N then trains nothing and reports them all; only seed 0's models are saved."""
+    out = tmp_path / "apart"
+    shutil.copytree(tiny_run, out)
+    shutil.rmtree(out / "models")
+    (out / "results.json").unlink()
+    assert main(["--profile", "tiny", "--out", str(out), "--quiet", "--first-seed", "1"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds"] == [1] and res["config"]["seeds"] == [1] and not (out / "models").exists()
+    trained = {p: p.stat().st_mtime_ns for p in (out / "state").rglob("*.pt")}
+    assert any("seed1" in str(p) for p in trained)
+    assert main(["--profile", "tiny", "--out", str(out), "--quiet", "--seeds", "2"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "state").rglob("*.pt")} == trained
+    both = json.loads((out / "results.json").read_text())
+    assert both["seeds"] == [0, 1] and (out / "models" / "ewc.pt").is_file()
+    per_seed = both["summary"]["methods"]["ewc"]["final"]["seg"]["per_seed"]
+    assert per_seed[1] == pytest.approx(res["summary"]["methods"]["ewc"]["final"]["seg"]["per_seed"][0])
+    assert main(["--profile", "tiny", "--out", str(out), "--quiet", "--first-seed", "-1"]) == 2
+
+
 def test_a_folder_of_the_earlier_unit_layout_is_refused_with_a_message(tiny_run, cache_env, tmp_path, capsys):
     """Units written by an earlier layout (no format tag, SI's state under "si") are not resumed:
     the run stops with a message that names the file and asks for a new --out."""

@@ -5,8 +5,10 @@ into a configuration and hand it to the experiment layer; report errors as one l
 
     clreg-onehead [run] [--profile quick|scratch|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
                   [--data-root DIR] [--backbone-weights FILE | --pretrained | --random-init]
-                  [--device cpu] [--amp] [--out DIR] [--seeds N] [--steps N] [--bn train|freeze]
-                  [--categories a,b,...] [--set name=value ...] [--tune | --baselines-only] [--no-joint]
+                  [--device cpu] [--amp] [--out DIR] [--seeds N] [--first-seed K] [--steps N]
+                  [--bn train|freeze]
+                  [--categories a,b,...] [--set name=value ...] [--settings-from TUNE_JSON]
+                  [--tune | --baselines-only] [--no-joint]
                   [--quiet]
     clreg-onehead evaluate --checkpoint FILE --data-root DIR [--tasks seg,det,cls] [--split val]
 
@@ -63,9 +65,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast where the device supports it")
     p.add_argument("--out", help="output folder (default: onehead-results/<profile>)")
     p.add_argument("--seeds", type=int, default=1, help="number of seeds (2+: mean ± std, judged on the mean)")
+    p.add_argument(
+        "--first-seed",
+        type=int,
+        default=0,
+        help="start at this seed (processes running other seeds on one --out at once; then --seeds N reads them all)",
+    )
     p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the profile's)")
     p.add_argument("--bn", choices=("train", "freeze"), default="train", help="BatchNorm statistics after stage 1")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a method setting")
+    p.add_argument(
+        "--settings-from",
+        metavar="TUNE_JSON",
+        default=None,
+        help="take what a --tune chose (its tune.json): the baselines' learning rates, the joint reference, "
+        "each tuned method's values (--set still overrides)",
+    )
     p.add_argument("--no-joint", action="store_true", help="skip the joint-training reference")
     p.add_argument("--tune", action="store_true", help="search the profile's grid on the validation split")
     p.add_argument("--baselines-only", action="store_true", help="train and evaluate the single-task baselines only")
@@ -114,6 +129,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         amp=args.amp,
         out=args.out,
         seeds=args.seeds,
+        first_seed=args.first_seed,
         steps=args.steps,
         bn=args.bn,
         sets=_parse_sets(args.set),
@@ -121,6 +137,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         mode=mode,
         quiet=args.quiet,
         categories=tuple(args.categories.split(",")) if args.categories else None,
+        settings_from=args.settings_from,
     )
 
 

@@ -20,7 +20,7 @@ from typing import Any
 from ..distributed import rank_and_world
 from .methods import DEFAULT_SETTINGS, Method, check_settings, check_stage_settings, parse_methods
 from .pretext import shipped_backbone
-from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile
+from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile, with_tuned
 from .synthetic import SyntheticConfig
 from .tasks import FOLDERS, TASK_NAMES
 
@@ -60,6 +60,7 @@ class RunRequest:
     amp: bool = False
     out: str | None = None  # None: onehead-results/<profile>[-tune]
     seeds: int = 1
+    first_seed: int = 0  # seeds first_seed … first_seed + seeds − 1 (another process may run the others)
     steps: int | None = None  # every stage's budget; None: the profile's
     bn: str = "train"
     sets: Mapping[str, float] = field(default_factory=dict)  # method settings: "NAME" or "METHOD:NAME" -> value
@@ -67,6 +68,7 @@ class RunRequest:
     mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
     quiet: bool = False
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
+    settings_from: str | None = None  # a tune.json whose choices replace the profile's
 
 
 @dataclass(frozen=True)
@@ -183,6 +185,8 @@ class BenchmarkConfig:
 def _check_counts(req: RunRequest) -> None:
     if req.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {req.seeds}")
+    if req.first_seed < 0:
+        raise ValueError(f"--first-seed must be >= 0, got {req.first_seed}")
     if req.steps is not None and req.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {req.steps}")
     if req.mode not in MODES:
@@ -218,9 +222,25 @@ def _data(req: RunRequest, prof: Profile) -> DataSource:
     return DataSource("folder", str(root.resolve()))
 
 
-def _provenance(prof: Profile, sets: Mapping[str, float]) -> str:
+def _provenance(prof: Profile, sets: Mapping[str, float], tuned: str | None = None) -> str:
     base = QUICK_SETTINGS_PROVENANCE if prof.name == "quick" else f"the {prof.name} profile's fixed values"
+    if tuned is not None:
+        base = f"chosen by the tune in {tuned} (its baselines' learning rates, joint reference and methods' values)"
     return base + (f"; overridden by --set {', '.join(f'{k}={v:g}' for k, v in sets.items())}" if sets else "")
+
+
+def _tuned(path: str | None) -> tuple[str, dict[str, Any]] | None:
+    """``(description, report)`` of the tune.json at ``path`` (its split and date), or None."""
+    if path is None:
+        return None
+    try:
+        report = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"--settings-from {path}: cannot read a tune.json ({err})") from None
+    if not isinstance(report, dict):
+        raise ValueError(f"--settings-from {path}: not a tune.json")
+    date = report.get("provenance", {}).get("date", "undated")
+    return f"{path} ({report.get('split', 'val')} split, {date})", report
 
 
 def _split_sets(sets: Mapping[str, float]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
@@ -261,6 +281,12 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
     """The configuration a request asks for; a ValueError names what is wrong with it."""
     _check_counts(req)
     prof = get_profile(req.profile)
+    tuned_from = _tuned(req.settings_from)
+    if tuned_from is not None:
+        try:
+            prof = with_tuned(prof, tuned_from[1], TASK_NAMES)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"--settings-from {req.settings_from}: {err}") from None
     if req.steps is not None:
         prof = replace(prof, steps=(req.steps,) * len(TASK_NAMES))
     try:
@@ -279,10 +305,10 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         methods=tuple(methods),
         settings={**DEFAULT_SETTINGS, **prof.settings, **shared},
         method_settings=_merge_method_settings(prof.method_settings, own),
-        settings_provenance=_provenance(prof, req.sets),
+        settings_provenance=_provenance(prof, req.sets, None if tuned_from is None else tuned_from[0]),
         steps=prof.steps,
         bn=req.bn,
-        seeds=tuple(range(req.seeds)),
+        seeds=tuple(range(req.first_seed, req.first_seed + req.seeds)),
         backbone=_backbone(req, prof),
         data=_data(req, prof),
         device=req.device,

@@ -24,6 +24,7 @@ __all__ = [
     "TUNE_METHODS",
     "Profile",
     "get_profile",
+    "with_tuned",
 ]
 
 ALL_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,ewc+lwf+replay"
@@ -173,6 +174,29 @@ PROFILES: dict[str, Profile] = {
         stage_lr=(5e-4, 5e-4, 1e-4),
     ),
 }
+
+
+def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...] = ("seg", "det", "cls")) -> Profile:
+    """``prof`` with what a ``--tune`` chose (its ``tune.json``): the baselines' learning rate per task,
+    the joint reference's schedule and loss weights, and each tuned method's own settings (its
+    learning rate, per-stage values and fixed variant settings included). What the tune did not
+    search keeps the profile's value. A ValueError for a file that is not a tune's report."""
+    if not isinstance(tune, dict) or "methods" not in tune or "baselines" not in tune:
+        raise ValueError("not a tune.json: a --tune writes 'baselines' and 'methods'")
+    changes: dict[str, Any] = {}
+    chosen_lr = tune.get("baseline_lr", {}).get("chosen", {})
+    if chosen_lr:
+        missing = [t for t in stage_tasks if t not in chosen_lr]
+        if missing:
+            raise ValueError(f"the tune chose no baseline learning rate for {missing}")
+        changes["baseline_lr"] = tuple(float(chosen_lr[t]) for t in stage_tasks)
+    if "joint" in tune:
+        changes["joint_schedule"] = tune["joint"]["chosen"]
+        w = tune["joint"].get("weights")
+        changes["joint_weights"] = None if w is None else tuple(float(x) for x in w)
+    own = {name: {k: float(v) for k, v in m["chosen"].items()} for name, m in tune["methods"].items()}
+    changes["method_settings"] = {**prof.method_settings, **own}
+    return replace(prof, **changes)
 
 
 def get_profile(name: str, **changes: Any) -> Profile:

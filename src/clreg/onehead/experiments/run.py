@@ -60,7 +60,8 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
     tasks = list(config.tasks)
     chance = {k: t.chance for k, t in ws.tasks.items()}
     summary = summarise(seeds, tasks, chance, {k: ws.tasks[k].metric_name for k in tasks})
-    _save_models(ws, seeds[0])
+    if config.seeds[0] == 0:  # the saved models are seed 0's (a run of later seeds alone saves none)
+        _save_models(ws, seeds[0])
     results = {
         "config": config.record(),
         "seeds": list(config.seeds),

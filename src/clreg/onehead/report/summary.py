@@ -73,7 +73,15 @@ def _mean_interval(records: list[EvalRecord]) -> list[float]:
 
 
 def mean_std(xs: list[float]) -> dict[str, float]:
-    """The mean and the sample standard deviation (0 for one value) of ``xs``."""
+    """The mean and the sample standard deviation (0 for one value) of ``xs``; NaN for both where a
+    value is NaN (a measure normalised by a zero baseline).
+
+    Example:
+        >>> mean_std([1.0, 3.0]), mean_std([1.0, float("nan")])
+        ({'mean': 2.0, 'std': 1.4142135623730951}, {'mean': nan, 'std': nan})
+    """
+    if any(math.isnan(x) for x in xs):
+        return {"mean": math.nan, "std": math.nan}
     return {"mean": statistics.fmean(xs), "std": statistics.stdev(xs) if len(xs) > 1 else 0.0}
 
 
