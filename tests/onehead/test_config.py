@@ -22,6 +22,20 @@ def test_the_scratch_profile_trains_from_random_init_with_its_warmups() -> None:
     assert record["data"]["synthetic"]["key"] == "v3-6ac595463621"  # the synthetic default
 
 
+def test_the_shipped_backbone_is_recorded_by_its_place_in_the_package(tmp_path) -> None:
+    """A record made in one checkout compares equal in another: the shipped backbone is named by its
+    package path; any other file by the path given."""
+    from clreg.onehead.pretext import SHIPPED_BACKBONE
+
+    quick = resolve(RunRequest(profile="quick"))
+    assert quick.backbone.path == str(SHIPPED_BACKBONE)  # what the run loads
+    assert quick.record()["backbone"] == {"kind": "file", "path": f"clreg/onehead/weights/{SHIPPED_BACKBONE.name}"}
+    other = tmp_path / SHIPPED_BACKBONE.name
+    other.write_bytes(b"")
+    own = resolve(RunRequest(profile="quick", backbone_weights=str(other))).record()["backbone"]
+    assert own == {"kind": "file", "path": str(other.resolve())}
+
+
 def test_a_request_resolves_into_every_value_a_run_uses(tmp_path) -> None:
     cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc+lwf", seeds=3, steps=7, sets={"lwf.alpha": 2.0}))
     assert cfg.methods == ("naive", "ewc+lwf") and cfg.seeds == (0, 1, 2) and cfg.steps == (7, 7, 7)

@@ -22,7 +22,7 @@ pytest.importorskip("pycocotools")
 
 from clreg import ReplayBuffer
 from clreg.onehead.cli import main
-from clreg.onehead.profiles import PROFILES
+from clreg.onehead.profiles import PROFILES, tune_choices, with_tuned
 
 TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
 
@@ -251,7 +251,9 @@ def test_a_tune_takes_its_recorded_results_instead_of_training_again(cache_env, 
     assert main([*args, "--out", str(again)]) == 0
     assert not (again / "state").exists() or not list((again / "state").rglob("*.pt"))
     redone = json.loads((again / "tune.json").read_text())
-    assert {k: v for k, v in redone.items() if k != "provenance"} == {k: v for k, v in tune.items() if k != "provenance"}
+    assert {k: v for k, v in redone.items() if k != "provenance"} == {
+        k: v for k, v in tune.items() if k != "provenance"
+    }
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(out / "tune-progress.json", other)
@@ -303,6 +305,20 @@ def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys)
     assert ewc["ewc.normalize"] == 1.0 and ewc["ewc.lam@2"] == tune["methods"]["ewc"]["chosen"]["ewc.lam@2"]
     assert cfg.settings_for("naive")["lr"] == 0.5  # --set over the tune's choice
     assert str(out / "tune.json") in cfg.settings_provenance and "--set naive:lr=0.5" in cfg.settings_provenance
+    table = (out / "tune.md").read_text()
+    ewc_best = max(tune["methods"]["ewc"]["trials"], key=lambda t: (t["score"], t["mean"]))
+    ewc_row = next(line for line in table.splitlines() if line.startswith("| ewc |"))
+    assert ewc_row.endswith(f"| {ewc_best['score']:.3f} | {len(tune['methods']['ewc']['trials'])} |")
+    assert f"ewc.lam@2 {tune['methods']['ewc']['chosen']['ewc.lam@2']:g}" in ewc_row
+    choices = json.loads((out / "tune-choices.json").read_text())
+    assert choices == tune_choices(tune) and with_tuned(tiny, choices) == with_tuned(tiny, tune)
+    monkeypatch.setitem(PROFILES, "tiny", with_tuned(tiny, choices))  # a profile that ships a tune's choices
+    assert resolve(RunRequest(profile="tiny", mode="tune")).profile == tiny  # a tune starts before them
+    shipped = resolve(RunRequest(profile="tiny"))  # a plain run takes them
+    assert shipped.settings_for("ewc")["ewc.lam@2"] == ewc["ewc.lam@2"]
+    assert shipped.profile.baseline_lr == cfg.profile.baseline_lr
+    with pytest.raises(ValueError, match="--settings-from does not go with --tune"):
+        resolve(RunRequest(profile="tiny", mode="tune", settings_from=str(out / "tune.json")))
     (tmp_path / "bad.json").write_text('{"grid": {}}')
     assert main(["--profile", "tiny", "--settings-from", str(tmp_path / "bad.json"), "--quiet"]) == 2
     err = capsys.readouterr().err

@@ -13,7 +13,14 @@ from clreg.functional.curvature import CurvatureEngine
 from clreg.onehead.config import RunRequest, resolve
 from clreg.onehead.experiments import open_workspace
 
-CASES = [("seg", "mc"), ("seg", "empirical"), ("det", "empirical"), ("cls", "exact"), ("cls", "mc"), ("cls", "empirical")]
+CASES = [
+    ("seg", "mc"),
+    ("seg", "empirical"),
+    ("det", "empirical"),
+    ("cls", "exact"),
+    ("cls", "mc"),
+    ("cls", "empirical"),
+]
 
 
 @pytest.fixture(scope="module")

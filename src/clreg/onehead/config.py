@@ -19,7 +19,7 @@ from typing import Any
 
 from ..distributed import rank_and_world
 from .methods import DEFAULT_SETTINGS, Method, check_settings, check_stage_settings, parse_methods
-from .pretext import shipped_backbone
+from .pretext import SHIPPED_BACKBONE, shipped_backbone
 from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile, with_tuned
 from .synthetic import SyntheticConfig
 from .tasks import FOLDERS, TASK_NAMES
@@ -78,6 +78,10 @@ class Backbone:
     description: str = ""
 
     def record(self) -> dict[str, Any]:
+        """The backbone as a run's record holds it; the shipped one by its place in the package, so a
+        record made in one checkout compares equal in another."""
+        if self.path is not None and Path(self.path) == SHIPPED_BACKBONE:
+            return {"kind": self.kind, "path": f"clreg/onehead/weights/{SHIPPED_BACKBONE.name}"}
         return {"kind": self.kind} | ({"path": self.path} if self.path is not None else {})
 
 
@@ -281,6 +285,10 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
     """The configuration a request asks for; a ValueError names what is wrong with it."""
     _check_counts(req)
     prof = get_profile(req.profile)
+    if req.mode == "tune":
+        if req.settings_from is not None:
+            raise ValueError("--settings-from does not go with --tune: a tune starts from the profile's own values")
+        prof = prof.before_tune()
     tuned_from = _tuned(req.settings_from)
     if tuned_from is not None:
         try:

@@ -10,7 +10,9 @@ The quick profile's method settings come from :data:`QUICK_SETTINGS`, whose prov
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 from .synthetic import SyntheticConfig
@@ -21,11 +23,16 @@ __all__ = [
     "PROFILES",
     "QUICK_SETTINGS",
     "QUICK_SETTINGS_PROVENANCE",
+    "TUNED_DIR",
     "TUNE_METHODS",
     "Profile",
     "get_profile",
+    "load_tuned",
+    "tune_choices",
     "with_tuned",
 ]
+
+TUNED_DIR = Path(__file__).parent / "tuned"  # the shipped tunes' choices, one file per profile
 
 ALL_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,ewc+lwf+replay"
 
@@ -42,7 +49,7 @@ QUICK_SETTINGS: dict[str, float] = {
 QUICK_SETTINGS_PROVENANCE = (
     "chosen by `clreg-onehead --tune` on the striped world (synthetic.STRIPED_WORLD, the default data "
     "before the pattern fills; quick profile, seed 0, validation split; grid and val scores in "
-    "docs/results/quick-tune/tune.json) and kept, not re-tuned, for the pattern world: for each method "
+    "docs/results/quick-tune-striped/tune.json) and kept, not re-tuned, for the pattern world: for each method "
     "the grid value whose worst task kept the largest share of its single-task baseline; ewc+lwf+replay "
     "takes its parts' values. Naive fine-tuning's learning-rate search (5e-4, 1e-3, 2e-3) kept no earlier "
     "task at any rate (worst task at most 0.006 of its baseline), so every method keeps the baselines' 1e-3"
@@ -72,6 +79,11 @@ class Profile:
     tune_joint: tuple[JointCandidate, ...] = (("equal", None), ("balanced", None))  # what the tune tries
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
+    untuned: Profile | None = field(default=None, repr=False)  # before with_tuned: what a --tune starts from
+
+    def before_tune(self) -> Profile:
+        """The profile as a ``--tune`` starts from: without any tune's choices."""
+        return self.untuned if self.untuned is not None else self
 
 
 # The quick profile's tune (`clreg-onehead --tune --methods TUNE_METHODS`): first the baselines'
@@ -94,7 +106,8 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "kfac_ewc.lam@2": (1e3, 1e4, 1e5),  # A ⊗ G has the diagonal Fisher's scale: EWC's raw grid
     "kfac_ewc.lam@3": (1e3, 1e4, 1e5),
     "replay.per_step": (2.0, 4.0, 8.0),  # 4 was the lower edge: 2 added
-    "lr": (5e-4, 1e-3, 2e-3, 4e-3),  # SI took the upper edge, 2e-3, and the baselines chose 2e-3 to 4e-3
+    # SI took the upper edge, 2e-3, then most methods 4e-3, where the baselines chose 2e-3 to 4e-3
+    "lr": (5e-4, 1e-3, 2e-3, 4e-3, 8e-3),
 }
 _NORMALISED = {"ewc.lam@2": (1.0, 10.0, 100.0), "ewc.lam@3": (1.0, 10.0, 100.0)}
 _TUNE_VARIANTS: dict[str, list[dict[str, Any]]] = {
@@ -204,7 +217,26 @@ def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...]
         changes["joint_weights"] = None if w is None else tuple(float(x) for x in w)
     own = {name: {k: float(v) for k, v in m["chosen"].items()} for name, m in tune["methods"].items()}
     changes["method_settings"] = {**prof.method_settings, **own}
-    return replace(prof, **changes)
+    return replace(prof, **changes, untuned=prof.before_tune())
+
+
+def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
+    """What :func:`with_tuned` reads of a ``tune.json``: its split, the baselines (their val scores and
+    chosen learning rates), the joint reference's choice and each method's chosen values."""
+    if not isinstance(tune, dict) or "methods" not in tune or "baselines" not in tune:
+        raise ValueError("not a tune.json: a --tune writes 'baselines' and 'methods'")
+    out: dict[str, Any] = {"split": tune.get("split", "val"), "baselines": dict(tune["baselines"])}
+    if tune.get("baseline_lr"):
+        out["baseline_lr"] = {"chosen": dict(tune["baseline_lr"]["chosen"])}
+    if "joint" in tune:
+        out["joint"] = {k: tune["joint"][k] for k in ("chosen", "weights") if k in tune["joint"]}
+    out["methods"] = {name: {"chosen": dict(m["chosen"])} for name, m in tune["methods"].items()}
+    return out
+
+
+def load_tuned(name: str) -> dict[str, Any]:
+    """The choices of the tune shipped for profile ``name`` (``clreg/onehead/tuned/<name>.json``)."""
+    return json.loads((TUNED_DIR / f"{name}.json").read_text())
 
 
 def get_profile(name: str, **changes: Any) -> Profile:

@@ -30,10 +30,10 @@ from typing import Any
 
 from ..config import BenchmarkConfig
 from ..methods import Method
-from ..profiles import JointCandidate
+from ..profiles import JointCandidate, tune_choices
 from ..protocol import SeedRun, joint, joint_unit, method_stages, single_task
 from ..provenance import provenance
-from ..report import lambda_figure
+from ..report import lambda_figure, render_tune
 from .workspace import Workspace, open_workspace
 
 __all__ = ["BASELINE_LR", "TuneProgress", "tune"]
@@ -50,7 +50,7 @@ class TuneProgress:
     under a lock, and a result not yet known is looked for in the file before it is computed."""
 
     def __init__(self, path: Path, config: dict[str, Any]) -> None:
-        self.path, self.config, self.results = path, config, {}
+        self.path, self.config = path, config
         self.results = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -221,8 +221,9 @@ def _search(
 
 
 def tune(config: BenchmarkConfig) -> dict[str, Any]:
-    """``tune.json`` (the grids, the baselines' learning rates, every trial and each method's choice)
-    and the EWC λ-sensitivity figure, from seed 0 on the validation split."""
+    """``tune.json`` (the grids, the baselines' learning rates, every trial and each method's choice),
+    ``tune.md`` (its tables), ``tune-choices.json`` (the choices alone) and the EWC λ-sensitivity
+    figure, from seed 0 on the validation split."""
     ws = open_workspace(config)
     config = ws.config
     progress = TuneProgress(config.out / "tune-progress.json", config.comparable())
@@ -244,6 +245,8 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
     report["provenance"] = provenance()
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "tune.json").write_text(json.dumps(report, indent=1))
+    (config.out / "tune-choices.json").write_text(json.dumps(tune_choices(report), indent=1))
+    (config.out / "tune.md").write_text(render_tune(report))
     lambda_figure(report, config.out)
     ws.log(f"tuning results: {config.out / 'tune.json'}")
     return report

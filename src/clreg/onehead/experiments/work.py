@@ -35,7 +35,8 @@ def _method(ws: Workspace, method: Method) -> dict[str, int]:
     previous task's data, and every task evaluated after each stage."""
     cfg, tasks = ws.config, list(ws.config.tasks)
     batch = cfg.profile.batch_size
-    replayed = int(method.settings["replay.per_step"]) if "replay" in method.parts else 0
+    replays = any(PARTS[p].replay_buffer is not None for p in method.parts)
+    replayed = int(method.settings["replay.per_step"]) if replays else 0
     passes = sum(PARTS[p].data_pass for p in method.parts)
     total = _unit(0, 0, 0, 0)
     for i in range(1, len(tasks)):
@@ -59,7 +60,11 @@ def planned_work(ws: Workspace) -> dict[str, Any]:
     for name in cfg.methods:
         units[name] = _method(ws, Method.parse(name, cfg.settings_for(name)))
     per_seed = {k: sum(u[k] for u in units.values()) for k in KINDS}
-    return {"per_seed": units, "per_seed_total": per_seed, "total": {k: v * len(cfg.seeds) for k, v in per_seed.items()}}
+    return {
+        "per_seed": units,
+        "per_seed_total": per_seed,
+        "total": {k: v * len(cfg.seeds) for k, v in per_seed.items()},
+    }
 
 
 def describe(work: dict[str, Any]) -> str:

@@ -47,9 +47,7 @@ BUILTIN_PARTS = tuple(
         Part(
             "ewc",
             {"ewc.lam": 1.0, "ewc.normalize": 0.0},  # normalize 1: each task's Fisher divided by its mean
-            regularizer=lambda model, s, seed: EWC(
-                model, lam=s["ewc.lam"], seed=seed, normalize=_norm(s["ewc.normalize"])
-            ),
+            regularizer=_ewc,
             stage_attributes={"ewc.lam": "lam"},
             data_pass=True,
         ),

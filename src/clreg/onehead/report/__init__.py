@@ -1,6 +1,6 @@
 """Reports of a run: the summary (:mod:`~clreg.onehead.report.summary`: the 5 % judgement and the
 sequence measures), ``report.md`` (:mod:`~clreg.onehead.report.markdown`), the figures
-(:mod:`~clreg.onehead.report.figures`) and :func:`write_report`, which writes them with
+(:mod:`~clreg.onehead.report.figures`), a tune's ``tune.md`` (:mod:`~clreg.onehead.report.tune_table`) and :func:`write_report`, which writes them with
 ``results.json``."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import torch
 from .figures import lambda_figure, report_figures
 from .markdown import render_markdown
 from .summary import MARGIN, judge, mean_std, sequence_measures, summarise
+from .tune_table import render_tune
 
 __all__ = [
     "MARGIN",
@@ -24,6 +25,7 @@ __all__ = [
     "lambda_figure",
     "mean_std",
     "render_markdown",
+    "render_tune",
     "report_figures",
     "sequence_measures",
     "summarise",

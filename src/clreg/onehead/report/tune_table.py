@@ -1,0 +1,64 @@
+"""``tune.md``: a ``--tune``'s report in plain tables (the baselines' learning rates, the joint
+reference's candidates, each method's choice and its val scores as final / baseline)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+__all__ = ["render_tune"]
+
+
+def _row(cells: list[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return [_row(header), _row(["---"] * len(header)), *(_row(r) for r in rows)]
+
+
+def _settings(values: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:g}" for k, v in sorted(values.items())) or "—"
+
+
+def _baselines(report: dict[str, Any]) -> list[str]:
+    lr = report.get("baseline_lr") or {}
+    tasks = list(report["baselines"])
+    if not lr:
+        return _table(["task", "val score"], [[t, f"{report['baselines'][t]:.3f}"] for t in tasks])
+    header = ["learning rate", *tasks]
+    rows = [[f"{g:g}", *(f"{lr['trials'][t][i]['value']:.3f}" for t in tasks)] for i, g in enumerate(lr["grid"])]
+    return [*_table(header, rows), "", "chosen: " + ", ".join(f"{t} {lr['chosen'][t]:g}" for t in tasks)]
+
+
+def _joint(report: dict[str, Any]) -> list[str]:
+    tasks = list(report["baselines"])
+    rows = [
+        [t["schedule"], ", ".join(f"{w:g}" for w in t.get("weights", [])) or "1 each"]
+        + [f"{t['final'][k]:.3f}" for k in tasks]
+        + [f"{t['score']:.3f}"]
+        for t in report["joint"]["trials"]
+    ]
+    return _table(["schedule", "loss weights", *tasks, "worst"], rows)
+
+
+def _methods(report: dict[str, Any]) -> list[str]:
+    tasks = list(report["baselines"])
+    rows = []
+    for name, m in report["methods"].items():
+        if not m["trials"]:
+            continue
+        best = max(m["trials"], key=lambda t: (t["score"], t["mean"]))
+        finals = [f"{best['final'][t]:.3f}" for t in tasks]
+        rows.append([name, _settings(m["chosen"]), *finals, f"{best['score']:.3f}", str(len(m["trials"]))])
+    return _table(["method", "chosen", *tasks, "worst", "trials"], rows)
+
+
+def render_tune(report: dict[str, Any]) -> str:
+    """Markdown of a ``tune.json`` report: scores are each task's final / its single-task baseline on
+    the tune's split, a candidate's score the worst of them."""
+    split = report.get("split", "val")
+    lines = [f"# Tune ({split} split, seed 0)", "", "## Single-task baselines", "", *_baselines(report)]
+    if "joint" in report:
+        lines += ["", "## Joint reference (final / baseline)", "", *_joint(report)]
+    lines += ["", "## Methods (final / baseline of the chosen settings)", "", *_methods(report)]
+    return "\n".join(lines) + "\n"
