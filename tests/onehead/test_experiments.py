@@ -306,9 +306,12 @@ def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys)
     assert cfg.settings_for("naive")["lr"] == 0.5  # --set over the tune's choice
     assert str(out / "tune.json") in cfg.settings_provenance and "--set naive:lr=0.5" in cfg.settings_provenance
     table = (out / "tune.md").read_text()
-    ewc_best = max(tune["methods"]["ewc"]["trials"], key=lambda t: (t["score"], t["mean"]))
+    ewc_trials = tune["methods"]["ewc"]["trials"]
+    ewc_best = max(ewc_trials, key=lambda t: (t["score"], t["mean"]))  # the tune's choice is its best trial
+    assert ewc_best["settings"] == tune["methods"]["ewc"]["chosen"]
     ewc_row = next(line for line in table.splitlines() if line.startswith("| ewc |"))
-    assert ewc_row.endswith(f"| {ewc_best['score']:.3f} | {len(tune['methods']['ewc']['trials'])} |")
+    finals = " | ".join(f"{ewc_best['final'][t]:.3f}" for t in ("seg", "det", "cls"))
+    assert ewc_row.endswith(f"| {finals} | {ewc_best['score']:.3f} | {len(ewc_trials)} |")
     assert f"ewc.lam@2 {tune['methods']['ewc']['chosen']['ewc.lam@2']:g}" in ewc_row
     choices = json.loads((out / "tune-choices.json").read_text())
     assert choices == tune_choices(tune) and with_tuned(tiny, choices) == with_tuned(tiny, tune)

@@ -10,9 +10,7 @@ The quick profile's method settings come from :data:`QUICK_SETTINGS`, whose prov
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any
 
 from .synthetic import SyntheticConfig
@@ -23,16 +21,12 @@ __all__ = [
     "PROFILES",
     "QUICK_SETTINGS",
     "QUICK_SETTINGS_PROVENANCE",
-    "TUNED_DIR",
     "TUNE_METHODS",
     "Profile",
     "get_profile",
-    "load_tuned",
     "tune_choices",
     "with_tuned",
 ]
-
-TUNED_DIR = Path(__file__).parent / "tuned"  # the shipped tunes' choices, one file per profile
 
 ALL_METHODS = "naive,ewc,online_ewc,si,lwf,mas,replay,ewc+lwf+replay"
 
@@ -197,13 +191,17 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+def _check_tune(tune: Any) -> None:
+    if not isinstance(tune, dict) or "methods" not in tune or "baselines" not in tune:
+        raise ValueError("not a tune.json: a --tune writes 'baselines' and 'methods'")
+
+
 def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...] = ("seg", "det", "cls")) -> Profile:
     """``prof`` with what a ``--tune`` chose (its ``tune.json``): the baselines' learning rate per task,
     the joint reference's schedule and loss weights, and each tuned method's own settings (its
     learning rate, per-stage values and fixed variant settings included). What the tune did not
     search keeps the profile's value. A ValueError for a file that is not a tune's report."""
-    if not isinstance(tune, dict) or "methods" not in tune or "baselines" not in tune:
-        raise ValueError("not a tune.json: a --tune writes 'baselines' and 'methods'")
+    _check_tune(tune)
     changes: dict[str, Any] = {}
     chosen_lr = tune.get("baseline_lr", {}).get("chosen", {})
     if chosen_lr:
@@ -223,8 +221,7 @@ def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...]
 def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
     """What :func:`with_tuned` reads of a ``tune.json``: its split, the baselines (their val scores and
     chosen learning rates), the joint reference's choice and each method's chosen values."""
-    if not isinstance(tune, dict) or "methods" not in tune or "baselines" not in tune:
-        raise ValueError("not a tune.json: a --tune writes 'baselines' and 'methods'")
+    _check_tune(tune)
     out: dict[str, Any] = {"split": tune.get("split", "val"), "baselines": dict(tune["baselines"])}
     if tune.get("baseline_lr"):
         out["baseline_lr"] = {"chosen": dict(tune["baseline_lr"]["chosen"])}
@@ -232,11 +229,6 @@ def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
         out["joint"] = {k: tune["joint"][k] for k in ("chosen", "weights") if k in tune["joint"]}
     out["methods"] = {name: {"chosen": dict(m["chosen"])} for name, m in tune["methods"].items()}
     return out
-
-
-def load_tuned(name: str) -> dict[str, Any]:
-    """The choices of the tune shipped for profile ``name`` (``clreg/onehead/tuned/<name>.json``)."""
-    return json.loads((TUNED_DIR / f"{name}.json").read_text())
 
 
 def get_profile(name: str, **changes: Any) -> Profile:

@@ -1,7 +1,7 @@
 """Reports of a run: the summary (:mod:`~clreg.onehead.report.summary`: the 5 % judgement and the
 sequence measures), ``report.md`` (:mod:`~clreg.onehead.report.markdown`), the figures
-(:mod:`~clreg.onehead.report.figures`), a tune's ``tune.md`` (:mod:`~clreg.onehead.report.tune_table`) and :func:`write_report`, which writes them with
-``results.json``."""
+(:mod:`~clreg.onehead.report.figures`) and :func:`write_report`, which writes them with
+``results.json``; a tune's ``tune.md`` (:mod:`~clreg.onehead.report.tune_table`)."""
 
 from __future__ import annotations
 

@@ -47,7 +47,7 @@ def _methods(report: dict[str, Any]) -> list[str]:
     for name, m in report["methods"].items():
         if not m["trials"]:
             continue
-        best = max(m["trials"], key=lambda t: (t["score"], t["mean"]))
+        best = next(t for t in m["trials"] if t["settings"] == m["chosen"])  # the chosen settings' trial
         finals = [f"{best['final'][t]:.3f}" for t in tasks]
         rows.append([name, _settings(m["chosen"]), *finals, f"{best['score']:.3f}", str(len(m["trials"]))])
     return _table(["method", "chosen", *tasks, "worst", "trials"], rows)
