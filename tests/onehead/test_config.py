@@ -36,6 +36,33 @@ def test_the_shipped_backbone_is_recorded_by_its_place_in_the_package(tmp_path) 
     assert own == {"kind": "file", "path": str(other.resolve())}
 
 
+def test_the_quick_profile_ships_what_its_documented_tune_chose() -> None:
+    """clreg/onehead/tuned/quick.json is the choices of docs/results/quick-tune/tune.json, and the quick
+    profile runs them, while a --tune starts again from the untuned profile."""
+    import json
+    from pathlib import Path
+
+    from clreg.onehead.profiles import load_tuned, tune_choices
+
+    tune = json.loads((Path(__file__).parents[2] / "docs/results/quick-tune/tune.json").read_text())
+    shipped = load_tuned("quick")
+    assert shipped == tune_choices(tune)
+    run = resolve(RunRequest(profile="quick"))
+    record = run.record()
+    assert record["stage_baseline_lr"] == [shipped["baseline_lr"]["chosen"][t] for t in ("seg", "det", "cls")]
+    assert record["joint_weights"] == shipped["joint"]["weights"]
+    assert record["joint_schedule"] == shipped["joint"]["chosen"]
+    assert run.methods == ("naive", "ewc", "lwf", "replay", "lwf+replay", "ewc+lwf", "ewc+lwf+replay")
+    for method, tuned in shipped["methods"].items():
+        own = run.settings_for(method)
+        assert {k: own[k] for k in tuned["chosen"]} == tuned["chosen"], method
+    assert "docs/results/quick-tune/tune.json" in run.settings_provenance
+    retune = resolve(RunRequest(profile="quick", mode="tune")).record()
+    assert "stage_baseline_lr" not in retune and "joint_weights" not in retune and "method_settings" not in retune
+    with pytest.raises(ValueError, match="no shipped tune for profile 'tiny'; shipped: quick"):
+        load_tuned("tiny")
+
+
 def test_a_request_resolves_into_every_value_a_run_uses(tmp_path) -> None:
     cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc+lwf", seeds=3, steps=7, sets={"lwf.alpha": 2.0}))
     assert cfg.methods == ("naive", "ewc+lwf") and cfg.seeds == (0, 1, 2) and cfg.steps == (7, 7, 7)
