@@ -126,5 +126,6 @@ def open_workspace(config: BenchmarkConfig) -> Workspace:
     tasks = make_tasks(root, eval_split=split, size=config.profile.size, seed=0, categories=config.categories)
     for t in tasks.values():
         if t.class_source not in ("given", "the data's manifest"):
-            log(f"{t.title} classes: {t.class_source}: {', '.join(t.class_names)}")
+            source = f"{t.class_source}: " if t.class_source else ""
+            log(f"{t.title} classes: {source}{', '.join(t.class_names)}")
     return Workspace(config, root, tasks, log)
