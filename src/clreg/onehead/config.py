@@ -71,6 +71,9 @@ class RunRequest:
     settings_from: str | None = None  # a tune.json whose choices replace the profile's
 
 
+_PACKAGES = Path(__file__).parents[2]  # the folder holding the clreg package
+
+
 @dataclass(frozen=True)
 class Backbone:
     kind: str  # "file", "pretrained" or "random"
@@ -81,7 +84,7 @@ class Backbone:
         """The backbone as a run's record holds it; the shipped one by its place in the package, so a
         record made in one checkout compares equal in another."""
         if self.path is not None and Path(self.path) == SHIPPED_BACKBONE:
-            return {"kind": self.kind, "path": f"clreg/onehead/weights/{SHIPPED_BACKBONE.name}"}
+            return {"kind": self.kind, "path": SHIPPED_BACKBONE.relative_to(_PACKAGES).as_posix()}
         return {"kind": self.kind} | ({"path": self.path} if self.path is not None else {})
 
 

@@ -241,7 +241,8 @@ def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
 
 def load_tuned(name: str) -> dict[str, Any]:
     """The shipped tune choices of profile ``name`` (``clreg/onehead/tuned/<name>.json``, as
-    :func:`tune_choices` writes them); a ValueError naming the profiles that ship one otherwise.
+    :func:`tune_choices` writes them, for :func:`with_tuned`); a ValueError naming the profiles that
+    ship one otherwise.
 
     >>> sorted(load_tuned("quick")["baselines"])
     ['cls', 'det', 'seg']
@@ -250,9 +251,7 @@ def load_tuned(name: str) -> dict[str, Any]:
     if not path.is_file():
         shipped = sorted(f.stem for f in _TUNED.glob("*.json"))
         raise ValueError(f"no shipped tune for profile {name!r}; shipped: {', '.join(shipped) or 'none'}")
-    tune = json.loads(path.read_text())
-    _check_tune(tune)
-    return tune
+    return json.loads(path.read_text())  # with_tuned checks it
 
 
 def get_profile(name: str, **changes: Any) -> Profile:
