@@ -346,6 +346,8 @@ def test_seeds_run_apart_are_read_back_by_the_run_of_all(tiny_run, cache_env, tm
     assert both["seeds"] == [0, 1] and (out / "models" / "ewc.pt").is_file()
     per_seed = both["summary"]["methods"]["ewc"]["final"]["seg"]["per_seed"]
     assert per_seed[1] == pytest.approx(res["summary"]["methods"]["ewc"]["final"]["seg"]["per_seed"][0])
+    joint = both["summary"]["joint"]["det"]["per_seed"]
+    assert len(joint) == 2 and joint[1] == pytest.approx(res["summary"]["joint"]["det"]["per_seed"][0])
     assert main(["--profile", "tiny", "--out", str(out), "--quiet", "--first-seed", "-1"]) == 2
 
 

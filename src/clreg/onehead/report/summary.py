@@ -106,8 +106,7 @@ def _scores(recs: list[EvalRecord], metric: str | None = None) -> dict[str, Any]
     """Mean ± std over seeds, the seed-mean interval and the extras of one task's records."""
     head = {"metric": metric} if metric is not None else {}
     values = [r.value for r in recs]
-    per_seed = {"per_seed": values} if metric is not None else {}
-    return {**head, **mean_std(values), **per_seed, "interval": _mean_interval(recs), **_extras(recs)}
+    return {**head, **mean_std(values), "per_seed": values, "interval": _mean_interval(recs), **_extras(recs)}
 
 
 def _final(recs: list[EvalRecord], base: list[EvalRecord], metric: str, chance: float) -> dict[str, Any]:
