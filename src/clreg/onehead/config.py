@@ -19,7 +19,7 @@ from typing import Any
 
 from ..distributed import rank_and_world
 from .methods import DEFAULT_SETTINGS, Method, check_settings, check_stage_settings, parse_methods
-from .pretext import SHIPPED_BACKBONE, shipped_backbone
+from .pretext import SHIPPED_BACKBONE, SHIPPED_BACKBONE_IN_PACKAGE, shipped_backbone
 from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile, with_tuned
 from .synthetic import SyntheticConfig
 from .tasks import FOLDERS, TASK_NAMES
@@ -71,9 +71,6 @@ class RunRequest:
     settings_from: str | None = None  # a tune.json whose choices replace the profile's
 
 
-_PACKAGES = Path(__file__).parents[2]  # the folder holding the clreg package
-
-
 @dataclass(frozen=True)
 class Backbone:
     kind: str  # "file", "pretrained" or "random"
@@ -84,7 +81,7 @@ class Backbone:
         """The backbone as a run's record holds it; the shipped one by its place in the package, so a
         record made in one checkout compares equal in another."""
         if self.path is not None and Path(self.path) == SHIPPED_BACKBONE:
-            return {"kind": self.kind, "path": SHIPPED_BACKBONE.relative_to(_PACKAGES).as_posix()}
+            return {"kind": self.kind, "path": SHIPPED_BACKBONE_IN_PACKAGE}
         return {"kind": self.kind} | ({"path": self.path} if self.path is not None else {})
 
 

@@ -41,6 +41,7 @@ from .training import cosine_schedule
 __all__ = [
     "PRETEXT_SEED_OFFSET",
     "SHIPPED_BACKBONE",
+    "SHIPPED_BACKBONE_IN_PACKAGE",
     "SHIPPED_RECIPE",
     "Recipe",
     "early_fingerprint",
@@ -54,6 +55,8 @@ __all__ = [
 PRETEXT_SEED_OFFSET = 7_000_000  # task sets use seeds below 100 000
 SHIPPED_BACKBONE = Path(__file__).parent / "weights" / "mobilenetv3_small_synthetic_pretext.pt"
 SHIPPED_RECIPE = SHIPPED_BACKBONE.with_suffix(".json")
+# its place in the package (a run's record names it so, the same in every checkout)
+SHIPPED_BACKBONE_IN_PACKAGE = SHIPPED_BACKBONE.relative_to(Path(__file__).parents[2]).as_posix()
 WORLD_FILLS = {"pattern": "pattern", "striped": "random"}  # --world -> the renderer's fill
 
 
