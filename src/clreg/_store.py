@@ -16,9 +16,21 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
     return sum(local(t).numel() * t.element_size() for t in tensors)
 
 
+ROOT_KEY = "<root>"
+"""The key of the model's root module, whose name is empty (a model that is one ``nn.Linear``)."""
+
+
 def buffer_key(name: str) -> str:
-    """Buffer names cannot hold dots: ``layer.0.weight`` is stored as ``layer/0/weight``."""
-    return name.replace(".", "/")
+    """A buffer name for a parameter's or module's name: buffer names cannot hold dots or be empty, so
+    ``layer.0.weight`` is stored as ``layer/0/weight`` and the root module ``""`` as ``<root>``.
+
+    Example:
+        >>> buffer_key("layer.0.weight"), buffer_key("")
+        ('layer/0/weight', '<root>')
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"a state name must be a str, got {type(name).__name__}")
+    return name.replace(".", "/") if name else ROOT_KEY
 
 
 class TensorStore(nn.Module):

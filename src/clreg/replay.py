@@ -3,9 +3,10 @@
 A replay buffer is data, not a penalty. ``add(task, samples)`` stores samples of a task (at the end
 of the task, or reservoir-style during it); ``sample(k)`` draws k samples in all, split evenly over the
 stored tasks (the first ``k % n_tasks`` tasks in insertion order get one more), and returns
-``{task: (inputs, targets)}`` so the loop applies each task's own loss. Samples are kept as the data
-set gives them; targets may be any pytree of tensors, including variable-length ones (boxes): those
-are returned as lists when their shapes differ.
+``{task: (inputs, targets)}`` so the loop applies each task's own loss; ``sample_batch(k)`` returns the
+same draw as one mixed batch ``(inputs, targets, tasks)``. Samples are kept as the data set gives
+them; targets may be any pytree of tensors, including variable-length ones (boxes): those are returned
+as lists when their shapes differ.
 
 Under torch.distributed, ``add`` gathers every rank's samples (in rank order) before selecting, so the
 buffer is identical on every rank; ``sample`` draws per rank (seeded by ``seed``, the rank and the
@@ -57,6 +58,75 @@ def _collate(items: list[Any]) -> Any:
     return list(items)
 
 
+def _paths_and_leaves(tree: Any, path: str = "") -> list[tuple[str, Any]]:
+    """``(path, leaf)`` for every leaf of ``tree``, in :func:`tree_map`'s order; a path reads ``['boxes'][0]``."""
+    if isinstance(tree, dict):
+        return [pl for k, v in tree.items() for pl in _paths_and_leaves(v, f"{path}[{k!r}]")]
+    if isinstance(tree, (list, tuple)):
+        return [pl for i, v in enumerate(tree) for pl in _paths_and_leaves(v, f"{path}[{i}]")]
+    return [(path, tree)]
+
+
+def _check_rows(n: int, targets: Any) -> None:
+    """A ValueError unless every tensor of ``targets`` has ``n`` rows, one per input of a batch."""
+    for path, leaf in _paths_and_leaves(targets):
+        if not isinstance(leaf, Tensor) or (leaf.dim() > 0 and leaf.shape[0] == n):
+            continue
+        where = f"target{path}" if path else "the target tensor"
+        got = f"{leaf.shape[0]} targets ({where} has {leaf.shape[0]} rows)" if leaf.dim() else f"{where} is 0-d"
+        raise ValueError(
+            f"add(): {n} inputs but {got}; a batch (inputs, targets) needs one row per input in every "
+            "tensor of the target"
+        )
+
+
+def _pair(i: int, it: Any) -> tuple[Any, Any]:
+    """Sample ``i`` as ``(input, target)``: a pair as it is, an input tensor with target None."""
+    if isinstance(it, (tuple, list)) and len(it) == 2:
+        return it[0], it[1]
+    if isinstance(it, Tensor):
+        return it, None
+    what = f"a {type(it).__name__}"
+    if isinstance(it, (tuple, list)):
+        what += f" of {len(it)} item" + ("" if len(it) == 1 else "s")
+    raise TypeError(f"add(): each sample must be a pair (input, target) or an input tensor; sample {i} is {what}")
+
+
+def _leaf_kinds(tree: Any, shapes: bool) -> tuple[tuple[str, Any], ...]:
+    """Each leaf's path with its shape (``shapes``) or kind: the structure of one sample."""
+    return tuple(
+        (path, (tuple(v.shape) if shapes else "tensor") if isinstance(v, Tensor) else type(v).__name__)
+        for path, v in _paths_and_leaves(tree)
+    )
+
+
+def _show(kinds: tuple[tuple[str, Any], ...]) -> str:
+    return ", ".join(f"{path}{' ' if path else ''}{kind}" for path, kind in kinds)
+
+
+def _mixed_inputs(drawn: list[tuple[Any, list[tuple[Any, Any]]]]) -> Any:
+    """The drawn inputs of every task collated as one batch; a ValueError where their shapes differ by task."""
+    shapes = {t: {_leaf_kinds(x, True) for x, _ in samples} for t, samples in drawn}
+    structures = {_leaf_kinds(x, False) for _, samples in drawn for x, _ in samples}
+    fixed = {next(iter(s)) for s in shapes.values() if len(s) == 1}
+    if len(fixed) > 1 or len(structures) > 1:
+        shown = "; ".join(f"task {t!r} " + " | ".join(sorted(map(_show, s))[:3]) for t, s in shapes.items())
+        raise ValueError(
+            "sample_batch(): the tasks' inputs differ in shape or structure, so they cannot form one batch "
+            f"(per-sample shapes: {shown}); draw one batch per task with sample(k)"
+        )
+    return _collate([x for _, samples in drawn for x, _ in samples])
+
+
+def _mixed_targets(targets: list[Any]) -> Any:
+    """The targets collated as one batch; a list of them where their structure differs (None: no targets)."""
+    if all(y is None for y in targets):
+        return None
+    if len({_leaf_kinds(y, False) for y in targets}) > 1:
+        return list(targets)
+    return _collate(targets)
+
+
 def _samples_of(samples: Any) -> list[tuple[Any, Any]]:
     """A list of (input, target) from a Dataset, an iterable of samples, or one batch ``(x, y)``."""
     if is_map_dataset(samples):
@@ -64,6 +134,7 @@ def _samples_of(samples: Any) -> list[tuple[Any, Any]]:
     elif isinstance(samples, tuple) and len(samples) == 2 and isinstance(samples[0], Tensor):
         x, y = samples
         n = batch_size_of(x)
+        _check_rows(n, y)
         items = [(x[i], tree_index(y, i)) for i in range(n)]
     elif isinstance(samples, Iterable) and not isinstance(samples, (Tensor, dict, str)):
         items = list(samples)
@@ -72,15 +143,7 @@ def _samples_of(samples: Any) -> list[tuple[Any, Any]]:
             "add() takes a Dataset, an iterable of (input, target) samples or one batch (inputs, targets); "
             f"got {type(samples).__name__}"
         )
-    out = []
-    for it in items:
-        if isinstance(it, (tuple, list)) and len(it) == 2:
-            out.append((it[0], it[1]))
-        elif isinstance(it, Tensor):
-            out.append((it, None))
-        else:
-            raise TypeError(f"each sample must be (input, target) or an input tensor, got {type(it).__name__}")
-    return out
+    return [_pair(i, it) for i, it in enumerate(items)]
 
 
 class ReplayBuffer(nn.Module):
@@ -122,7 +185,11 @@ class ReplayBuffer(nn.Module):
         return list(self._memory[task])
 
     def add(self, task: Any, samples: Any) -> None:
-        """Offer ``samples`` of ``task``; the buffer keeps what its policy selects."""
+        """Offer ``samples`` of ``task``; the buffer keeps what its policy selects.
+
+        ``samples``: a Dataset or an iterable of ``(input, target)`` pairs or input tensors, or one batch
+        ``(inputs, targets)`` whose target tensors (any pytree) have one row per input.
+        """
         if not isinstance(task, (str, int)):
             raise TypeError(f"task must be a str or an int, got {type(task).__name__}")
         local = [(_to_cpu(x), _to_cpu(y)) for x, y in _samples_of(samples)]
@@ -145,6 +212,38 @@ class ReplayBuffer(nn.Module):
 
         Within a task, samples are drawn without replacement when enough are stored, else with.
         """
+        out: dict[Any, tuple[Any, Any]] = {}
+        for t, drawn in self._draw(k, generator):
+            xs, ys = [x for x, _ in drawn], [y for _, y in drawn]
+            out[t] = (_collate(xs), None if ys[0] is None else _collate(ys))
+        return out
+
+    def sample_batch(self, k: int, generator: torch.Generator | None = None) -> tuple[Any, Any, list[Any]]:
+        """The draw of ``sample(k)`` as one mixed batch: ``(inputs, targets, tasks)``.
+
+        The same samples as ``sample(k, generator)`` (the same split over tasks, the same use of the
+        generator), concatenated in the stored tasks' order; ``tasks[i]`` is the task of row ``i``.
+        Targets are collated as ``sample``'s are (a leaf whose shapes differ is a list); targets that
+        differ in structure across tasks (a tensor here, a dict there) come as a list with one target per
+        row, None for rows of a task stored without targets. Inputs whose shapes differ across tasks
+        cannot form one batch: a ValueError.
+
+        Example:
+            >>> import torch, clreg
+            >>> buf = clreg.ReplayBuffer(capacity_per_task=4, seed=0)
+            >>> buf.add("a", (torch.zeros(4, 3), torch.zeros(4).long()))
+            >>> buf.add("b", (torch.ones(4, 3), torch.ones(4).long()))
+            >>> x, y, tasks = buf.sample_batch(3)
+            >>> x.shape, y.tolist(), tasks
+            (torch.Size([3, 3]), [0, 0, 1], ['a', 'a', 'b'])
+        """
+        drawn = self._draw(k, generator)
+        tasks = [t for t, samples in drawn for _ in samples]
+        targets = [y for _, samples in drawn for _, y in samples]
+        return _mixed_inputs(drawn), _mixed_targets(targets), tasks
+
+    def _draw(self, k: int, generator: torch.Generator | None) -> list[tuple[Any, list[tuple[Any, Any]]]]:
+        """``[(task, samples)]``: k stored samples in all, split evenly over the tasks in their order."""
         if not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be an int >= 1, got {k!r}")
         tasks = [t for t, m in self._memory.items() if m]
@@ -155,7 +254,7 @@ class ReplayBuffer(nn.Module):
             generator = torch.Generator().manual_seed(stable_seed(self.seed, rank, self._draws))
             self._draws += 1
         base, extra = divmod(k, len(tasks))
-        out: dict[Any, tuple[Any, Any]] = {}
+        out: list[tuple[Any, list[tuple[Any, Any]]]] = []
         for i, t in enumerate(tasks):
             n = base + (1 if i < extra else 0)
             if n == 0:
@@ -165,9 +264,7 @@ class ReplayBuffer(nn.Module):
                 idx = torch.randperm(len(mem), generator=generator)[:n].tolist()
             else:
                 idx = torch.randint(0, len(mem), (n,), generator=generator).tolist()
-            xs = [mem[j][0] for j in idx]
-            ys = [mem[j][1] for j in idx]
-            out[t] = (_collate(xs), None if ys[0] is None else _collate(ys))
+            out.append((t, [mem[j] for j in idx]))
         return out
 
     # -- state ------------------------------------------------------------------------------------

@@ -23,6 +23,8 @@ from torch import Tensor
 __all__ = ["KINDS", "OutputSpec", "TaskSpec", "select_output"]
 
 KINDS = ("softmax", "sigmoid", "regression")
+LABELS = ("output", "channels")
+"""How labels count classes when ``OutputSpec.channels`` picks some (see :class:`OutputSpec`)."""
 
 Selector = str | int | tuple | Callable[[Any], Tensor] | None
 PerSampleLoss = Callable[[Any, Any], Tensor]
@@ -38,7 +40,8 @@ class OutputSpec:
             callable ``outputs -> Tensor``.
         kind: ``"softmax"`` (logits, classes on dim 1, e.g. (B, C) or (B, C, H, W)), ``"sigmoid"``
             (independent binary logits per channel) or ``"regression"`` (real values).
-        channels: the channel indices (dim 1) that belong to the task; ``None`` for all.
+        channels: the channel indices (the class dimension, dim 1 unless ``class_dim`` says otherwise)
+            that belong to the task; ``None`` for all.
         ignore_index: a label value that does not count (softmax targets only), e.g. 255.
         weight: a per-location weight for distillation of regression outputs: a key path into the
             teacher's outputs or a callable ``teacher_outputs -> Tensor[B, *locations]``.
@@ -51,6 +54,10 @@ class OutputSpec:
         shift: for a sequence, the labels are ``shift`` positions ahead of the logits: logits at
             positions ``[0, L - shift)`` of the first location dimension predict the labels at
             ``[shift, L)`` (1 for a causal language model, whose position t predicts token t + 1).
+        labels: how a softmax output's labels count its classes when ``channels`` picks some:
+            ``"output"`` (default) — a label is a class index of the whole output, so with
+            ``channels=(2, 3)`` the labels are 2 and 3; ``"channels"`` — a label is a position in
+            ``channels`` (0 and 1 there).
     """
 
     select: Selector = None
@@ -62,14 +69,19 @@ class OutputSpec:
     norm: str = "l2"
     class_dim: int = 1
     shift: int = 0
+    labels: str = "output"
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
             raise ValueError(f"OutputSpec.kind must be one of {KINDS}, got {self.kind!r}")
         if self.norm not in ("l2", "l1"):
             raise ValueError(f"OutputSpec.norm must be 'l2' or 'l1', got {self.norm!r}")
+        if self.labels not in LABELS:
+            raise ValueError(f"OutputSpec.labels must be one of {LABELS}, got {self.labels!r}")
         if self.channels is not None:
             object.__setattr__(self, "channels", tuple(int(c) for c in self.channels))
+            if self.ignore_index is not None and self.ignore_index in self.channels:
+                raise ValueError(f"OutputSpec.ignore_index {self.ignore_index} is one of the channels {self.channels}")
         if not isinstance(self.class_dim, int) or self.class_dim == 0:
             raise ValueError(f"OutputSpec.class_dim must be a non-zero int (0 is the batch), got {self.class_dim!r}")
         if not isinstance(self.shift, int) or self.shift < 0:
@@ -89,6 +101,7 @@ class OutputSpec:
             "norm": self.norm,
             "class_dim": self.class_dim,
             "shift": self.shift,
+            "labels": self.labels,
         }
 
     @classmethod

@@ -11,8 +11,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from torch.utils.data import DataLoader, TensorDataset
 
-from clreg import OutputSpec, TaskSpec
-from clreg.functional import fisher_diagonal
+from clreg import EWC, OutputSpec, TaskSpec
+from clreg.functional import default_estimator, fisher_diagonal, resolve_estimator
 from models import MLP, MultiHead, PixelModel, per_sample_grads
 
 
@@ -368,3 +368,41 @@ def test_a_one_shot_generator_is_refused_before_the_probe_eats_its_first_batch()
     with pytest.raises(TypeError, match="one-shot iterator"):
         fisher_diagonal(model, (b for b in batches), estimator="empirical")
     assert fisher_diagonal(model, batches, estimator="empirical")["weight"].shape == (2, 3)
+
+
+@pytest.mark.parametrize(("classes", "expected"), [(2, "exact"), (32, "exact"), (33, "mc")])
+def test_the_default_estimator_is_exact_for_few_classes(classes: int, expected: str) -> None:
+    """No estimator named: one (B, C) softmax output with C ≤ 32 gets the exact Fisher (its value, to
+    float tolerance), more classes one mc draw; EWC logs the one it used."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, classes)
+    data = TensorDataset(torch.randn(6, 3), torch.randint(0, classes, (6,)))
+    default = fisher_diagonal(model, data)
+    named = fisher_diagonal(model, data, estimator=expected)
+    for name in named:
+        torch.testing.assert_close(default[name], named[name])
+    assert resolve_estimator(model, data) == expected
+
+
+def test_the_default_estimator_of_dense_several_outputs_and_losses() -> None:
+    torch.manual_seed(1)
+    multi = MultiHead()
+    x = torch.randn(3, 3, 8, 8)
+    seg = TensorDataset(x, torch.randint(0, 4, (3, 8, 8)))
+    assert resolve_estimator(multi, seg, outputs=OutputSpec(select="seg")) == "mc"
+    cls = TensorDataset(x, torch.randint(0, 3, (3,)))
+    assert resolve_estimator(multi, cls, outputs=OutputSpec(select="cls")) == "exact"
+    two = [OutputSpec(select="cls"), OutputSpec(select="cls", channels=(0, 1))]
+    assert resolve_estimator(multi, cls, outputs=two) == "mc"
+    loss = lambda out, y: F.cross_entropy(out["cls"], y, reduction="none")  # noqa: E731
+    assert resolve_estimator(multi, cls, per_sample_loss=loss) == "empirical"
+    assert resolve_estimator(multi, cls, outputs=OutputSpec(select="cls"), estimator="mc") == "mc"
+    assert default_estimator(None) == "mc" and default_estimator(loss) == "empirical"
+
+
+def test_ewc_logs_the_default_estimator_it_used(caplog: pytest.LogCaptureFixture) -> None:
+    model = torch.nn.Linear(3, 4)
+    data = TensorDataset(torch.randn(5, 3), torch.randint(0, 4, (5,)))
+    with caplog.at_level("INFO", logger="clreg"):
+        EWC(model).consolidate(model, data)
+    assert "exact Fisher" in caplog.text

