@@ -379,16 +379,18 @@ def classes_seen(data: Any, outputs: Sequence[OutputSpec]) -> list[Classes]:
 
     One pass over the data: a ``TensorDataset`` of two tensors is read from its last tensor (no inputs
     loaded), any other ``Dataset`` item by item (this rank's share) and an iterable batch by batch;
-    under torch.distributed the ranks' classes are joined. A negative label that is not the
+    under torch.distributed the ranks' classes are joined. The pass leaves torch's CPU random state as
+    it found it (a shuffling ``DataLoader`` draws its order from it). A negative label that is not the
     ``ignore_index`` is a ValueError."""
     found: list[set[int] | None] = [set() if _inferable(o) else None for o in outputs]
     if data is None or all(f is None for f in found) or isinstance(data, Iterator):
         return [None] * len(outputs)
     try:
-        for targets in _targets(data):
-            found = [_with_labels(f, targets, o) for f, o in zip(found, outputs)]
-            if all(f is None for f in found):
-                break
+        with torch.random.fork_rng(devices=[]):  # a shuffling DataLoader draws its order: the caller's RNG stays
+            for targets in _targets(data):
+                found = [_with_labels(f, targets, o) for f, o in zip(found, outputs)]
+                if all(f is None for f in found):
+                    break
     except TypeError as err:  # not (input, target) items, or not data at all
         log.info("LwF: no classes read from the consolidated data (%s); every channel is distilled", err)
         found = [None] * len(outputs)
