@@ -27,7 +27,7 @@ Example:
     True
 """
 
-from .bootstrap import Metric, bootstrap, interval, paired_ratio, resample_counts
+from .bootstrap import HierarchicalDraws, Metric, bootstrap, hierarchical_draws, interval, paired_ratio, resample_counts
 from .classification import ClassificationMetric
 from .detection import DetectionMetric
 from .segmentation import SegmentationMetric
@@ -35,9 +35,11 @@ from .segmentation import SegmentationMetric
 __all__ = [
     "ClassificationMetric",
     "DetectionMetric",
+    "HierarchicalDraws",
     "Metric",
     "SegmentationMetric",
     "bootstrap",
+    "hierarchical_draws",
     "interval",
     "paired_ratio",
     "resample_counts",

@@ -1,14 +1,34 @@
-"""Bootstrap intervals over image resamples: the metric protocol, resample counts, an interval, a
-paired ratio."""
+r"""Bootstrap intervals: over image resamples (the metric protocol, resample counts, an interval, a
+paired ratio) and over seeds and images at once (the hierarchical bootstrap).
+
+The hierarchical bootstrap resamples the S training seeds with replacement, then the test images
+within each resampled seed. Every record of a run holds the same R image resamples (the counts are
+seeded by the number of images), so replicate b of a statistic over seeds reads, for its j-th drawn
+seed :math:`s_{b,j}`, that seed's stored resample :math:`\pi_j(b)` (:math:`\pi_j` a random
+permutation of the R resamples, one per position j):
+
+.. math:: \bar x_b = \frac1S \sum_{j=1}^{S} x_{s_{b,j}}[\pi_j(b)],
+
+and a paired ratio uses the same draws for both sides, :math:`\bar f_b / \bar g_b`. With one seed the
+replicates are the image resamples themselves, in another order: the interval is the image
+bootstrap's."""
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor
 
-__all__ = ["Metric", "bootstrap", "interval", "paired_ratio", "resample_counts"]
+__all__ = [
+    "HierarchicalDraws",
+    "Metric",
+    "bootstrap",
+    "hierarchical_draws",
+    "interval",
+    "paired_ratio",
+    "resample_counts",
+]
 
 
 class Metric(Protocol):
@@ -55,3 +75,33 @@ def paired_ratio(final: Metric, baseline: Metric, resamples: int = 1000, seed: i
     lo, hi = interval(a / b)
     base = baseline.value()
     return {"value": final.value() / base if base else float("nan"), "lo": lo, "hi": hi, "resamples": resamples}
+
+
+class HierarchicalDraws(NamedTuple):
+    """Replicate b's j-th seed ``seeds[b, j]`` and the image resample it reads, ``images[b, j]``."""
+
+    seeds: Tensor
+    images: Tensor
+
+    def mean(self, boots: Tensor) -> Tensor:
+        """(B,) replicates of the mean over seeds, from each seed's (S, R) resampled scores."""
+        if boots.dim() != 2 or boots.shape[0] != self.seeds.shape[1]:
+            raise ValueError(f"expected ({self.seeds.shape[1]}, R) resampled scores, got {tuple(boots.shape)}")
+        return boots[self.seeds, self.images].mean(1)
+
+
+def hierarchical_draws(n_seeds: int, resamples: int, seed: int = 0) -> HierarchicalDraws:
+    """Seeds drawn with replacement and, per position, a permutation of the stored image resamples
+    (see the module): ``resamples`` replicates of ``n_seeds`` draws each.
+
+    Example:
+        >>> d = hierarchical_draws(3, 4, seed=0)
+        >>> d.seeds.shape, sorted(d.images[:, 0].tolist())
+        (torch.Size([4, 3]), [0, 1, 2, 3])
+    """
+    if n_seeds < 1 or resamples < 1:
+        raise ValueError(f"need at least one seed and one resample, got {n_seeds} and {resamples}")
+    g = torch.Generator().manual_seed(seed)
+    seeds = torch.randint(0, n_seeds, (resamples, n_seeds), generator=g)
+    images = torch.stack([torch.randperm(resamples, generator=g) for _ in range(n_seeds)], 1)
+    return HierarchicalDraws(seeds, images)

@@ -4,10 +4,14 @@ With R[i][k] the score on task k after stage i (T stages, task k trained in stag
 single-task baseline:
 
 * final score R[T][k]; drop b_k − R[T][k] (absolute) and 1 − R[T][k]/b_k (relative);
-* the 5 % rule: the paired bootstrap interval of R[T][k] / b_k over the same test images (the same
-  resamples for both; with several seeds, the ratio of the seed means per resample): **pass** when it
-  lies above 0.95, **fail** when below, **inconclusive** otherwise; **not judged** when b_k is near
-  chance (b_k < chance + 0.1);
+* the 5 % rule: the hierarchical bootstrap interval (:mod:`clreg.onehead.metrics.bootstrap`: seeds
+  resampled, then test images within each resampled seed) of the ratio of seed means
+  :math:`\sum_s R^{(s)}_{T,k} / \sum_s b^{(s)}_k`, paired (the same seeds and image resamples for the
+  final score and the baseline of the same seed): **pass** when it lies above 0.95, **fail** when
+  below, **inconclusive** otherwise; **not judged** when b_k is near chance (b_k < chance + 0.1). The
+  per-seed ratios :math:`R^{(s)}_{T,k} / b^{(s)}_k` stand beside it, and the image-only interval (the
+  seeds' mean per image resample, the seeds held fixed) is kept for comparison;
+* every score's interval: the same hierarchical bootstrap of the mean over seeds;
 * backward transfer (Lopez-Paz & Ranzato 2017): :math:`\frac{1}{T-1}\sum_{k<T} (R_{T,k} - R_{k,k})`;
 * forgetting (Chaudhry et al. 2018): :math:`\frac{1}{T-1}\sum_{k<T} \max_{l<T} R_{l,k} - R_{T,k}`;
 * intransigence against the single-task baseline: :math:`\frac{1}{T}\sum_k (b_k - R_{k,k})`;
@@ -22,7 +26,7 @@ from typing import Any
 
 import torch
 
-from ..metrics import interval
+from ..metrics import HierarchicalDraws, hierarchical_draws, interval
 from ..protocol import SeedResult
 from ..store import EvalRecord, UnitState
 
@@ -31,13 +35,34 @@ __all__ = ["MARGIN", "judge", "mean_std", "sequence_measures", "summarise"]
 MARGIN = 0.95
 
 
-def judge(final_boot: list[torch.Tensor], base_boot: list[torch.Tensor], base_value: float, chance: float) -> dict:
-    """The paired 5 % judgement from per-seed resampled scores (same resamples for final and base)."""
+def judge(
+    final_boot: list[torch.Tensor],
+    base_boot: list[torch.Tensor],
+    base_value: float,
+    chance: float,
+    final_values: list[float] | None = None,
+    base_values: list[float] | None = None,
+) -> dict:
+    """The paired 5 % judgement from per-seed resampled scores (the same image resamples for every
+    record): the hierarchical interval of final / baseline, the image-only one beside it, and the
+    per-seed ratios of ``final_values`` / ``base_values`` where given."""
     if base_value < chance + 0.1:
         return {"verdict": "not judged", "reason": f"baseline {base_value:.3f} is near chance ({chance:.3f})"}
-    lo, hi = interval(_seed_mean(final_boot) / _seed_mean(base_boot))
+    final, base = torch.stack(final_boot), torch.stack(base_boot)
+    draws = _draws(final)
+    lo, hi = interval(draws.mean(final) / draws.mean(base))
     verdict = "pass" if lo > MARGIN else "fail" if hi < MARGIN else "inconclusive"
-    return {"verdict": verdict, "ratio_lo": lo, "ratio_hi": hi}
+    images_lo, images_hi = interval(final.mean(0) / base.mean(0))
+    out = {"verdict": verdict, "ratio_lo": lo, "ratio_hi": hi, "images_only": [images_lo, images_hi]}
+    if final_values is not None and base_values is not None:
+        out["per_seed_ratios"] = [f / b if b else math.nan for f, b in zip(final_values, base_values)]
+    return out
+
+
+def _draws(boots: torch.Tensor) -> HierarchicalDraws:
+    """The hierarchical draws for (S, R) resampled scores: the same for every statistic of a run with
+    S seeds and R resamples, so intervals of different methods share them."""
+    return hierarchical_draws(boots.shape[0], boots.shape[1], seed=0)
 
 
 def sequence_measures(R: list[list[float]], base: list[float]) -> dict[str, float]:
@@ -62,14 +87,11 @@ def sequence_measures(R: list[list[float]], base: list[float]) -> dict[str, floa
     return out
 
 
-def _seed_mean(boots: list[torch.Tensor]) -> torch.Tensor:
-    """Per resample (the same images for every seed), the mean over seeds of the resampled scores."""
-    return torch.stack(boots).mean(0)
-
-
 def _mean_interval(records: list[EvalRecord]) -> list[float]:
-    """The 95 % bootstrap interval of the mean over seeds; with one seed it is that seed's interval."""
-    return list(interval(_seed_mean([r.boot for r in records])))
+    """The 95 % hierarchical bootstrap interval of the mean over seeds; with one seed it is that seed's
+    image interval."""
+    boots = torch.stack([r.boot for r in records])
+    return list(interval(_draws(boots).mean(boots)))
 
 
 def mean_std(xs: list[float]) -> dict[str, float]:
@@ -113,7 +135,14 @@ def _final(recs: list[EvalRecord], base: list[EvalRecord], metric: str, chance: 
     """One task's final scores over seeds against its baselines: drops and the 5 % rule."""
     base_mean = statistics.fmean(r.value for r in base)
     mean = statistics.fmean(r.value for r in recs)
-    verdict = judge([r.boot for r in recs], [r.boot for r in base], base_mean, chance)
+    verdict = judge(
+        [r.boot for r in recs],
+        [r.boot for r in base],
+        base_mean,
+        chance,
+        [r.value for r in recs],
+        [r.value for r in base],
+    )
     out = _scores(recs, metric)
     extras = {k: out.pop(k) for k in list(out) if k not in ("metric", "mean", "std", "per_seed", "interval")}
     out |= {
