@@ -220,9 +220,17 @@ def test_tune_writes_its_grid_scores_and_choice(cache_env, tmp_path):
     assert [t["settings"]["ewc.lam"] for t in trials] == [1.0, 10.0]
     best = max(trials, key=lambda t: (t["score"], t["mean"]))
     assert tune["methods"]["ewc"]["chosen"]["ewc.lam"] == best["settings"]["ewc.lam"]
-    for t in trials:  # the score is the worst task's final / baseline on val, the mean breaks ties
-        assert t["score"] == pytest.approx(min(t["final"].values()))
+    assert tune["seeds"] == [100, 101]  # the profile's tune seeds, which no report uses
+    for t in trials:  # the worst seed's worst task's final / baseline on val; the mean breaks ties
+        assert sorted(t["per_seed"]) == ["100", "101"]
+        assert t["score"] == pytest.approx(min(min(r.values()) for r in t["per_seed"].values()))
+        for task, v in t["final"].items():
+            assert v == pytest.approx((t["per_seed"]["100"][task] + t["per_seed"]["101"][task]) / 2)
         assert t["mean"] == pytest.approx(sum(t["final"].values()) / 3)
+        assert t["stage_values"] == {
+            "2": {"ewc.lam": t["settings"]["ewc.lam"]},
+            "3": {"ewc.lam": t["settings"]["ewc.lam"]},
+        }
     assert (out / "ewc_lambda_sensitivity.png").stat().st_size > 0
 
 
@@ -238,13 +246,17 @@ def test_a_tune_takes_its_recorded_results_instead_of_training_again(cache_env, 
     progress = json.loads((out / "tune-progress.json").read_text())
     assert progress["config"]["profile"] == "tiny"
     results = progress["results"]
-    assert {"baseline/seg/lr=0.001", "baseline/cls/lr=0.02", "joint/joint", "joint/joint-balanced"} <= set(results)
+    for seed in ("seed100", "seed101"):
+        keys = {"baseline/seg/lr=0.001", "baseline/cls/lr=0.02", "joint/joint", "joint/joint-balanced"}
+        assert {f"{seed}/{k}" for k in keys} <= set(results)
     tune = json.loads((out / "tune.json").read_text())
     for t in tune["methods"]["ewc"]["trials"]:
-        final = results[f"ewc/{json.dumps(t['settings'], sort_keys=True)}"]
-        assert t["final"] == {k: pytest.approx(v / max(tune["baselines"][k], 1e-9)) for k, v in final.items()}
+        for seed in ("100", "101"):
+            final = results[f"seed{seed}/ewc/{json.dumps(t['settings'], sort_keys=True)}"]
+            base = tune["baselines_per_seed"][seed]
+            assert t["per_seed"][seed] == {k: pytest.approx(v / max(base[k], 1e-9)) for k, v in final.items()}
     # stage 2 is shared by the candidates that differ only in stage 3's λ
-    state = out / "state" / "seed0"
+    state = out / "state" / "seed100"
     assert len(list(state.glob("ewc@*__stage2.pt"))) == 2 and len(list(state.glob("ewc@*__stage3.pt"))) == 4
     again.mkdir()
     shutil.copy(out / "tune-progress.json", again)
@@ -285,7 +297,7 @@ def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys)
     """--settings-from TUNE_JSON: the baselines' learning rate per task, the joint schedule and loss
     weights and each tuned method's values (its variant's fixed settings too) replace the profile's,
     --set still overrides, the provenance names the file; a file that is not a tune's is exit 2."""
-    from clreg.onehead.config import RunRequest, resolve
+    from clreg.onehead.config import RunRequest, resolve, seeds_shared_with_tune
 
     grid = {"baseline.lr": (1e-3, 2e-2), "ewc.lam@2": (1.0, 10.0)}
     variants = {"ewc": [{"fixed": {"ewc.normalize": 1.0}, "grid": grid}]}
@@ -322,6 +334,10 @@ def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys)
     assert shipped.profile.baseline_lr == cfg.profile.baseline_lr
     with pytest.raises(ValueError, match="--settings-from does not go with --tune"):
         resolve(RunRequest(profile="tiny", mode="tune", settings_from=str(out / "tune.json")))
+    assert cfg.profile.tuned_on == (100, 101) and cfg.seeds == (0,) and seeds_shared_with_tune(cfg) == []
+    over = resolve(RunRequest(profile="tiny", settings_from=str(out / "tune.json"), first_seed=100, seeds=3))
+    assert over.seeds == (100, 101, 102) and seeds_shared_with_tune(over) == [100, 101]
+    assert resolve(RunRequest(profile="tiny", mode="tune", first_seed=7, seeds=2)).seeds == (7, 8)
     (tmp_path / "bad.json").write_text('{"grid": {}}')
     assert main(["--profile", "tiny", "--settings-from", str(tmp_path / "bad.json"), "--quiet"]) == 2
     err = capsys.readouterr().err
@@ -400,7 +416,7 @@ def test_tune_searches_baseline_learning_rates_per_stage_values_and_combinations
     assert first["lwf.alpha"] == tune["methods"]["lwf"]["chosen"]["lwf.alpha"]  # started from its parts
     assert [t["settings"]["ewc.lam@3"] for t in combo["trials"][:2]] == [1.0, 100.0]
     assert {t["settings"]["lwf.alpha"] for t in combo["trials"][2:]} == {0.5, 2.0}
-    units = {p.name for p in (out / "state" / "seed0").glob("*.pt")}
+    units = {p.name for p in (out / "state" / "seed101").glob("*.pt")}
     assert {"stage1@lr0.001.pt", "stage1@lr0.02.pt", "single__det@lr0.02.pt"} <= units
 
 
@@ -414,11 +430,37 @@ def test_tune_chooses_the_joint_schedule_and_loss_weights_on_val(cache_env, tmp_
         ("equal", None), ("balanced", None), ("equal", [1.0, 1.0, 1.0]), ("equal", [4.0, 1.0, 1.0])
     ]  # fmt: skip
     for t in joint["trials"]:
-        assert t["score"] == pytest.approx(min(t["final"].values()))
-    best = max(joint["trials"], key=lambda t: t["score"])
+        assert t["score"] == pytest.approx(min(min(r.values()) for r in t["per_seed"].values()))
+    best = max(joint["trials"], key=lambda t: (t["score"], t["mean"]))
     assert joint["chosen"] == best["schedule"] and joint.get("weights") == best.get("weights")
-    units = {p.name for p in (out / "state" / "seed0").glob("joint*.pt")}
+    units = {p.name for p in (out / "state" / "seed100").glob("joint*.pt")}
     assert units == {"joint.pt", "joint-balanced.pt", "joint-w1-1-1.pt", "joint-w4-1-1.pt"}
-    loss = {u: torch.load(out / "state" / "seed0" / u, weights_only=False)["train"]["loss"] for u in units}
+    loss = {u: torch.load(out / "state" / "seed100" / u, weights_only=False)["train"]["loss"] for u in units}
     assert loss["joint-w1-1-1.pt"] == loss["joint.pt"]  # weights of 1 are the unweighted loss, bit for bit
     assert loss["joint-w4-1-1.pt"] != loss["joint.pt"]  # segmentation's weight reaches the loss
+
+
+def test_a_run_on_the_tunes_seeds_warns_and_says_so_in_the_report(cache_env, tmp_path, monkeypatch, capsys):
+    """A profile carrying a tune's choices records the tune's seeds; a run that reports any of them
+    logs a warning, lists them in results.json and the report says so."""
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tuned_on=(0, 100)))
+    out = tmp_path / "shared"
+    assert main(["--profile", "tiny", "--methods", "naive", "--no-joint", "--out", str(out)]) == 0
+    assert "warning: training seeds [0] are among those the tune" in capsys.readouterr().out
+    res = json.loads((out / "results.json").read_text())
+    assert res["seeds_shared_with_tune"] == [0] and res["config"]["tune_seeds"] == [0, 100]
+    assert "**Warning: seeds [0] are reported too**" in (out / "report.md").read_text()
+
+
+def test_every_stage_sets_every_per_stage_value(cache_env, tmp_path):
+    """λ set for stage 2 alone: stage 3 runs with the method's own λ, not the one stage 2's saved
+    state carries; each stage's unit records the values it ran with."""
+    out = tmp_path / "stages"
+    args = ["--profile", "tiny", "--methods", "ewc", "--no-joint", "--out", str(out), "--quiet"]
+    assert main([*args, "--set", "ewc.lam=10", "--set", "ewc.lam@2=50"]) == 0
+    state = out / "state" / "seed0"
+    ran = {
+        p.name.split("__")[-1]: torch.load(p, weights_only=False)["train"]["stage_values"]
+        for p in state.glob("ewc@*__stage*.pt")
+    }
+    assert ran == {"stage2.pt": {"ewc.lam": 50.0}, "stage3.pt": {"ewc.lam": 10.0}}

@@ -137,7 +137,10 @@ def test_the_tiny_profiles_ewc_units_keep_their_names():
 
 def test_a_setting_may_take_its_own_value_for_one_stage():
     m = Method.parse("ewc+lwf", {"ewc.lam": 2.0, "ewc.lam@3": 5.0, "lwf.alpha@2": 0.5, "mas.lam@2": 9.0})
-    assert m.stage_values(2) == {"lwf.alpha": 0.5} and m.stage_values(3) == {"ewc.lam": 5.0}
+    alpha = m.settings["lwf.alpha"]
+    assert m.stage_values(2) == {"ewc.lam": 2.0, "lwf.alpha": 0.5}  # every per-stage value, each stage
+    assert m.stage_values(3) == {"ewc.lam": 5.0, "lwf.alpha": alpha}
+    assert m.stage_values(3, {"lwf.alpha": 0.7, "si.c": 1.0}) == {"ewc.lam": 5.0, "lwf.alpha": 0.7}
     assert "mas.lam@2" not in m.relevant_settings()  # another part's: not read, not in the unit key
     assert m.key([{}, {}, {}]) != Method.parse("ewc+lwf", {"ewc.lam": 2.0}).key([{}, {}, {}])
     for bad, message in (("ewc.lam@x", "a stage is a number"), ("replay.capacity@2", "cannot change between"),

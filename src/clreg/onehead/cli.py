@@ -64,12 +64,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu")
     p.add_argument("--amp", action="store_true", help="bfloat16 autocast where the device supports it")
     p.add_argument("--out", help="output folder (default: onehead-results/<profile>)")
-    p.add_argument("--seeds", type=int, default=1, help="number of seeds (2+: mean ± std, judged on the mean)")
+    p.add_argument(
+        "--seeds",
+        type=int,
+        default=None,
+        help="number of training seeds (default: the profile's; 2+: mean ± std, judged over seeds and images)",
+    )
     p.add_argument(
         "--first-seed",
         type=int,
-        default=0,
-        help="start at this seed (processes running other seeds on one --out at once; then --seeds N reads them all)",
+        default=None,
+        help="start at this seed (processes running other seeds on one --out at once; then --seeds N reads them "
+        "all); without --seeds or --first-seed a --tune trains on the profile's tune seeds, which no report uses",
     )
     p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the profile's)")
     p.add_argument("--bn", choices=("train", "freeze"), default="train", help="BatchNorm statistics after stage 1")

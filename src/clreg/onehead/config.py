@@ -24,7 +24,15 @@ from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile, with_tune
 from .synthetic import SyntheticConfig
 from .tasks import FOLDERS, TASK_NAMES
 
-__all__ = ["Backbone", "BenchmarkConfig", "DataSource", "RunRequest", "check_resume", "resolve"]
+__all__ = [
+    "Backbone",
+    "BenchmarkConfig",
+    "DataSource",
+    "RunRequest",
+    "check_resume",
+    "resolve",
+    "seeds_shared_with_tune",
+]
 
 MODES = ("run", "baselines", "tune")
 # not compared when resuming: where it runs, how many seeds (each seed's units are separate), which
@@ -59,8 +67,8 @@ class RunRequest:
     device: str = "cpu"
     amp: bool = False
     out: str | None = None  # None: onehead-results/<profile>[-tune]
-    seeds: int = 1
-    first_seed: int = 0  # seeds first_seed … first_seed + seeds − 1 (another process may run the others)
+    seeds: int | None = None  # None: the profile's (a run's seeds, or a tune's own)
+    first_seed: int | None = None  # seeds first_seed … first_seed + seeds − 1 (another process may run the others)
     steps: int | None = None  # every stage's budget; None: the profile's
     bn: str = "train"
     sets: Mapping[str, float] = field(default_factory=dict)  # method settings: "NAME" or "METHOD:NAME" -> value
@@ -166,6 +174,7 @@ class BenchmarkConfig:
             "width": p.width,
             "bn": self.bn,
             "seeds": list(self.seeds),
+            **({"tune_seeds": list(p.tuned_on)} if p.tuned_on is not None else {}),
             "backbone": self.backbone.record(),
             "backbone_description": self.backbone.description,
             "data": self.data.record(),
@@ -187,9 +196,9 @@ class BenchmarkConfig:
 
 
 def _check_counts(req: RunRequest) -> None:
-    if req.seeds < 1:
+    if req.seeds is not None and req.seeds < 1:
         raise ValueError(f"--seeds must be >= 1, got {req.seeds}")
-    if req.first_seed < 0:
+    if req.first_seed is not None and req.first_seed < 0:
         raise ValueError(f"--first-seed must be >= 0, got {req.first_seed}")
     if req.steps is not None and req.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {req.steps}")
@@ -316,7 +325,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         settings_provenance=_provenance(prof, req.sets, None if tuned_from is None else tuned_from[0]),
         steps=prof.steps,
         bn=req.bn,
-        seeds=tuple(range(req.first_seed, req.first_seed + req.seeds)),
+        seeds=_seeds(req, prof),
         backbone=_backbone(req, prof),
         data=_data(req, prof),
         device=req.device,
@@ -327,6 +336,22 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         quiet=req.quiet,
         categories=_categories(req.categories),
     )
+
+
+def _seeds(req: RunRequest, prof: Profile) -> tuple[int, ...]:
+    """The training seeds: ``first_seed`` … ``first_seed + seeds − 1`` where either is given; else a
+    tune's own (``prof.tune_seeds``) or a run's 0 … ``prof.seeds`` − 1."""
+    if req.seeds is None and req.first_seed is None:
+        return tuple(prof.tune_seeds) if req.mode == "tune" else tuple(range(prof.seeds))
+    first = req.first_seed or 0
+    return tuple(range(first, first + (req.seeds or 1)))
+
+
+def seeds_shared_with_tune(config: BenchmarkConfig) -> list[int]:
+    """The run's seeds that the tune whose choices it carries trained on (empty for a tune itself)."""
+    if config.mode == "tune" or config.profile.tuned_on is None:
+        return []
+    return sorted(set(config.seeds) & set(config.profile.tuned_on))
 
 
 def check_resume(config: BenchmarkConfig) -> None:

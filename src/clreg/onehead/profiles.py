@@ -82,6 +82,9 @@ class Profile:
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
     untuned: Profile | None = field(default=None, repr=False)  # before with_tuned: what a --tune starts from
+    seeds: int = 1  # a run's training seeds by default: 0 … seeds − 1
+    tune_seeds: tuple[int, ...] = (100, 101)  # a --tune's training seeds: none a report uses
+    tuned_on: tuple[int, ...] | None = None  # the training seeds of the tune whose choices it carries
 
     def before_tune(self) -> Profile:
         """The profile as a ``--tune`` starts from: without any tune's choices."""
@@ -207,8 +210,9 @@ def _check_tune(tune: Any) -> None:
 def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...] = ("seg", "det", "cls")) -> Profile:
     """``prof`` with what a ``--tune`` chose (its ``tune.json``): the baselines' learning rate per task,
     the joint reference's schedule and loss weights, and each tuned method's own settings (its
-    learning rate, per-stage values and fixed variant settings included). What the tune did not
-    search keeps the profile's value. A ValueError for a file that is not a tune's report."""
+    learning rate, per-stage values and fixed variant settings included), and the tune's training
+    seeds (``tuned_on``; seed 0 for a tune that does not list them). What the tune did not search
+    keeps the profile's value. A ValueError for a file that is not a tune's report."""
     _check_tune(tune)
     changes: dict[str, Any] = {}
     chosen_lr = tune.get("baseline_lr", {}).get("chosen", {})
@@ -223,6 +227,7 @@ def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...]
         changes["joint_weights"] = None if w is None else tuple(float(x) for x in w)
     own = {name: {k: float(v) for k, v in m["chosen"].items()} for name, m in tune["methods"].items()}
     changes["method_settings"] = {**prof.method_settings, **own}
+    changes["tuned_on"] = tuple(int(s) for s in tune.get("seeds", [0]))  # a tune.json without seeds: seed 0's
     return replace(prof, **changes, untuned=prof.before_tune())
 
 
@@ -231,6 +236,8 @@ def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
     chosen learning rates), the joint reference's choice and each method's chosen values."""
     _check_tune(tune)
     out: dict[str, Any] = {"split": tune.get("split", "val"), "baselines": dict(tune["baselines"])}
+    if "seeds" in tune:
+        out["seeds"] = list(tune["seeds"])
     if tune.get("baseline_lr"):
         out["baseline_lr"] = {"chosen": dict(tune["baseline_lr"]["chosen"])}
     if "joint" in tune:

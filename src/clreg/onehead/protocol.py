@@ -271,7 +271,8 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     built, consolidate_s = _consolidated(run, method, model, prev, prev_task)
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
-    built.set_stage_values({**stage.settings, **method.stage_values(i + 1)})
+    values = method.stage_values(i + 1, stage.settings)
+    built.set_stage_values(values)
     s = method.settings
     replay = (
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])
@@ -282,7 +283,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     res = train(run.wrap(model), job, run.settings_for(stage))
     return UnitState(
         run.evaluate(model),
-        train={**res.record(), "consolidate_seconds": consolidate_s},
+        train={**res.record(), "consolidate_seconds": consolidate_s, "stage_values": values},
         model=model.state_dict(),
         optimizer=res.optimizer,
         reg=None if built.reg is None else built.reg.state_dict(),

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from ...distributed import rank_and_world
-from ..config import BenchmarkConfig
+from ..config import BenchmarkConfig, seeds_shared_with_tune
 from ..methods import Method
 from ..model import cpu_latency, save_checkpoint
 from ..protocol import SeedResult, run_seed
@@ -54,6 +54,13 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
     methods = [Method.parse(name, config.settings_for(name)) for name in config.methods]
     work = planned_work(ws)
     ws.log(f"work: {describe(work)}")
+    shared = seeds_shared_with_tune(config)
+    if shared:
+        ws.log(
+            f"warning: training seeds {shared} are among those the tune that chose these settings trained on "
+            f"({list(config.profile.tuned_on or [])}): the verdicts on them rest on trajectories the settings "
+            "were fitted to; run other seeds (--first-seed) for a report"
+        )
     seeds = [run_seed(ws.seed_run(seed), methods, config.joint) for seed in config.seeds]
     if rank_and_world()[0] != 0:
         return None
@@ -65,6 +72,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
     results = {
         "config": config.record(),
         "seeds": list(config.seeds),
+        "seeds_shared_with_tune": shared,
         "within_rules": config.within_rules,
         "classes": {k: {"names": t.class_names, "source": t.class_source} for k, t in ws.tasks.items()},
         "summary": summary,

@@ -1,6 +1,11 @@
-"""The tune: on the validation split, seed 0, first the baselines' learning rate per task, then a
-coordinate search over the profile's grid for every method, each candidate scored as the challenge
-judges (its worst task's final / baseline, the mean over tasks breaking ties).
+"""The tune: on the validation split, on its own training seeds (the profile's ``tune_seeds``, which
+no report uses; ``--seeds``/``--first-seed`` choose others), first the baselines' learning rate per
+task, then a coordinate search over the profile's grid for every method. Each candidate is trained on
+every tune seed and scored as the challenge judges, seed by seed: its worst task's final / that
+seed's baseline; the candidate's score is the **worst over the seeds** (the mean over seeds and
+tasks breaking ties). The worst rather than the mean: the report's verdict is the lower end of a
+hierarchical interval, which widens with the seeds' disagreement, and the worst seed penalises
+disagreement alike, where a mean would not.
 
 A single-part method searches each grid key it reads in turn (its learning rate ``lr``, per-stage
 values such as ``ewc.lam@2`` and ``ewc.lam@3``, …), starting from the profile's values. A ``+``
@@ -105,55 +110,84 @@ def _best(trials: list[dict[str, Any]]) -> dict[str, Any]:
     return max(trials, key=lambda t: (t["score"], t["mean"]))
 
 
+Runs = Sequence[SeedRun]  # one per tune seed
+Baselines = Mapping[int, Mapping[str, float]]  # seed -> task -> baseline value (val)
+
+
+def _key(run: SeedRun, name: str) -> str:
+    """A result's key in the progress record: the seed's, so tunes on other seeds share the file."""
+    return f"seed{run.seed}/{name}"
+
+
 def _baseline_value(run: SeedRun, i: int, progress: TuneProgress) -> float:
     s = run.stages[i]
     lr = run.lr(s, None)
-    return progress.get(f"baseline/{s.task}/lr={lr:g}", lambda: single_task(run, i).evals[s.task].value)
+    return progress.get(_key(run, f"baseline/{s.task}/lr={lr:g}"), lambda: single_task(run, i).evals[s.task].value)
 
 
-def _tune_baselines(ws: Workspace, lrs: Sequence[float], progress: TuneProgress) -> tuple[SeedRun, dict[str, Any]]:
-    """Each task's baseline at every learning rate of ``lrs`` (val); the seed's run with the best."""
-    base = ws.seed_run(0)
-    trials: dict[str, list[dict[str, Any]]] = {s.task: [] for s in base.stages}
+def _with_baseline_lr(run: SeedRun, lr: Mapping[str, float] | float) -> SeedRun:
+    pick = (lambda task: lr[task]) if isinstance(lr, Mapping) else (lambda task: lr)
+    return replace(run, stages=[replace(s, baseline_lr=pick(s.task)) for s in run.stages])
+
+
+def _tune_baselines(runs: Runs, lrs: Sequence[float], progress: TuneProgress) -> tuple[list[SeedRun], dict[str, Any]]:
+    """Each task's baseline at every learning rate of ``lrs`` on every tune seed (val); per task the
+    rate of the best mean over the seeds; the seeds' runs with it."""
+    trials: dict[str, list[dict[str, Any]]] = {s.task: [] for s in runs[0].stages}
     for lr in lrs:
-        run = replace(base, stages=[replace(s, baseline_lr=lr) for s in base.stages])
-        for i, s in enumerate(run.stages):
-            trials[s.task].append({"lr": lr, "value": _baseline_value(run, i, progress)})
+        per_seed = [_with_baseline_lr(run, lr) for run in runs]
+        for i, s in enumerate(runs[0].stages):
+            values = {r.seed: _baseline_value(r, i, progress) for r in per_seed}
+            trials[s.task].append({"lr": lr, "value": sum(values.values()) / len(values), "per_seed": values})
     chosen = {task: max(t, key=lambda x: x["value"])["lr"] for task, t in trials.items()}
-    run = replace(base, stages=[replace(s, baseline_lr=chosen[s.task]) for s in base.stages])
-    return run, {"grid": list(lrs), "trials": trials, "chosen": chosen}
+    return [_with_baseline_lr(run, chosen) for run in runs], {"grid": list(lrs), "trials": trials, "chosen": chosen}
+
+
+def _scored(values: Mapping[int, Mapping[str, float]], base: Baselines) -> dict[str, Any]:
+    """Per seed, final / that seed's baseline per task and its worst task; the score is the worst seed's
+    worst task, ``mean`` the mean over seeds and tasks, ``final`` the mean over seeds per task."""
+    per_seed = {s: {t: v[t] / max(base[s][t], 1e-9) for t in base[s]} for s, v in values.items()}
+    tasks = list(next(iter(per_seed.values())))
+    final = {t: sum(r[t] for r in per_seed.values()) / len(per_seed) for t in tasks}
+    score = min(min(r.values()) for r in per_seed.values())
+    mean = sum(final.values()) / len(final)
+    return {"final": final, "score": score, "mean": mean, "per_seed": {str(s): r for s, r in per_seed.items()}}
 
 
 def _tune_joint(
-    run: SeedRun, base: dict[str, float], candidates: Sequence[JointCandidate], progress: TuneProgress
+    runs: Runs, base: Baselines, candidates: Sequence[JointCandidate], progress: TuneProgress
 ) -> dict[str, Any]:
-    """The joint reference under each (schedule, loss weights) candidate (val), scored like a method:
-    its worst task's score over that task's baseline; the best is chosen."""
+    """The joint reference under each (schedule, loss weights) candidate (val), on every tune seed,
+    scored like a method; the best is chosen."""
     trials = []
     for schedule, w in candidates:
-        one = replace(run, joint_schedule=schedule, joint_weights=w)
-        values = progress.get(
-            f"joint/{joint_unit(schedule, w)}", lambda one=one: {t: r.value for t, r in joint(one).evals.items()}
-        )
-        finals = {t: values[t] / max(b, 1e-9) for t, b in base.items()}
-        trial = {"schedule": schedule, "final": finals, "score": min(finals.values())}
+        values = {}
+        for run in runs:
+            one = replace(run, joint_schedule=schedule, joint_weights=w)
+            values[run.seed] = progress.get(
+                _key(run, f"joint/{joint_unit(schedule, w)}"),
+                lambda one=one: {t: r.value for t, r in joint(one).evals.items()},
+            )
+        trial = {"schedule": schedule, **_scored(values, base)}
         trials.append(trial | ({"weights": list(w)} if w is not None else {}))
-    best = max(trials, key=lambda t: t["score"])
+    best = _best(trials)
     return {"trials": trials, "chosen": best["schedule"], **({"weights": best["weights"]} if "weights" in best else {})}
 
 
-def _trial(
-    run: SeedRun, method: Method, settings: Mapping[str, float], base: dict[str, float], progress: TuneProgress
-) -> dict[str, Any]:
-    """One candidate: its final / baseline per task, its score (the worst) and the mean (tie-break)."""
-
-    def values() -> dict[str, float]:
-        return {t: r.value for t, r in method_stages(run, method.with_settings(settings))[-1].evals.items()}
-
-    final = progress.get(f"{method.name}/{_settings_key(settings)}", values)
-    finals = {t: final[t] / max(b, 1e-9) for t, b in base.items()}
-    score, mean = min(finals.values()), sum(finals.values()) / len(finals)
-    return {"settings": dict(settings), "score": score, "mean": mean, "final": finals}
+def _trial(runs: Runs, method: Method, settings: Mapping[str, float], base: Baselines, progress: TuneProgress) -> dict:
+    """One candidate on every tune seed: its final / baseline per task and seed, its score (the worst
+    seed's worst task) and the mean (tie-break), with the value of every per-stage setting in each
+    stage after the first (what the stages ran with)."""
+    one = method.with_settings(settings)
+    values = {}
+    for run in runs:
+        values[run.seed] = progress.get(
+            _key(run, f"{method.name}/{_settings_key(settings)}"),
+            lambda run=run: {t: r.value for t, r in method_stages(run, one)[-1].evals.items()},
+        )
+    stages = runs[0].stages
+    effective = {str(i + 1): one.stage_values(i + 1, stages[i].settings) for i in range(1, len(stages))}
+    return {"settings": dict(settings), **_scored(values, base), "stage_values": effective}
 
 
 def _reads(method: Method, key: str) -> bool:
@@ -163,13 +197,13 @@ def _reads(method: Method, key: str) -> bool:
 
 
 def _coordinate_search(
-    run: SeedRun, method: Method, start: dict[str, float], grid: Grid, base: dict[str, float], progress: TuneProgress
+    runs: Runs, method: Method, start: dict[str, float], grid: Grid, base: Baselines, progress: TuneProgress
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Each key of ``grid`` the method reads, in turn, over its values, the others held at the best
     so far; returns the chosen settings and every trial."""
     chosen, trials = dict(start), []
     for key in [k for k in grid if _reads(method, k)]:
-        tried = [{**_trial(run, method, {**chosen, key: float(v)}, base, progress), "key": key} for v in grid[key]]
+        tried = [{**_trial(runs, method, {**chosen, key: float(v)}, base, progress), "key": key} for v in grid[key]]
         chosen[key] = _best(tried)["settings"][key]
         trials += tried
     return chosen, trials
@@ -204,15 +238,13 @@ def _score(result: dict[str, Any]) -> tuple[float, float]:
     return (_best(result["trials"])["score"], _best(result["trials"])["mean"]) if result["trials"] else (0.0, 0.0)
 
 
-def _search(
-    run: SeedRun, method: Method, ws: Workspace, base: dict[str, float], done: dict, progress: TuneProgress
-) -> dict[str, Any]:
+def _search(runs: Runs, method: Method, ws: Workspace, base: Baselines, done: dict, progress: TuneProgress) -> dict:
     """Every variant of the method (one by default), each by coordinate search; the best one kept."""
     variants = _variants(method, ws, done)
     results = []
     for v in variants:
         grid = {k: g for k, g in v["grid"].items() if k != BASELINE_LR}
-        chosen, trials = _coordinate_search(run, method, _start(method, done, v["fixed"]), grid, base, progress)
+        chosen, trials = _coordinate_search(runs, method, _start(method, done, v["fixed"]), grid, base, progress)
         results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
     best = max(results, key=_score)
     trials = [t for r in results for t in r["trials"]]
@@ -221,26 +253,38 @@ def _search(
 
 
 def tune(config: BenchmarkConfig) -> dict[str, Any]:
-    """``tune.json`` (the grids, the baselines' learning rates, every trial and each method's choice),
-    ``tune.md`` (its tables), ``tune-choices.json`` (the choices alone) and the EWC λ-sensitivity
-    figure, from seed 0 on the validation split."""
+    """``tune.json`` (the seeds, the grids, the baselines' learning rates, every trial and each method's
+    choice), ``tune.md`` (its tables), ``tune-choices.json`` (the choices alone) and the EWC
+    λ-sensitivity figure, from the tune seeds on the validation split."""
     ws = open_workspace(config)
     config = ws.config
     progress = TuneProgress(config.out / "tune-progress.json", config.comparable())
     grid = config.profile.tune_grid
+    runs = [ws.seed_run(seed) for seed in config.seeds]
+    ws.log(f"tune on training seeds {list(config.seeds)} (validation split)")
     if BASELINE_LR in grid:
-        run, baselines = _tune_baselines(ws, grid[BASELINE_LR], progress)
+        runs, baselines = _tune_baselines(runs, grid[BASELINE_LR], progress)
         ws.log(f"tune baselines: learning rate per task {baselines['chosen']}")
     else:
-        run, baselines = ws.seed_run(0), {}
-    base = {st.task: _baseline_value(run, i, progress) for i, st in enumerate(run.stages)}
-    report: dict[str, Any] = {"grid": grid, "baselines": base, "baseline_lr": baselines, "methods": {}, "split": "val"}
+        baselines = {}
+    base = {run.seed: {st.task: _baseline_value(run, i, progress) for i, st in enumerate(run.stages)} for run in runs}
+    mean_base = {t: sum(b[t] for b in base.values()) / len(base) for t in base[runs[0].seed]}
+    report: dict[str, Any] = {
+        "seeds": list(config.seeds),
+        "grid": grid,
+        "baselines": mean_base,
+        "baselines_per_seed": {str(s): dict(b) for s, b in base.items()},
+        "baseline_lr": baselines,
+        "methods": {},
+        "split": "val",
+        "score": "the worst over the tune seeds of the worst task's final / baseline (ties: the mean)",
+    }
     if config.joint:
-        report["joint"] = _tune_joint(run, base, config.profile.tune_joint, progress)
+        report["joint"] = _tune_joint(runs, base, config.profile.tune_joint, progress)
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))
-        report["methods"][name] = _search(run, method, ws, base, report["methods"], progress)
+        report["methods"][name] = _search(runs, method, ws, base, report["methods"], progress)
         ws.log(f"tune {name}: {report['methods'][name]['chosen']}")
     report["provenance"] = provenance()
     config.out.mkdir(parents=True, exist_ok=True)

@@ -123,13 +123,23 @@ class Method:
         """The settings this method reads (its parts', per-stage ones included, and ``lr``)."""
         return {k: v for k, v in self.settings.items() if k == "lr" or k.split(".")[0] in self.parts}
 
-    def stage_values(self, stage: int) -> dict[str, float]:
-        """The per-stage settings (``"<setting>@<stage>"``) this method sets for stage ``stage`` (1-based)."""
-        out = {}
+    def stage_values(self, stage: int, overrides: Mapping[str, float] | None = None) -> dict[str, float]:
+        """The value of every per-stage setting of this method's parts in stage ``stage`` (1-based):
+        ``"<setting>@<stage>"`` where the method sets it, else the stage's own value (``overrides``, a
+        profile's per-stage settings), else the method's ``"<setting>"``. Every stage sets each of them,
+        so none is carried over from the state the previous stage saved.
+
+        Example:
+            >>> m = Method.parse("ewc", {"ewc.lam": 1.0, "ewc.lam@2": 10.0})
+            >>> m.stage_values(2), m.stage_values(3), m.stage_values(3, {"ewc.lam": 5.0})
+            ({'ewc.lam': 10.0}, {'ewc.lam': 1.0}, {'ewc.lam': 5.0})
+        """
+        out = {k: float(self.settings[k]) for p in self.parts for k in PARTS[p].stage_attributes}
+        out.update({k: float(v) for k, v in (overrides or {}).items() if k in out})
         for k, v in self.relevant_settings().items():
             base, at = split_stage_key(k)
             if at == stage:
-                out[base] = v
+                out[base] = float(v)
         return out
 
     def key(self, stage_settings: Sequence[Mapping[str, float]], start: str = "stage1", upto: int | None = None) -> str:

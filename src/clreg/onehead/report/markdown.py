@@ -38,8 +38,24 @@ def _header(results: dict[str, Any]) -> list[str]:
         f"{cfg['size']} px; seeds {results['seeds']}; BatchNorm statistics: {cfg['bn']}; backbone: "
         f"{cfg['backbone_description']}.",
         f"Method settings: {cfg['settings_provenance']}.",
+        *_tune_seeds(results),
         *_chosen_classes(results),
         "",
+    ]
+
+
+def _tune_seeds(results: dict[str, Any]) -> list[str]:
+    """The tune's training seeds, and a warning where the report's seeds include any of them."""
+    tuned = results["config"].get("tune_seeds")
+    if tuned is None:
+        return []
+    shared = results.get("seeds_shared_with_tune") or []
+    line = f"The settings were tuned on training seeds {tuned} (validation split)"
+    if not shared:
+        return [line + "; none of them is reported here."]
+    return [
+        line
+        + f". **Warning: seeds {shared} are reported too**: their verdicts rest on the trajectories the settings were fitted to."
     ]
 
 

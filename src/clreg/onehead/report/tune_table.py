@@ -57,7 +57,11 @@ def render_tune(report: dict[str, Any]) -> str:
     """Markdown of a ``tune.json`` report: scores are each task's final / its single-task baseline on
     the tune's split, a candidate's score the worst of them."""
     split = report.get("split", "val")
-    lines = [f"# Tune ({split} split, seed 0)", "", "## Single-task baselines", "", *_baselines(report)]
+    seeds = ", ".join(str(s) for s in report.get("seeds", [0]))
+    lines = [f"# Tune ({split} split, training seeds {seeds})", ""]
+    if "score" in report:
+        lines += [f"A candidate's score: {report['score']}; per task, the mean over the seeds.", ""]
+    lines += ["## Single-task baselines (mean over the seeds)", "", *_baselines(report)]
     if "joint" in report:
         lines += ["", "## Joint reference (final / baseline)", "", *_joint(report)]
     lines += ["", "## Methods (final / baseline of the chosen settings)", "", *_methods(report)]
