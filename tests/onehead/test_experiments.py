@@ -464,3 +464,52 @@ def test_every_stage_sets_every_per_stage_value(cache_env, tmp_path):
         for p in state.glob("ewc@*__stage*.pt")
     }
     assert ran == {"stage2.pt": {"ewc.lam": 50.0}, "stage3.pt": {"ewc.lam": 10.0}}
+
+
+def test_ewc_per_task_lambda_weighs_each_task_by_its_stages_lambda(cache_env, tmp_path):
+    """ewc.per_task = 1: the λ of stage k weighs the task consolidated before it (w_t) and EWC's own λ
+    is 1, so stage 3's λ reaches detection's Fisher alone: the saved state equals an EWC consolidated
+    by hand with TaskSpec(weight=λ@2) on the stage-1 model and TaskSpec(weight=λ@3) on the stage-2 one."""
+    from clreg import EWC
+    from clreg.onehead.config import RunRequest, resolve
+    from clreg.onehead.experiments.workspace import open_workspace
+
+    out = tmp_path / "per_task"
+    sets = ["--set", "ewc.per_task=1", "--set", "ewc.lam@2=40", "--set", "ewc.lam@3=7"]
+    assert main(["--profile", "tiny", "--methods", "ewc", "--no-joint", "--out", str(out), "--quiet", *sets]) == 0
+    state = out / "state" / "seed0"
+    load = lambda pattern: torch.load(next(state.glob(pattern)), weights_only=False)  # noqa: E731
+    stage1, stage2, stage3 = load("stage1.pt"), load("ewc@*__stage2.pt"), load("ewc@*__stage3.pt")
+    assert stage3["train"]["task_weights"] == {"ewc": 7.0} and stage2["train"]["task_weights"] == {"ewc": 40.0}
+    cfg = resolve(RunRequest(profile="tiny", out=str(out), quiet=True, methods="ewc"))
+    ws = open_workspace(cfg)
+    model = ws.make_model()
+    by_hand = EWC(model, lam=1.0, seed=0)
+    for k, (prior, task) in enumerate(((stage1, "seg"), (stage2, "det"))):
+        model.load_state_dict(prior["model"])
+        ws.tasks[["seg", "det", "cls"][k + 1]].prepare(model)
+        spec = ws.tasks[task].spec
+        data = ws.tasks[task].fit_data
+        by_hand.consolidate(model, data, replace(spec, weight=(40.0, 7.0)[k]))
+    saved = stage3["reg"]
+    ours = {k: v for k, v in by_hand.state_dict().items() if isinstance(v, torch.Tensor)}
+    for k, v in ours.items():
+        torch.testing.assert_close(saved[f"members.0.{k}"], v, msg=k)
+    assert saved["members.0._extra_state"]["config"]["lam"] == 1.0  # EWC's own λ; the stages' weigh the tasks
+
+
+def test_tune_chooses_the_joint_learning_rate_after_its_schedule(cache_env, tmp_path, monkeypatch):
+    """With ``joint.lr`` in the grid, the best (schedule, weights) is tried at each rate; the chosen
+    rate goes into tune.json, a profile that takes the tune runs the joint reference with it."""
+    grid = {"joint.lr": (1e-3, 3e-2)}
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tune_grid=grid, tune_joint=(("full", None),)))
+    out = tmp_path / "tune"
+    assert main(["--profile", "tiny", "--tune", "--methods", "naive", "--out", str(out), "--quiet"]) == 0
+    joint = json.loads((out / "tune.json").read_text())["joint"]
+    assert [(t["schedule"], t.get("lr")) for t in joint["trials"]] == [("full", None), ("full", 1e-3), ("full", 3e-2)]
+    best = max(joint["trials"], key=lambda t: (t["score"], t["mean"]))
+    assert joint["chosen"] == "full" and joint.get("lr") == best.get("lr")
+    units = {p.name for p in (out / "state" / "seed100").glob("joint*.pt")}
+    assert units == {"joint-full.pt", "joint-full-lr0.001.pt", "joint-full-lr0.03.pt"}
+    tuned = with_tuned(PROFILES["tiny"], json.loads((out / "tune.json").read_text()))
+    assert tuned.joint_schedule == "full" and tuned.joint_lr == joint.get("lr")

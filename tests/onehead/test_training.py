@@ -115,6 +115,7 @@ def test_joint_plans_keep_the_sequences_compute() -> None:
     stages = [Stage("seg", 600), Stage("det", 300), Stage("cls", 400)]
     assert joint_plan(stages, "equal") == (433, None)
     assert joint_plan(stages, "balanced") == (600, [600, 300, 400])
+    assert joint_plan(stages, "full") == (600, None)  # every task at least its baseline's steps
     with pytest.raises(ValueError, match="joint schedule"):
         joint_plan(stages, "random")
 

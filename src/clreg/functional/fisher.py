@@ -39,6 +39,12 @@ labels (``empirical``) it is biased by the correlation between locations.
 A per-sample loss ``loss(outputs, target) -> Tensor[B]`` is treated as a negative log-likelihood: the
 result is the **empirical Fisher of that loss** (for a detector, of its detection loss).
 
+Sigmoid and regression outputs (no per-sample loss) take ``mc`` alone: labels drawn from the model
+(independent Bernoullis per channel and location; a unit-variance Gaussian around a regression
+output, with the output's ``weight`` read from the model's own outputs as a per-location weight,
+negative weights counting as 0), on the dense convention: the (weighted) mean over locations of the
+per-location Fisher (:mod:`clreg.functional.likelihoods`). Their default is ``mc``.
+
 ``batched`` is the mean over batches of the squared gradient of the batch-mean loss with the true
 labels (as Avalanche computes it). In expectation it equals F/B + (1 − 1/B)(E g)²: biased,
 dependent on the batch size B and on how the data is split. It is offered for comparison only.
@@ -80,9 +86,10 @@ from .._params import ParamSelector, unwrap_model
 from .._sharding import NO_SAMPLES, any_rank, fsdp_modules
 from ..data import Chunk, call_model, is_map_dataset, iter_chunks, split_item, stable_seed, tree_to
 from ..distributed import all_reduce_sum_
-from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_tensor
+from ..spec import OutputSpec, PerSampleLoss, TaskSpec, select_output, select_tensor
 from ._per_sample import Objective, PerSampleEngine, ProgressFn, eval_mode, model_device
 from .curvature.engine import CurvatureEngine, CurvatureSums, SampleLayoutError
+from .likelihoods import bernoulli_loglik_draws, gaussian_score_draws
 
 __all__ = [
     "ENGINES",
@@ -430,6 +437,10 @@ def fisher_curvature(
     return sums
 
 
+def _one_softmax(outs: Sequence[OutputSpec]) -> bool:
+    return len(outs) == 1 and outs[0].kind == "softmax"
+
+
 def _check_rereadable(data: Any) -> None:
     """The data is read more than once (its first sample probes the output's shape): an iterator or a
     generator would lose what the probe read."""
@@ -535,7 +546,7 @@ class FisherRequest:
         outs = _as_outputs(outputs)
         req = cls(outs, per_sample_loss, estimator or default_estimator(per_sample_loss), mc_samples, seed)
         req._check()
-        if estimator is None and per_sample_loss is None and model is not None and len(outs) == 1:
+        if estimator is None and per_sample_loss is None and model is not None and _one_softmax(outs):
             req = dataclasses.replace(req, estimator=default_estimator(None, _probe_shapes(model, data, outs)))
         return req
 
@@ -552,10 +563,11 @@ class FisherRequest:
                 )
             return
         bad = [o.kind for o in self.outputs if o.kind != "softmax"]
-        if bad:
+        if bad and self.estimator != "mc":
             raise ValueError(
-                f"a Fisher over {bad[0]} outputs needs a per-sample loss (TaskSpec(per_sample_loss=...)); "
-                "only softmax outputs have a built-in likelihood"
+                f"a Fisher over {bad[0]} outputs takes estimator 'mc' (labels drawn from the model: Bernoulli "
+                "for sigmoid, a unit-variance Gaussian for regression) or a per-sample loss "
+                f"(TaskSpec(per_sample_loss=...)); got {self.estimator!r}"
             )
         if self.estimator == "exact" and len(self.outputs) != 1:
             raise ValueError("the exact Fisher takes one softmax output; use 'mc' for several")
@@ -611,6 +623,9 @@ def _mc(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
         total: Tensor | float = 0.0
         for o, u in zip(outs, noise):
             z = _logits(out, o)  # (1, C, *loc), or the classes on o.class_dim
+            if o.kind != "softmax":
+                total = total + _drawn_likelihood(out, z, u, o)
+                continue
             d = class_dim_of(z, o)
             labels = _draw_labels(z.detach(), u, d)  # (k, *loc): k independent draws
             valid = None
@@ -626,8 +641,25 @@ def _mc(req: FisherRequest, model: nn.Module, data: Any) -> PerSampleObjective:
 
 def _noise_shape(shape: torch.Size, o: OutputSpec) -> torch.Size:
     """One draw's noise: Gumbel noise per class and location for classes on dim 1, one uniform per
-    location otherwise (a vocabulary's k × L × V noise would not fit)."""
-    return shape if o.class_dim == 1 else shape[1:]
+    location otherwise (a vocabulary's k × L × V noise would not fit); a sigmoid or regression
+    output's, one uniform per channel and location."""
+    return shape if o.class_dim == 1 or o.kind != "softmax" else shape[1:]
+
+
+def _drawn_likelihood(out: Any, z: Tensor, u: Tensor, o: OutputSpec) -> Tensor:
+    """A sigmoid or regression output's k drawn objectives (:mod:`clreg.functional.likelihoods`); a
+    regression output's per-location weight is read from the model's own outputs (``o.weight``)."""
+    if o.kind == "sigmoid":
+        return bernoulli_loglik_draws(z, u)
+    if o.weight is None:
+        return gaussian_score_draws(z, u)
+    w = o.weight(out) if callable(o.weight) else select_output(out, o.weight)
+    if not isinstance(w, Tensor) or w[0].numel() != z[0, 0].numel():
+        shown = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+        raise ValueError(
+            f"the weight of output {o.select!r} must give one value per location of {tuple(z.shape)}, got {shown}"
+        )
+    return gaussian_score_draws(z, u, w.detach().float().clamp(min=0.0))
 
 
 def _draw_labels(z: Tensor, u: Tensor, d: int) -> Tensor:

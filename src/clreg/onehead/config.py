@@ -184,6 +184,7 @@ class BenchmarkConfig:
             "joint": self.joint,
             "joint_schedule": p.joint_schedule,
             **({"joint_weights": list(p.joint_weights)} if p.joint_weights is not None else {}),
+            **({"joint_lr": p.joint_lr} if p.joint_lr is not None else {}),
             "resamples": p.resamples,
             "tune": self.mode == "tune",
         }

@@ -78,6 +78,7 @@ class Profile:
     latency: bool = True
     joint_schedule: str = "equal"  # the joint reference's schedule (clreg.onehead.protocol.joint_plan)
     joint_weights: tuple[float, ...] | None = None  # its tasks' loss weights, in stage order (None: 1 each)
+    joint_lr: float | None = None  # its learning rate (None: the first stage's baseline's)
     tune_joint: tuple[JointCandidate, ...] = (("equal", None), ("balanced", None))  # what the tune tries
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
@@ -225,6 +226,8 @@ def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...]
         changes["joint_schedule"] = tune["joint"]["chosen"]
         w = tune["joint"].get("weights")
         changes["joint_weights"] = None if w is None else tuple(float(x) for x in w)
+        lr = tune["joint"].get("lr")
+        changes["joint_lr"] = None if lr is None else float(lr)
     own = {name: {k: float(v) for k, v in m["chosen"].items()} for name, m in tune["methods"].items()}
     changes["method_settings"] = {**prof.method_settings, **own}
     changes["tuned_on"] = tuple(int(s) for s in tune.get("seeds", [0]))  # a tune.json without seeds: seed 0's
@@ -241,7 +244,7 @@ def tune_choices(tune: dict[str, Any]) -> dict[str, Any]:
     if tune.get("baseline_lr"):
         out["baseline_lr"] = {"chosen": dict(tune["baseline_lr"]["chosen"])}
     if "joint" in tune:
-        out["joint"] = {k: tune["joint"][k] for k in ("chosen", "weights") if k in tune["joint"]}
+        out["joint"] = {k: tune["joint"][k] for k in ("chosen", "weights", "lr") if k in tune["joint"]}
     out["methods"] = {name: {"chosen": dict(m["chosen"])} for name, m in tune["methods"].items()}
     return out
 

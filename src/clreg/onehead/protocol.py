@@ -69,6 +69,7 @@ class SeedRun:
         wrap: an optional ``model -> model`` applied for training (e.g. DDP).
         joint_schedule: how the joint reference takes its tasks' batches (:func:`joint_plan`).
         joint_weights: the joint reference's loss weight of each task, in stage order (``None``: 1 each).
+        joint_lr: the joint reference's learning rate (``None``: the first stage's baseline's).
     """
 
     make_model: Callable[[], nn.Module]
@@ -80,6 +81,7 @@ class SeedRun:
     wrap: Callable[[nn.Module], nn.Module] = lambda m: m
     joint_schedule: str = "equal"  # see joint_plan
     joint_weights: tuple[float, ...] | None = None
+    joint_lr: float | None = None  # None: the first stage's baseline learning rate
 
     def __post_init__(self) -> None:
         unknown = [s.task for s in self.stages if s.task not in self.tasks]
@@ -164,42 +166,47 @@ def single_task(run: SeedRun, index: int) -> UnitState:
     return run.store.run(unit, fn)
 
 
-JOINT_SCHEDULES = ("equal", "balanced")
+JOINT_SCHEDULES = ("equal", "balanced", "full")
 
 
 def joint_plan(stages: list[Stage], schedule: str) -> tuple[int, list[int] | None]:
-    """(steps, batches per task) of the joint reference, both schedules giving the sequence's compute:
-    ``equal``, Σ steps / T steps of one batch of every task; ``balanced``, each task the batches of its
-    own stage (its baseline's), spread evenly over max-steps steps."""
+    """(steps, batches per task) of the joint reference: ``equal``, Σ steps / T steps of one batch of
+    every task (the sequence's compute); ``balanced``, each task the batches of its own stage (its
+    baseline's), spread evenly over max-steps steps (the sequence's compute too); ``full``, max-steps
+    steps of one batch of every task, so each task gets at least its baseline's optimizer steps."""
     if schedule not in JOINT_SCHEDULES:
         raise ValueError(f"joint schedule must be one of {JOINT_SCHEDULES}, got {schedule!r}")
     if schedule == "equal":
         return max(1, round(sum(s.steps for s in stages) / len(stages))), None
+    if schedule == "full":
+        return max(s.steps for s in stages), None
     return max(s.steps for s in stages), [s.steps for s in stages]
 
 
 def joint(run: SeedRun) -> UnitState:
-    """All tasks together in one model, from the seed's init, with the baselines' learning rate; the
-    schedule (:func:`joint_plan`) is the run's ``joint_schedule``, the tasks' loss weights its
-    ``joint_weights``."""
+    """All tasks together in one model, from the seed's init; the schedule (:func:`joint_plan`) is the
+    run's ``joint_schedule``, the tasks' loss weights its ``joint_weights``, the learning rate its
+    ``joint_lr`` (else the first stage's baseline's)."""
     steps, per_task = joint_plan(run.stages, run.joint_schedule)
     first = run.stages[0]
+    lr = run.joint_lr if run.joint_lr is not None else run.lr(first, None)
 
     def fn() -> UnitState:
         model = run.fresh_model("joint")
         tasks = [run.tasks[s.task] for s in run.stages]
-        job = TrainJob(tasks, steps, run.lr(first, None), stable_seed(run.seed, "joint"), desc="joint",
+        job = TrainJob(tasks, steps, lr, stable_seed(run.seed, "joint"), desc="joint",
                        batches_per_task=per_task, task_weights=run.joint_weights)  # fmt: skip
         res = train(run.wrap(model), job, run.settings_for(first))
         return UnitState(run.evaluate(model), train=res.record())
 
-    return run.store.run(first.unit(joint_unit(run.joint_schedule, run.joint_weights)), fn)
+    return run.store.run(first.unit(joint_unit(run.joint_schedule, run.joint_weights, run.joint_lr)), fn)
 
 
-def joint_unit(schedule: str, weights: Sequence[float] | None) -> str:
-    """The joint reference's unit name: ``joint``, ``joint-balanced``, ``joint-w2-1-1`` …"""
+def joint_unit(schedule: str, weights: Sequence[float] | None, lr: float | None = None) -> str:
+    """The joint reference's unit name: ``joint``, ``joint-balanced``, ``joint-w2-1-1``, ``joint-full-lr0.004`` …"""
     name = "joint" if schedule == "equal" else f"joint-{schedule}"
-    return name if weights is None else f"{name}-w{'-'.join(f'{w:g}' for w in weights)}"
+    name = name if weights is None else f"{name}-w{'-'.join(f'{w:g}' for w in weights)}"
+    return name if lr is None else f"{name}-lr{lr:g}"
 
 
 def method_stages(run: SeedRun, method: Method) -> list[UnitState]:
@@ -223,9 +230,10 @@ def _start_of_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> nn
 
 
 def _consolidated(
-    run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task
+    run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task, weights: Mapping[str, float]
 ) -> tuple[Built, float]:
-    """The method's regularizers, carried over from the previous stage and consolidated on its task."""
+    """The method's regularizers, carried over from the previous stage and consolidated on its task;
+    a part named in ``weights`` gives the task that weight (its ``TaskSpec.weight``)."""
     built = method.build(model, seed=run.seed)
     if built.reg is None:
         return built, 0.0
@@ -235,7 +243,13 @@ def _consolidated(
         built.take_over(prev.trackers, method.settings)
     built.reg.to(run.run.device)
     t0 = time.perf_counter()
-    built.reg.consolidate(model, _fit_data(prev_task), prev_task.spec)
+    data, spec = _fit_data(prev_task), prev_task.spec
+    if weights:
+        for name, member in built.members.items():
+            w = weights.get(name)
+            member.consolidate(model, data, spec if w is None else replace(spec, weight=spec.weight * w))
+    else:
+        built.reg.consolidate(model, data, spec)
     return built, time.perf_counter() - t0
 
 
@@ -268,11 +282,11 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     """Stage ``i`` (0-based, ≥ 1) of ``method``, from the previous stage's state."""
     stage, prev_task = run.stages[i], run.tasks[run.stages[i - 1].task]
     model = _start_of_stage(run, method, i, prev)
-    built, consolidate_s = _consolidated(run, method, model, prev, prev_task)
+    values = method.stage_values(i + 1, stage.settings)
+    built, consolidate_s = _consolidated(run, method, model, prev, prev_task, method.task_weights(values))
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
-    values = method.stage_values(i + 1, stage.settings)
-    built.set_stage_values(values)
+    built.set_stage_values(method.attribute_values(values))
     s = method.settings
     replay = (
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])
@@ -283,7 +297,12 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     res = train(run.wrap(model), job, run.settings_for(stage))
     return UnitState(
         run.evaluate(model),
-        train={**res.record(), "consolidate_seconds": consolidate_s, "stage_values": values},
+        train={
+            **res.record(),
+            "consolidate_seconds": consolidate_s,
+            "stage_values": values,
+            "task_weights": method.task_weights(values),
+        },
         model=model.state_dict(),
         optimizer=res.optimizer,
         reg=None if built.reg is None else built.reg.state_dict(),

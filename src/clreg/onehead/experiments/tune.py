@@ -41,9 +41,10 @@ from ..provenance import provenance
 from ..report import lambda_figure, render_tune
 from .workspace import Workspace, open_workspace
 
-__all__ = ["BASELINE_LR", "TuneProgress", "tune"]
+__all__ = ["BASELINE_LR", "JOINT_LR", "TuneProgress", "tune"]
 
 BASELINE_LR = "baseline.lr"  # the grid key of the baselines' learning rate (searched per task)
+JOINT_LR = "joint.lr"  # the grid key of the joint reference's learning rate
 
 Grid = Mapping[str, Sequence[float]]
 
@@ -154,24 +155,33 @@ def _scored(values: Mapping[int, Mapping[str, float]], base: Baselines) -> dict[
     return {"final": final, "score": score, "mean": mean, "per_seed": {str(s): r for s, r in per_seed.items()}}
 
 
+def _joint_trial(
+    runs: Runs, base: Baselines, schedule: str, w: Sequence[float] | None, lr: float | None, progress: TuneProgress
+) -> dict[str, Any]:
+    values = {}
+    for run in runs:
+        one = replace(run, joint_schedule=schedule, joint_weights=None if w is None else tuple(w), joint_lr=lr)
+        values[run.seed] = progress.get(
+            _key(run, f"joint/{joint_unit(schedule, w, lr)}"),
+            lambda one=one: {t: r.value for t, r in joint(one).evals.items()},
+        )
+    trial = {"schedule": schedule, **_scored(values, base)}
+    return trial | ({"weights": list(w)} if w is not None else {}) | ({"lr": lr} if lr is not None else {})
+
+
 def _tune_joint(
-    runs: Runs, base: Baselines, candidates: Sequence[JointCandidate], progress: TuneProgress
+    runs: Runs, base: Baselines, candidates: Sequence[JointCandidate], lrs: Sequence[float], progress: TuneProgress
 ) -> dict[str, Any]:
     """The joint reference under each (schedule, loss weights) candidate (val), on every tune seed,
-    scored like a method; the best is chosen."""
-    trials = []
-    for schedule, w in candidates:
-        values = {}
-        for run in runs:
-            one = replace(run, joint_schedule=schedule, joint_weights=w)
-            values[run.seed] = progress.get(
-                _key(run, f"joint/{joint_unit(schedule, w)}"),
-                lambda one=one: {t: r.value for t, r in joint(one).evals.items()},
-            )
-        trial = {"schedule": schedule, **_scored(values, base)}
-        trials.append(trial | ({"weights": list(w)} if w is not None else {}))
+    scored like a method; then the best candidate at each learning rate of ``lrs`` (the grid's
+    ``joint.lr``, if any); the best is chosen."""
+    trials = [_joint_trial(runs, base, schedule, w, None, progress) for schedule, w in candidates]
     best = _best(trials)
-    return {"trials": trials, "chosen": best["schedule"], **({"weights": best["weights"]} if "weights" in best else {})}
+    for lr in lrs:
+        trials.append(_joint_trial(runs, base, best["schedule"], best.get("weights"), float(lr), progress))
+    best = _best(trials)
+    keep = {k: best[k] for k in ("weights", "lr") if k in best}
+    return {"trials": trials, "chosen": best["schedule"], **keep}
 
 
 def _trial(runs: Runs, method: Method, settings: Mapping[str, float], base: Baselines, progress: TuneProgress) -> dict:
@@ -243,7 +253,7 @@ def _search(runs: Runs, method: Method, ws: Workspace, base: Baselines, done: di
     variants = _variants(method, ws, done)
     results = []
     for v in variants:
-        grid = {k: g for k, g in v["grid"].items() if k != BASELINE_LR}
+        grid = {k: g for k, g in v["grid"].items() if k not in (BASELINE_LR, JOINT_LR)}
         chosen, trials = _coordinate_search(runs, method, _start(method, done, v["fixed"]), grid, base, progress)
         results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
     best = max(results, key=_score)
@@ -280,7 +290,7 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
         "score": "the worst over the tune seeds of the worst task's final / baseline (ties: the mean)",
     }
     if config.joint:
-        report["joint"] = _tune_joint(runs, base, config.profile.tune_joint, progress)
+        report["joint"] = _tune_joint(runs, base, config.profile.tune_joint, grid.get(JOINT_LR, ()), progress)
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))

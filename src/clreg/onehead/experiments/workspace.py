@@ -103,7 +103,8 @@ class Workspace:
         return SeedRun(self.make_model, self.tasks, self.stages, self.run_settings, store,
                        baseline_lr=self.config.settings["lr"], wrap=wrap,
                        joint_schedule=self.config.profile.joint_schedule,
-                       joint_weights=self.config.profile.joint_weights)  # fmt: skip
+                       joint_weights=self.config.profile.joint_weights,
+                       joint_lr=self.config.profile.joint_lr)  # fmt: skip
 
 
 def _check_backbone(config: BenchmarkConfig) -> None:

@@ -142,6 +142,24 @@ class Method:
                 out[base] = float(v)
         return out
 
+    def task_weights(self, values: Mapping[str, float]) -> dict[str, float]:
+        """Per part whose per-task strength is on (e.g. ``ewc.per_task = 1``): the weight w_t of the task
+        it consolidates before the stage whose per-stage ``values`` are given (that stage's λ)."""
+        out = {}
+        for p in self.parts:
+            part = PARTS[p]
+            if part.per_task(self.settings):
+                out[p] = float(values[part.per_task_strength[1]])  # type: ignore[index]
+        return out
+
+    def attribute_values(self, values: Mapping[str, float]) -> dict[str, float]:
+        """The per-stage values as the regularizers take them: a strength that weighs its task
+        (:meth:`task_weights`) leaves the regularizer's own strength at 1."""
+        out = dict(values)
+        for p in self.task_weights(values):
+            out[PARTS[p].per_task_strength[1]] = 1.0  # type: ignore[index]
+        return out
+
     def key(self, stage_settings: Sequence[Mapping[str, float]], start: str = "stage1", upto: int | None = None) -> str:
         """The method's name and a digest of the settings it reads, the per-stage overrides and the
         first-stage unit it starts from, so units of other settings never mix and changing one

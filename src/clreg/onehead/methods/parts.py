@@ -46,10 +46,13 @@ BUILTIN_PARTS = tuple(
         Part("naive"),
         Part(
             "ewc",
-            {"ewc.lam": 1.0, "ewc.normalize": 0.0},  # normalize 1: each task's Fisher divided by its mean
+            # normalize 1: each task's Fisher divided by its mean; per_task 1: λ@k weighs the task
+            # consolidated before stage k (its w_t), the global λ is 1
+            {"ewc.lam": 1.0, "ewc.normalize": 0.0, "ewc.per_task": 0.0},
             regularizer=_ewc,
             stage_attributes={"ewc.lam": "lam"},
             data_pass=True,
+            per_task_strength=("ewc.per_task", "ewc.lam"),
         ),
         Part(
             "online_ewc",

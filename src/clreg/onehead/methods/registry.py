@@ -37,6 +37,9 @@ class Part:
     stage_one_tracker: Callable[[nn.Module], Any] | None = None  # tracks the path in stage 1
     take_over: Callable[[Regularizer, dict[str, Any], Settings], None] | None = None  # from that state
     data_pass: bool = False  # its consolidation reads the previous task's data once (a Fisher, an importance)
+    # (switch, strength): with the 0/1 setting `switch` at 1, the per-stage `strength` of a stage weighs
+    # the task consolidated before it (the task weight w_t) and the regularizer's own strength is 1
+    per_task_strength: tuple[str, str] | None = None
 
     def __post_init__(self) -> None:
         foreign = [k for k in (*self.settings, *self.stage_attributes) if not k.startswith(self.name + ".")]
@@ -45,6 +48,19 @@ class Part:
         unknown = [k for k in self.stage_attributes if k not in self.settings]
         if unknown:
             raise ValueError(f"part {self.name!r}: per-stage settings {unknown} are not among its settings")
+        if self.per_task_strength is not None:
+            switch, strength = self.per_task_strength
+            if switch not in self.settings or strength not in self.stage_attributes:
+                raise ValueError(f"part {self.name!r}: per_task_strength needs a setting and a per-stage setting")
+
+    def per_task(self, settings: Settings) -> bool:
+        """Whether the method's settings turn this part's per-task strength on (a 0/1 setting)."""
+        if self.per_task_strength is None:
+            return False
+        flag = float(settings.get(self.per_task_strength[0], 0.0))
+        if flag not in (0.0, 1.0):
+            raise ValueError(f"{self.per_task_strength[0]} is 0 or 1, got {flag}")
+        return flag == 1.0
 
 
 PARTS: dict[str, Part] = {}
