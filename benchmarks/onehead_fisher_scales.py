@@ -15,11 +15,9 @@ from __future__ import annotations
 
 import json
 import sys
-from dataclasses import replace
 
 from clreg.onehead.analysis import fisher_scales
-from clreg.onehead.cli import build_parser, request_from_args
-from clreg.onehead.config import resolve
+from clreg.onehead.cli import build_parser, validation_config
 
 
 def _rows(scales: dict) -> list[str]:
@@ -33,7 +31,7 @@ def _rows(scales: dict) -> list[str]:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    config = resolve(replace(request_from_args(args), mode="tune", methods="ewc"))
+    config = validation_config(args, methods="ewc")
     out = {str(seed): fisher_scales(config, seed) for seed in config.seeds}
     config.out.mkdir(parents=True, exist_ok=True)
     (config.out / "fisher_scales.json").write_text(json.dumps(out, indent=1))

@@ -22,6 +22,7 @@ pytest.importorskip("pycocotools")
 
 from clreg import ReplayBuffer
 from clreg.onehead.cli import main
+from clreg.onehead.methods import Method
 from clreg.onehead.profiles import PROFILES, tune_choices, with_tuned
 
 TIMING_KEYS = {"train_seconds", "peak_rss_bytes", "provenance", "seconds", "figures"}
@@ -513,3 +514,40 @@ def test_tune_chooses_the_joint_learning_rate_after_its_schedule(cache_env, tmp_
     assert units == {"joint-full.pt", "joint-full-lr0.001.pt", "joint-full-lr0.03.pt"}
     tuned = with_tuned(PROFILES["tiny"], json.loads((out / "tune.json").read_text()))
     assert tuned.joint_schedule == "full" and tuned.joint_lr == joint.get("lr")
+
+
+def test_ewc_likelihood_consolidates_detection_without_its_loss():
+    """ewc.likelihood = 1: a task with a per-sample loss (detection) is consolidated on its spec
+    without it (the mc Fisher of its heatmap's Bernoullis and boxes' Gaussian); others as they are."""
+    from clreg import TaskSpec
+
+    on = Method.parse("ewc+lwf", {"ewc.likelihood": 1.0})
+    with_loss = TaskSpec(per_sample_loss=lambda out, y: out.sum((1,)))
+    assert on.member_spec("ewc", with_loss, {"ewc.lam": 1.0}).per_sample_loss is None
+    assert on.member_spec("lwf", with_loss, {"ewc.lam": 1.0}) is with_loss
+    off = Method.parse("ewc", {})
+    assert off.member_spec("ewc", with_loss, {"ewc.lam": 1.0}) is with_loss
+    both = Method.parse("ewc", {"ewc.likelihood": 1.0, "ewc.per_task": 1.0})
+    spec = both.member_spec("ewc", with_loss, {"ewc.lam": 30.0})
+    assert spec.per_sample_loss is None and spec.weight == 30.0
+
+
+def test_workers_train_the_units_one_process_would(cache_env, tmp_path):
+    """--workers 2 trains the seeds' shared units, then each (seed, method), in two processes of
+    one thread each: the same results as one process of one thread, bit for bit."""
+    args = ["--profile", "tiny", "--seeds", "2", "--no-joint", "--quiet"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main([*args, "--out", str(tmp_path / "one")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert main([*args, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = (json.loads((tmp_path / d / "results.json").read_text())["summary"] for d in ("one", "two"))
+    for m in one["methods"]:
+        assert one["methods"][m]["R_per_seed"] == two["methods"][m]["R_per_seed"]
+    assert {t: b["per_seed"] for t, b in one["baselines"].items()} == {
+        t: b["per_seed"] for t, b in two["baselines"].items()
+    }
+    units = lambda d: sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d / "state").rglob("*.pt"))  # noqa: E731
+    assert units("one") == units("two")

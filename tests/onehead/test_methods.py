@@ -39,8 +39,9 @@ def test_every_part_declares_the_settings_it_reads():
     for name, part in PARTS.items():
         assert all(k.startswith(name + ".") for k in part.settings)
     ewc = Method.parse("ewc+replay", {"ewc.lam": 5, "si.c": 3.0})
-    assert ewc.relevant_settings() == {"ewc.lam": 5.0, "ewc.normalize": 0.0, "replay.capacity": 10,
-                                       "replay.per_step": 8, "replay.weight": 1.0, "lr": 2e-3}  # fmt: skip
+    assert ewc.relevant_settings() == {"ewc.lam": 5.0, "ewc.normalize": 0.0, "ewc.per_task": 0.0,
+                                       "ewc.likelihood": 0.0, "replay.capacity": 10, "replay.per_step": 8,
+                                       "replay.weight": 1.0, "lr": 2e-3}  # fmt: skip
     with pytest.raises(ValueError, match=r"unknown setting 'ewc\.lambda'"):
         Method.parse("ewc", {"ewc.lambda": 1.0})
 
@@ -131,8 +132,10 @@ def test_a_methods_unit_key_is_its_name_and_a_digest_of_what_it_reads():
 
 def test_the_tiny_profiles_ewc_units_keep_their_names():
     """Unit names are stable: they change only with the settings a method reads (EWC's grew
-    ``ewc.normalize``), so a folder of an earlier run finds its method units."""
+    ``ewc.normalize``; ``ewc.per_task`` and ``ewc.likelihood`` count only when on), so a folder of an
+    earlier run finds its method units."""
     assert Method.parse("ewc", {"ewc.lam": 10.0}).key([{}, {}, {}]) == "ewc@7e12ef4f"
+    assert Method.parse("ewc", {"ewc.lam": 10.0, "ewc.per_task": 1.0}).key([{}, {}, {}]) != "ewc@7e12ef4f"
 
 
 def test_a_setting_may_take_its_own_value_for_one_stage():

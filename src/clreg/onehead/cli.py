@@ -5,7 +5,7 @@ into a configuration and hand it to the experiment layer; report errors as one l
 
     clreg-onehead [run] [--profile quick|scratch|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
                   [--data-root DIR] [--backbone-weights FILE | --pretrained | --random-init]
-                  [--device cpu] [--amp] [--out DIR] [--seeds N] [--first-seed K] [--steps N]
+                  [--device cpu] [--amp] [--out DIR] [--seeds N] [--first-seed K] [--workers N] [--steps N]
                   [--bn train|freeze]
                   [--categories a,b,...] [--set name=value ...] [--settings-from TUNE_JSON]
                   [--tune | --baselines-only] [--no-joint]
@@ -24,10 +24,11 @@ import logging
 import os
 import sys
 import warnings
+from dataclasses import replace
 
 import torch
 
-from .config import RunRequest, resolve
+from .config import BenchmarkConfig, RunRequest, resolve
 from .data import DataFormatError
 from .experiments import EvaluateRequest, evaluate_checkpoint, run_experiment
 from .profiles import PROFILES
@@ -78,6 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
         "all); without --seeds or --first-seed a --tune trains on the profile's tune seeds, which no report uses",
     )
     p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the profile's)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that train a run's units at once, each with its share of the threads (default 1)",
+    )
     p.add_argument("--bn", choices=("train", "freeze"), default="train", help="BatchNorm statistics after stage 1")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a method setting")
     p.add_argument(
@@ -136,6 +143,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         out=args.out,
         seeds=args.seeds,
         first_seed=args.first_seed,
+        workers=args.workers,
         steps=args.steps,
         bn=args.bn,
         sets=_parse_sets(args.set),
@@ -145,6 +153,17 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         categories=tuple(args.categories.split(",")) if args.categories else None,
         settings_from=args.settings_from,
     )
+
+
+def validation_config(args: argparse.Namespace, methods: str | None = None) -> BenchmarkConfig:
+    """The configuration of a command line, read as a ``--tune`` reads (the validation split; the
+    profile's tune seeds unless ``--seeds``/``--first-seed`` say otherwise) with the profile's own
+    settings (a tuned profile's choices kept): for studies that must not read the test split."""
+    request = request_from_args(args)
+    config = resolve(request if methods is None else replace(request, methods=methods))
+    if args.seeds is None and args.first_seed is None:
+        config = replace(config, seeds=tuple(config.profile.tune_seeds))
+    return replace(config, mode="tune")
 
 
 def _evaluate(argv: list[str]) -> None:

@@ -40,6 +40,7 @@ MODES = ("run", "baselines", "tune")
 # learning rate is compared as "baseline_lr") and whether the joint reference is run
 IGNORED_ON_RESUME = (
     "device",
+    "workers",
     "seeds",
     "methods",
     "within_rules",
@@ -76,6 +77,7 @@ class RunRequest:
     mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
     quiet: bool = False
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
+    workers: int = 1  # processes that train a run's units at once (clreg.onehead.experiments.parallel)
     settings_from: str | None = None  # a tune.json whose choices replace the profile's
 
 
@@ -139,6 +141,7 @@ class BenchmarkConfig:
     eval_split: str | None = None  # known once the data is there
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method, over settings
+    workers: int = 1  # processes that train a run's units at once
 
     def settings_for(self, method: str) -> dict[str, float]:
         """The settings method ``method`` runs with: the shared ones, then its own."""
@@ -174,6 +177,7 @@ class BenchmarkConfig:
             "width": p.width,
             "bn": self.bn,
             "seeds": list(self.seeds),
+            "workers": self.workers,
             **({"tune_seeds": list(p.tuned_on)} if p.tuned_on is not None else {}),
             "backbone": self.backbone.record(),
             "backbone_description": self.backbone.description,
@@ -201,6 +205,8 @@ def _check_counts(req: RunRequest) -> None:
         raise ValueError(f"--seeds must be >= 1, got {req.seeds}")
     if req.first_seed is not None and req.first_seed < 0:
         raise ValueError(f"--first-seed must be >= 0, got {req.first_seed}")
+    if not isinstance(req.workers, int) or req.workers < 1:
+        raise ValueError(f"--workers must be an int >= 1, got {req.workers!r}")
     if req.steps is not None and req.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {req.steps}")
     if req.mode not in MODES:
@@ -336,6 +342,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         out=Path(req.out) if req.out else default_out,
         quiet=req.quiet,
         categories=_categories(req.categories),
+        workers=req.workers,
     )
 
 

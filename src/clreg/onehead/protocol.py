@@ -230,10 +230,10 @@ def _start_of_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> nn
 
 
 def _consolidated(
-    run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task, weights: Mapping[str, float]
+    run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task, values: Mapping[str, float]
 ) -> tuple[Built, float]:
-    """The method's regularizers, carried over from the previous stage and consolidated on its task;
-    a part named in ``weights`` gives the task that weight (its ``TaskSpec.weight``)."""
+    """The method's regularizers, carried over from the previous stage and consolidated on its task,
+    each with its spec (:meth:`Method.member_spec` for the stage's per-stage ``values``)."""
     built = method.build(model, seed=run.seed)
     if built.reg is None:
         return built, 0.0
@@ -244,12 +244,8 @@ def _consolidated(
     built.reg.to(run.run.device)
     t0 = time.perf_counter()
     data, spec = _fit_data(prev_task), prev_task.spec
-    if weights:
-        for name, member in built.members.items():
-            w = weights.get(name)
-            member.consolidate(model, data, spec if w is None else replace(spec, weight=spec.weight * w))
-    else:
-        built.reg.consolidate(model, data, spec)
+    for name, member in built.members.items():
+        member.consolidate(model, data, method.member_spec(name, spec, values))
     return built, time.perf_counter() - t0
 
 
@@ -283,7 +279,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     stage, prev_task = run.stages[i], run.tasks[run.stages[i - 1].task]
     model = _start_of_stage(run, method, i, prev)
     values = method.stage_values(i + 1, stage.settings)
-    built, consolidate_s = _consolidated(run, method, model, prev, prev_task, method.task_weights(values))
+    built, consolidate_s = _consolidated(run, method, model, prev, prev_task, values)
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
     built.set_stage_values(method.attribute_values(values))

@@ -11,6 +11,7 @@ from ..model import cpu_latency, save_checkpoint
 from ..protocol import SeedResult, run_seed
 from ..provenance import provenance
 from ..report import summarise, write_report
+from .parallel import run_in_workers, worker_threads
 from .work import describe, planned_work
 from .workspace import Workspace, open_workspace
 
@@ -61,6 +62,9 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
             f"({list(config.profile.tuned_on or [])}): the verdicts on them rest on trajectories the settings "
             "were fitted to; run other seeds (--first-seed) for a report"
         )
+    if config.workers > 1 and rank_and_world()[1] == 1:
+        ws.log(f"training in {config.workers} processes of {worker_threads(config.workers)} threads each")
+        run_in_workers(config, config.workers, config.seeds, [m.name for m in methods])
     seeds = [run_seed(ws.seed_run(seed), methods, config.joint) for seed in config.seeds]
     if rank_and_world()[0] != 0:
         return None

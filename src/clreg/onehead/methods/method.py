@@ -12,13 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from torch import nn
 
 from ...regularizers import Compose, Regularizer
 from ...replay import ReplayBuffer
+from ...spec import TaskSpec
 from .registry import DEFAULT_SETTINGS, PARTS, check_stage_settings
 
 __all__ = ["Built", "Method", "check_settings", "parse_methods", "split_stage_key", "stage_one_trackers"]
@@ -152,6 +153,16 @@ class Method:
                 out[p] = float(values[part.per_task_strength[1]])  # type: ignore[index]
         return out
 
+    def member_spec(self, part: str, spec: TaskSpec, values: Mapping[str, float]) -> TaskSpec:
+        """The task spec part ``part`` consolidates with: weighted by :meth:`task_weights`, and without
+        the per-sample loss where the part's likelihood switch is on (its Fisher then draws labels)."""
+        w = self.task_weights(values).get(part)
+        if w is not None:
+            spec = replace(spec, weight=spec.weight * w)
+        if PARTS[part].likelihood(self.settings) and spec.per_sample_loss is not None:
+            spec = replace(spec, per_sample_loss=None)
+        return spec
+
     def attribute_values(self, values: Mapping[str, float]) -> dict[str, float]:
         """The per-stage values as the regularizers take them: a strength that weighs its task
         (:meth:`task_weights`) leaves the regularizer's own strength at 1."""
@@ -166,8 +177,11 @@ class Method:
         method's settings reuses everything else. With ``upto`` (a 1-based stage), settings of later
         stages (``"<setting>@<k>"``, k > upto) are left out, so a stage is shared by the settings
         that differ only after it."""
+        off = {k for p in self.parts for k in PARTS[p].off_by_default}
         settings = {
-            k: v for k, v in self.relevant_settings().items() if upto is None or (split_stage_key(k)[1] or 0) <= upto
+            k: v
+            for k, v in self.relevant_settings().items()
+            if (upto is None or (split_stage_key(k)[1] or 0) <= upto) and not (k in off and v == 0.0)
         }
         stages = [dict(s) for s in stage_settings][: upto if upto is not None else None]
         parts: list[Any] = [settings, stages]

@@ -47,12 +47,15 @@ BUILTIN_PARTS = tuple(
         Part(
             "ewc",
             # normalize 1: each task's Fisher divided by its mean; per_task 1: λ@k weighs the task
-            # consolidated before stage k (its w_t), the global λ is 1
-            {"ewc.lam": 1.0, "ewc.normalize": 0.0, "ewc.per_task": 0.0},
+            # consolidated before stage k (its w_t), the global λ is 1; likelihood 1: a task with a
+            # per-sample loss (detection) gives the mc Fisher of its likelihood instead
+            {"ewc.lam": 1.0, "ewc.normalize": 0.0, "ewc.per_task": 0.0, "ewc.likelihood": 0.0},
             regularizer=_ewc,
             stage_attributes={"ewc.lam": "lam"},
             data_pass=True,
             per_task_strength=("ewc.per_task", "ewc.lam"),
+            likelihood_switch="ewc.likelihood",
+            off_by_default=("ewc.per_task", "ewc.likelihood"),
         ),
         Part(
             "online_ewc",

@@ -40,6 +40,12 @@ class Part:
     # (switch, strength): with the 0/1 setting `switch` at 1, the per-stage `strength` of a stage weighs
     # the task consolidated before it (the task weight w_t) and the regularizer's own strength is 1
     per_task_strength: tuple[str, str] | None = None
+    # a 0/1 setting: at 1 its Fisher comes from the task's likelihood (the spec without its per-sample
+    # loss: drawn labels, estimator mc) instead of the empirical Fisher of the task's loss
+    likelihood_switch: str | None = None
+    # 0/1 settings that leave a unit's key as it was while at 0 (added after units were named with
+    # this part's other settings, so an earlier run's folder still finds its units)
+    off_by_default: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         foreign = [k for k in (*self.settings, *self.stage_attributes) if not k.startswith(self.name + ".")]
@@ -55,12 +61,18 @@ class Part:
 
     def per_task(self, settings: Settings) -> bool:
         """Whether the method's settings turn this part's per-task strength on (a 0/1 setting)."""
-        if self.per_task_strength is None:
-            return False
-        flag = float(settings.get(self.per_task_strength[0], 0.0))
-        if flag not in (0.0, 1.0):
-            raise ValueError(f"{self.per_task_strength[0]} is 0 or 1, got {flag}")
-        return flag == 1.0
+        return self.per_task_strength is not None and _flag(settings, self.per_task_strength[0])
+
+    def likelihood(self, settings: Settings) -> bool:
+        """Whether the method's settings ask this part's Fisher of the task's likelihood (a 0/1 setting)."""
+        return self.likelihood_switch is not None and _flag(settings, self.likelihood_switch)
+
+
+def _flag(settings: Settings, key: str) -> bool:
+    flag = float(settings.get(key, 0.0))
+    if flag not in (0.0, 1.0):
+        raise ValueError(f"{key} is 0 or 1, got {flag}")
+    return flag == 1.0
 
 
 PARTS: dict[str, Part] = {}
