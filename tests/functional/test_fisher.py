@@ -296,8 +296,8 @@ def test_estimator_and_kind_errors() -> None:
         fisher_diagonal(model, data, outputs=OutputSpec(select="seg"), estimator="exact")
     with pytest.raises(ValueError, match="needs a likelihood"):
         fisher_diagonal(model, data, per_sample_loss=lambda o, t: o["cls"].sum(1), estimator="mc")
-    with pytest.raises(ValueError, match="needs a per-sample loss"):
-        fisher_diagonal(model, data, outputs=OutputSpec(select="det.heatmap", kind="sigmoid"))
+    with pytest.raises(ValueError, match="takes estimator 'mc'"):
+        fisher_diagonal(model, data, outputs=OutputSpec(select="det.heatmap", kind="sigmoid"), estimator="empirical")
     with pytest.raises(ValueError, match="estimator must be one of"):
         fisher_diagonal(model, data, outputs=OutputSpec(select="seg"), estimator="fast")
     with pytest.raises(ValueError, match="key 'segm' not found"):

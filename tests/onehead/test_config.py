@@ -74,7 +74,7 @@ def test_a_request_resolves_into_every_value_a_run_uses(tmp_path) -> None:
     assert record["baseline_lr"] == DEFAULT_SETTINGS["lr"] and record["tune"] is False
     assert "eval_split" not in record and "hash" not in record["data"]  # known once the data is there
     assert set(cfg.comparable()) == set(record) - {"device", "seeds", "methods", "within_rules", "joint",
-                                                   "settings", "settings_provenance"}  # fmt: skip
+                                                   "settings", "settings_provenance", "workers"}  # fmt: skip
     assert resolve(RunRequest(profile="tiny", mode="tune")).out.name == "tiny-tune"
 
 
