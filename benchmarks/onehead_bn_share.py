@@ -17,7 +17,7 @@ import statistics
 import sys
 
 from clreg.onehead.analysis import batchnorm_share
-from clreg.onehead.cli import build_parser, request_from_args
+from clreg.onehead.cli import build_parser, request_from_args, validation_config
 from clreg.onehead.config import resolve
 
 
@@ -41,8 +41,14 @@ def _rows(shares: dict) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
-    config = resolve(request_from_args(args))
+    parser = build_parser()
+    parser.add_argument(
+        "--on-validation",
+        action="store_true",
+        help="read the run as a --tune reads it (the validation split, the tune seeds): for a study's folder",
+    )
+    args = parser.parse_args(argv)
+    config = validation_config(args) if args.on_validation else resolve(request_from_args(args))
     shares = batchnorm_share(config)
     (config.out / "bn_share.json").write_text(json.dumps(shares, indent=1))
     print("\n".join(_rows(shares)))

@@ -5,6 +5,7 @@ settings reusing what they can, the tune."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import signal
@@ -551,3 +552,28 @@ def test_workers_train_the_units_one_process_would(cache_env, tmp_path):
     }
     units = lambda d: sorted(p.relative_to(tmp_path / d) for p in (tmp_path / d / "state").rglob("*.pt"))  # noqa: E731
     assert units("one") == units("two")
+
+
+@pytest.mark.parametrize(
+    ("start", "peak", "tried"),
+    [
+        (2.0, 8.0, [1, 2, 4, 8, 16]),  # climbs up from 2 to the peak, one past it
+        (32.0, 1.0, [1, 2, 4, 8, 16, 32]),  # from the upper edge down to the lower
+        (8.0, 8.0, [4, 8, 16]),  # already at the peak: its neighbours only
+        (None, 2.0, [1, 2, 4, 8, 16]),  # no start: the middle (8), then down
+        (1.0, 1.0, [1, 2]),  # at the lower edge: one neighbour
+    ],
+)
+def test_climb_tries_the_start_its_neighbours_then_on_while_the_score_rises(start, peak, tried):
+    from clreg.onehead.experiments.tune import climb
+
+    calls = []
+
+    def trial(v):
+        calls.append(v)
+        return {"settings": {"x": v}, "score": -abs(math.log(v) - math.log(peak)), "mean": 0.0}
+
+    out = climb([32, 1, 2, 4, 8, 16], start, trial)
+    assert [t["settings"]["x"] for t in out] == tried and len(calls) == len(set(calls)) == len(tried)
+    assert max(out, key=lambda t: t["score"])["settings"]["x"] == peak
+    assert [t["settings"]["x"] for t in climb([5.0], start, trial)] == [5.0]

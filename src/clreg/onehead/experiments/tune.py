@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import replace
@@ -41,7 +42,7 @@ from ..provenance import provenance
 from ..report import lambda_figure, render_tune
 from .workspace import Workspace, open_workspace
 
-__all__ = ["BASELINE_LR", "JOINT_LR", "TuneProgress", "tune"]
+__all__ = ["BASELINE_LR", "JOINT_LR", "TuneProgress", "climb", "tune"]
 
 BASELINE_LR = "baseline.lr"  # the grid key of the baselines' learning rate (searched per task)
 JOINT_LR = "joint.lr"  # the grid key of the joint reference's learning rate
@@ -207,16 +208,66 @@ def _reads(method: Method, key: str) -> bool:
 
 
 def _coordinate_search(
-    runs: Runs, method: Method, start: dict[str, float], grid: Grid, base: Baselines, progress: TuneProgress
+    runs: Runs,
+    method: Method,
+    start: dict[str, float],
+    grid: Grid,
+    base: Baselines,
+    progress: TuneProgress,
+    search: str = "grid",
 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """Each key of ``grid`` the method reads, in turn, over its values, the others held at the best
-    so far; returns the chosen settings and every trial."""
+    """Each key of ``grid`` the method reads, in turn, the others held at the best so far: over all its
+    values (``search="grid"``) or by :func:`climb` from its current value (``"climb"``); returns the
+    chosen settings and every trial."""
     chosen, trials = dict(start), []
     for key in [k for k in grid if _reads(method, k)]:
-        tried = [{**_trial(runs, method, {**chosen, key: float(v)}, base, progress), "key": key} for v in grid[key]]
+
+        def trial(v: float, key: str = key) -> dict[str, Any]:
+            return {**_trial(runs, method, {**chosen, key: float(v)}, base, progress), "key": key}
+
+        everything = search != "climb"
+        tried = [trial(v) for v in grid[key]] if everything else climb(grid[key], _current(chosen, key), trial)
         chosen[key] = _best(tried)["settings"][key]
         trials += tried
     return chosen, trials
+
+
+def _current(settings: Mapping[str, float], key: str) -> float | None:
+    """A key's value before its search: its own, else (for ``name@k``) the setting's for every stage."""
+    return settings.get(key, settings.get(key.split("@")[0]))
+
+
+def climb(values: Sequence[float], start: float | None, trial: Callable[[float], dict[str, Any]]) -> list[dict]:
+    """A hill climb along one key's grid: the value nearest ``start`` (on a log scale; the middle when
+    there is none) and its two neighbours, then on towards the better neighbour while the score rises;
+    each value is tried once. Returns the trials in the grid's order.
+
+    Example:
+        >>> peak = lambda v: {"settings": {"x": v}, "score": -abs(v - 8.0), "mean": 0.0}
+        >>> [t["settings"]["x"] for t in climb([1, 2, 4, 8, 16, 32], 2.0, peak)]
+        [1.0, 2.0, 4.0, 8.0, 16.0]
+    """
+    vals = sorted(float(v) for v in values)
+    i = len(vals) // 2 if start is None else min(range(len(vals)), key=lambda j: _distance(vals[j], start))
+    tried: dict[int, dict[str, Any]] = {}
+
+    def at(j: int) -> tuple[float, float]:
+        if j not in tried:
+            tried[j] = trial(vals[j])
+        return tried[j]["score"], tried[j]["mean"]
+
+    for j in (i - 1, i, i + 1):
+        if 0 <= j < len(vals):
+            at(j)
+    best = max(tried, key=at)
+    step = (best > i) - (best < i)
+    while step and 0 <= best + step < len(vals) and at(best + step) > at(best):
+        best += step
+    return [tried[j] for j in sorted(tried)]
+
+
+def _distance(a: float, b: float) -> float:
+    return abs(math.log(a) - math.log(b)) if a > 0 and b > 0 else abs(a - b)
 
 
 def _start(method: Method, done: dict[str, Any], fixed: Mapping[str, float]) -> dict[str, float]:
@@ -254,7 +305,9 @@ def _search(runs: Runs, method: Method, ws: Workspace, base: Baselines, done: di
     results = []
     for v in variants:
         grid = {k: g for k, g in v["grid"].items() if k not in (BASELINE_LR, JOINT_LR)}
-        chosen, trials = _coordinate_search(runs, method, _start(method, done, v["fixed"]), grid, base, progress)
+        start = _start(method, done, v["fixed"])
+        search = ws.config.profile.tune_search
+        chosen, trials = _coordinate_search(runs, method, start, grid, base, progress, search)
         results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
     best = max(results, key=_score)
     trials = [t for r in results for t in r["trials"]]
