@@ -99,3 +99,25 @@ def test_fisher_scales_read_each_tasks_fisher_where_ewc_consolidates_it(cache_en
     for group, summary in expected.items():
         assert got[group] == pytest.approx(summary), group
     assert scales["detection (mc likelihood, training images)"] != scales["detection (empirical, training images)"]
+
+
+def test_recalibrated_statistics_are_the_mixtures_average():
+    """Two tasks whose inputs are constants 1 and 5 per channel: the recalibrated running mean is the
+    concatenated batches' mean, 3, whatever the statistics were; the variance that of the mixture."""
+    from types import SimpleNamespace
+
+    from torch.utils.data import TensorDataset
+
+    from clreg.onehead.analysis import recalibrated_batchnorm
+
+    model = nn.Sequential(nn.Linear(2, 2, bias=False), nn.BatchNorm1d(2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.eye(2))
+        model[1].running_mean.fill_(-7.0)
+    tasks = [
+        SimpleNamespace(train_data=TensorDataset(torch.full((8, 2), value), torch.zeros(8))) for value in (1.0, 5.0)
+    ]
+    recalibrated_batchnorm(model, tasks, batch_size=4, steps=3)
+    torch.testing.assert_close(model[1].running_mean, torch.full((2,), 3.0))
+    torch.testing.assert_close(model[1].running_var, torch.full((2,), 4.0 * 8 / 7))  # unbiased, n = 8
+    assert not model.training and model[1].momentum == 0.1

@@ -12,6 +12,12 @@ statistics,
 the part of task k's forgetting that the statistics alone give back (1: all of it; 0: none; only
 where the forgetting :math:`R_{k,k} - R_{T,k}` exceeds 0.01).
 
+BatchNorm recalibrated: a model's running statistics estimated afresh, as the cumulative average over
+``steps`` forward passes in training mode (no gradient) of one batch of every task concatenated, the
+way the joint reference's ``equal`` schedule feeds them; the rest of the model untouched. A schedule
+that changes the tasks' mixture from step to step (``balanced``) leaves statistics of a mixture that
+no evaluation sees; recalibrated ones measure what that costs.
+
 Fisher scales: the Fisher EWC consolidates for each earlier task (segmentation's on the stage-1
 model, detection's on the method's stage-2 model), summarised per parameter group — the backbone, the
 neck, the head's hidden layer and each task's rows of the head's output layer — by its mean, median
@@ -40,6 +46,7 @@ __all__ = [
     "batchnorm_statistics",
     "fisher_groups",
     "fisher_scales",
+    "recalibrated_batchnorm",
     "scale_summary",
     "with_statistics",
 ]
@@ -136,3 +143,25 @@ def fisher_scales(config: BenchmarkConfig, seed: int, method: str = "ewc") -> di
     out["detection (empirical, validation images)"] = _fisher_summary(model, det.eval_data, det.spec, None, seed + 1)
     out["detection (mc likelihood, training images)"] = _fisher_summary(model, det.fit_data, likelihood, "mc", seed + 1)
     return out
+
+
+def recalibrated_batchnorm(model: nn.Module, tasks: Sequence[Any], batch_size: int, steps: int, seed: int = 0) -> None:
+    """Re-estimate ``model``'s BatchNorm running statistics in place: reset, then the cumulative
+    average over ``steps`` training-mode forward passes (no gradient) of one batch of every task in
+    ``tasks`` concatenated (their ``train_data``); the model is left in eval mode."""
+    from .training import batches
+
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    momenta = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average
+    device = next(model.parameters()).device
+    streams = [batches(t.train_data, batch_size, seed + k) for k, t in enumerate(tasks)]
+    model.train()
+    with torch.no_grad():
+        for _ in range(steps):
+            model(torch.cat([next(s)[0] for s in streams]).to(device))
+    for m, momentum in zip(bns, momenta):
+        m.momentum = momentum
+    model.eval()

@@ -197,7 +197,7 @@ def joint(run: SeedRun) -> UnitState:
         job = TrainJob(tasks, steps, lr, stable_seed(run.seed, "joint"), desc="joint",
                        batches_per_task=per_task, task_weights=run.joint_weights)  # fmt: skip
         res = train(run.wrap(model), job, run.settings_for(first))
-        return UnitState(run.evaluate(model), train=res.record())
+        return UnitState(run.evaluate(model), train=res.record(), model=model.state_dict())
 
     return run.store.run(first.unit(joint_unit(run.joint_schedule, run.joint_weights, run.joint_lr)), fn)
 
