@@ -121,3 +121,11 @@ def test_a_setting_may_be_one_methods_own() -> None:
         resolve(RunRequest(profile="tiny", sets={"ewc+kfac:ewc.lam": 5.0}))
     with pytest.raises(ValueError, match="unknown setting"):
         resolve(RunRequest(profile="tiny", sets={"ewc:ewc.lambda": 5.0}))
+
+
+def test_methods_all_names_the_profiles_whole_list():
+    from clreg.onehead.profiles import TUNE_METHODS
+
+    assert resolve(RunRequest(profile="quick", methods="all")).methods == tuple(TUNE_METHODS.split(","))
+    tiny = resolve(RunRequest(profile="tiny", methods="all"))
+    assert tiny.methods == tuple(PROFILES["tiny"].methods.split(","))  # no list of its own: its methods

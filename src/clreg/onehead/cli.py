@@ -49,7 +49,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--profile", default="quick", choices=sorted(PROFILES), help="quick (default), scratch, tiny or original"
     )
-    p.add_argument("--methods", help="comma-separated methods, '+' joins a combination (default: the profile's)")
+    p.add_argument(
+        "--methods",
+        help="comma-separated methods, '+' joins a combination (default: the profile's); 'all': the challenge's "
+        "remedies, their combinations and the extras (Online EWC, SI, MAS, K-FAC EWC)",
+    )
     p.add_argument(
         "--data-root", help="a folder with mini_voc_seg, mini_coco_det and imagenette_160 (default: synthetic)"
     )

@@ -314,7 +314,8 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
     if req.steps is not None:
         prof = replace(prof, steps=(req.steps,) * len(TASK_NAMES))
     try:
-        methods = parse_methods(req.methods or prof.methods)
+        asked = req.methods or prof.methods
+        methods = parse_methods((prof.all_methods or prof.methods) if asked.strip() == "all" else asked)
     except ValueError as err:
         raise ValueError(f"--methods: {err}") from None
     check_settings(prof.settings)

@@ -83,6 +83,7 @@ class Profile:
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
     tune_variants: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # method -> [{"fixed", "grid"}]
     tune_search: str = "grid"  # per key: every value ("grid") or a hill climb from its value ("climb")
+    all_methods: str = ""  # what --methods all names ("": the profile's methods)
     untuned: Profile | None = field(default=None, repr=False)  # before with_tuned: what a --tune starts from
     seeds: int = 1  # a run's training seeds by default: 0 … seeds − 1
     tune_seeds: tuple[int, ...] = (100, 101)  # a --tune's training seeds: none a report uses
@@ -148,6 +149,7 @@ PROFILES: dict[str, Profile] = {
         tune_grid=_TUNE_GRID,
         tune_variants=_TUNE_VARIANTS,
         tune_search="climb",  # each key's curve was unimodal in the seed-0 tune: ~3–4 values of 4–7
+        all_methods=TUNE_METHODS,  # the challenge's remedies and their combinations, then the extras
         # the joint reference: the sequence's compute (equal, balanced) and each task at least its
         # baseline's steps (full), segmentation's loss weighted 8× (the seed-0 tune's choice) or not
         tune_joint=(
