@@ -14,6 +14,7 @@ from . import distributed, functional
 from ._version import __version__
 from .data import KeywordInputs
 from .regularizers import (
+    AGEM,
     EWC,
     KFACEWC,
     MAS,
@@ -29,6 +30,7 @@ from .replay import ReplayBuffer
 from .spec import OutputSpec, TaskSpec, select_output
 
 __all__ = [
+    "AGEM",
     "EWC",
     "KFACEWC",
     "MAS",

@@ -1,5 +1,6 @@
 """Pure math on lists and dicts of tensors: penalties, Fisher estimators, SI, distillation, MAS."""
 
+from .agem import agem_coefficient, agem_dots, agem_project, agem_project_
 from .distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from .ewc import ewc_merge_
 from .fisher import (
@@ -27,6 +28,10 @@ __all__ = [
     "ESTIMATORS",
     "EXACT_MAX_CLASSES",
     "add_quadratic_penalty_grad_",
+    "agem_coefficient",
+    "agem_dots",
+    "agem_project",
+    "agem_project_",
     "default_estimator",
     "ewc_merge_",
     "fisher_curvature",

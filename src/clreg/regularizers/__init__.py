@@ -1,5 +1,6 @@
 """Stateful regularizers: thin modules over :mod:`clreg.functional`."""
 
+from .agem import AGEM
 from .base import Regularizer
 from .compose import Compose
 from .ewc import EWC
@@ -12,6 +13,7 @@ from .quadratic import QuadraticPenalty
 from .si import SI
 
 __all__ = [
+    "AGEM",
     "EWC",
     "KFACEWC",
     "MAS",

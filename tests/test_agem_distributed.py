@@ -1,0 +1,100 @@
+"""A-GEM under DDP in a spawned two-process gloo group (see agem_dist_worker.py): every rank projects
+the same gradient, the one a single process gets with the union of the ranks' draws."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn.functional as F
+from torch.utils.data import TensorDataset
+
+import agem_dist_worker as w
+import clreg
+from clreg.regularizers.agem import AGEM
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("agem_dist")
+    mp.spawn(w.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
+    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+
+
+def params_at(rank: dict, step: int) -> list[torch.Tensor]:
+    n = len([k for k in rank if k.startswith(f"before/{step}/")])
+    return [rank[f"before/{step}/{i}"].clone().requires_grad_() for i in range(n)]
+
+
+def linear(params, x) -> torch.Tensor:
+    weight, bias = params
+    return x @ weight.T + bias
+
+
+def projected_by_formula(grads, reference) -> list[torch.Tensor]:
+    """g − (g·r / r·r) r when g·r < 0, over the concatenation of every tensor (the paper's eq. 11)."""
+    g = torch.cat([t.reshape(-1) for t in grads])
+    r = torch.cat([t.reshape(-1) for t in reference])
+    dot = torch.dot(g, r)
+    if dot < 0:
+        g = g - dot / torch.dot(r, r) * r
+    return [v.view_as(t) for v, t in zip(g.split([t.numel() for t in grads]), grads)]
+
+
+def test_the_memory_is_global_and_the_draws_are_per_rank(ranks) -> None:
+    torch.testing.assert_close(ranks[0]["memory"], ranks[1]["memory"], rtol=0, atol=0)
+    assert ranks[0]["memory"].shape[0] == 8
+    assert not torch.equal(ranks[0]["drawn_x/0"], ranks[1]["drawn_x/0"])
+
+
+def test_its_own_memory_holds_the_single_process_choice(ranks) -> None:
+    model = w.new_model()
+    single = AGEM(model, w.loss_fn, capacity_per_task=5, seed=2)
+    single.consolidate(model, TensorDataset(*w.memory_data()))  # each rank offered its share of the same choice
+    want = sorted(map(tuple, torch.stack([s[0] for s in single.memory.samples(0)]).tolist()))
+    for r in ranks:
+        assert sorted(map(tuple, r["own_memory"].tolist())) == want
+
+
+def test_every_rank_projects_the_same_gradient(ranks) -> None:
+    for k in ranks[0]:
+        if k.startswith("used/"):
+            torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
+
+
+def test_the_projection_uses_the_union_of_the_draws(ranks) -> None:
+    x, y = w.task_data()
+    conflicts = 0
+    for s in range(w.STEPS):
+        params = params_at(ranks[0], s)
+        task = torch.autograd.grad(F.cross_entropy(linear(params, x), y), params)  # DDP's mean over the halves
+        union_x = torch.cat([r[f"drawn_x/{s}"] for r in ranks])
+        union_y = torch.cat([r[f"drawn_y/{s}"] for r in ranks])
+        ref = torch.autograd.grad(F.cross_entropy(linear(params, union_x), union_y), params)
+        conflicts += int(
+            torch.dot(torch.cat([t.reshape(-1) for t in task]), torch.cat([r.reshape(-1) for r in ref])) < 0
+        )
+        for i, want in enumerate(projected_by_formula(task, ref)):
+            torch.testing.assert_close(ranks[0][f"used/{s}/{i}"], want, rtol=1e-5, atol=1e-6)
+    assert conflicts == int(ranks[0]["projections"]) > 0
+
+
+def test_a_single_process_with_the_union_as_its_memory_agrees(ranks) -> None:
+    model = w.new_model()
+    union = [(r["drawn_x/0"][i], r["drawn_y/0"][i]) for r in ranks for i in range(w.SAMPLE_SIZE)]
+    memory = clreg.ReplayBuffer(len(union))
+    memory.add(0, union)
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    AGEM(model, w.loss_fn, memory=memory, sample_size=len(union)).attach(opt)  # the whole memory, once
+    used = []
+    opt.register_step_pre_hook(lambda o, a, k: used.append([p.grad.clone() for p in model.parameters()]))
+    x, y = w.task_data()
+    w.loss_fn(model, x, y).backward()
+    opt.step()
+    for i, g in enumerate(used[0]):
+        torch.testing.assert_close(ranks[0][f"used/0/{i}"], g, rtol=1e-5, atol=1e-6)
