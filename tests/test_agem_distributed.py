@@ -1,5 +1,5 @@
-"""A-GEM under DDP in a spawned two-process gloo group (see agem_dist_worker.py): every rank projects
-the same gradient, the one a single process gets with the union of the ranks' draws."""
+"""A-GEM under DDP and FSDP2 in a spawned two-process gloo group (see agem_dist_worker.py): every rank
+projects the same gradient, the one a single process gets with the union of the ranks' draws."""
 
 from __future__ import annotations
 
@@ -23,7 +23,10 @@ pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distribut
 def ranks(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("agem_dist")
     mp.spawn(w.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
+    return {
+        kind: [torch.load(os.path.join(tmp, f"{kind}{r}.pt"), weights_only=True) for r in range(2)]
+        for kind in ("rank", "sharded")
+    }
 
 
 def params_at(rank: dict, step: int) -> list[torch.Tensor]:
@@ -47,12 +50,14 @@ def projected_by_formula(grads, reference) -> list[torch.Tensor]:
 
 
 def test_the_memory_is_global_and_the_draws_are_per_rank(ranks) -> None:
+    ranks = ranks["rank"]
     torch.testing.assert_close(ranks[0]["memory"], ranks[1]["memory"], rtol=0, atol=0)
     assert ranks[0]["memory"].shape[0] == 8
     assert not torch.equal(ranks[0]["drawn_x/0"], ranks[1]["drawn_x/0"])
 
 
 def test_its_own_memory_holds_the_single_process_choice(ranks) -> None:
+    ranks = ranks["rank"]
     model = w.new_model()
     single = AGEM(model, w.loss_fn, capacity_per_task=5, seed=2)
     single.consolidate(model, TensorDataset(*w.memory_data()))  # each rank offered its share of the same choice
@@ -62,12 +67,14 @@ def test_its_own_memory_holds_the_single_process_choice(ranks) -> None:
 
 
 def test_every_rank_projects_the_same_gradient(ranks) -> None:
+    ranks = ranks["rank"]
     for k in ranks[0]:
         if k.startswith("used/"):
             torch.testing.assert_close(ranks[0][k], ranks[1][k], rtol=0, atol=0, msg=k)
 
 
 def test_the_projection_uses_the_union_of_the_draws(ranks) -> None:
+    ranks = ranks["rank"]
     x, y = w.task_data()
     conflicts = 0
     for s in range(w.STEPS):
@@ -85,6 +92,7 @@ def test_the_projection_uses_the_union_of_the_draws(ranks) -> None:
 
 
 def test_a_single_process_with_the_union_as_its_memory_agrees(ranks) -> None:
+    ranks = ranks["rank"]
     model = w.new_model()
     union = [(r["drawn_x/0"][i], r["drawn_y/0"][i]) for r in ranks for i in range(w.SAMPLE_SIZE)]
     memory = clreg.ReplayBuffer(len(union))
@@ -98,3 +106,32 @@ def test_a_single_process_with_the_union_as_its_memory_agrees(ranks) -> None:
     opt.step()
     for i, g in enumerate(used[0]):
         torch.testing.assert_close(ranks[0][f"used/0/{i}"], g, rtol=1e-5, atol=1e-6)
+
+
+def mlp(params, x) -> torch.Tensor:
+    w1, b1, w2, b2 = params
+    return torch.tanh(x @ w1.T + b1) @ w2.T + b2
+
+
+def test_fsdp2_projects_the_union_reference_shard_by_shard(ranks) -> None:
+    """Under fully_shard: the gradient used is the formula's, with the task gradient of the whole batch
+    and the reference of the union of the ranks' draws, written here from the definitions."""
+    sharded = ranks["sharded"]
+    x, y = w.task_data()
+    conflicts = 0
+    for s in range(w.STEPS):
+        params = params_at(sharded[0], s)
+        for r in sharded[1:]:
+            for i, p in enumerate(params):
+                torch.testing.assert_close(r[f"before/{s}/{i}"], p.detach(), rtol=0, atol=0)
+        task = torch.autograd.grad(F.cross_entropy(mlp(params, x), y), params)
+        union_x = torch.cat([r[f"drawn_x/{s}"] for r in sharded])
+        union_y = torch.cat([r[f"drawn_y/{s}"] for r in sharded])
+        ref = torch.autograd.grad(F.cross_entropy(mlp(params, union_x), union_y), params)
+        conflicts += int(
+            torch.dot(torch.cat([t.reshape(-1) for t in task]), torch.cat([r.reshape(-1) for r in ref])) < 0
+        )
+        for i, want in enumerate(projected_by_formula(task, ref)):
+            for r in sharded:
+                torch.testing.assert_close(r[f"used/{s}/{i}"], want, rtol=1e-5, atol=1e-6)
+    assert conflicts == int(sharded[0]["projections"]) == int(sharded[1]["projections"]) > 0

@@ -488,10 +488,11 @@ def test_bad_settings() -> None:
         agem.sample_size = -3
 
 
-def test_sharded_parameters_are_refused(monkeypatch) -> None:
+def test_sharded_parameters_need_a_fresh_reference_every_step(monkeypatch) -> None:
     monkeypatch.setattr(clreg._params.ParamSet, "sharded", property(lambda self: True))
-    with pytest.raises(ValueError, match=r"FSDP2.*reduce-scatters"):
-        AGEM(regression_model(), mse, capacity_per_task=2)
+    AGEM(regression_model(), mse, capacity_per_task=2)
+    with pytest.raises(ValueError, match=r"FSDP2 needs reference_every=1"):
+        AGEM(regression_model(), mse, capacity_per_task=2, reference_every=3)
 
 
 def test_bfloat16_parameters() -> None:

@@ -59,11 +59,11 @@ Distributed: under DDP the gradient at hand is already averaged over ranks; each
 ``sample_size`` samples (the draw is seeded by ``seed``, the rank and the draw counter) and the
 reference gradients are averaged over ranks (one all-reduce of P numbers per draw), so every rank
 projects the same gradient: the reference of a draw of ``world × sample_size`` samples. Every rank
-must step together (as DDP's ranks do). Parameters sharded by FSDP2 are refused: the reference
-gradient needs a second forward and backward inside the step pre-hook, and FSDP2's backward
-reduce-scatters into the sharded parameters' ``.grad``, which cannot be routed to
-``torch.autograd.grad`` without overwriting the gradient at hand (the dot products alone would only
-need a sum over the mesh).
+must step together (as DDP's ranks do). Under FSDP2 (``fully_shard``) the same holds shard by shard:
+the reference comes from a backward through the sharded model (the gradient at hand set aside and put
+back after it; FSDP2's reduce-scatter averages the ranks' draws into each rank's shard), the dot
+products are summed over the mesh (one all-reduce of two numbers) and each rank projects its own
+shards. Under FSDP2 ``reference_every`` must be 1 (the cached reference is not kept in shards).
 
 Example:
     >>> import torch, torch.nn.functional as F
@@ -93,6 +93,7 @@ import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector, state_dtype
+from .._sharding import local, local_all, sum_over_mesh
 from ..data import batch_size_of, is_map_dataset, split_item, stable_seed, tree_index, tree_map, tree_to
 from ..distributed import all_reduce_sum_, is_distributed, rank_and_world
 from ..functional.agem import agem_coefficient, agem_dots, agem_project_
@@ -106,12 +107,7 @@ __all__ = ["AGEM", "ReferenceLoss"]
 ReferenceLoss = Callable[[nn.Module, Any, Any], Tensor]
 """``loss_fn(model, inputs, targets) -> Tensor``: a scalar loss on a draw from the memory."""
 
-SHARDED = (
-    "A-GEM does not support parameters sharded by FSDP2: its reference gradient needs a second forward and "
-    "backward through the model inside the optimizer's step pre-hook, and FSDP2's backward reduce-scatters into "
-    "the sharded parameters' .grad, which would overwrite the gradient at hand; use DDP, or select unsharded "
-    "parameters with params=..."
-)
+SHARDED_CACHE = "A-GEM under FSDP2 needs reference_every=1: a cached reference gradient is not kept in shards"
 
 
 def _check_int(name: str, value: Any, low: int = 1) -> int:
@@ -224,7 +220,7 @@ class AGEM(Regularizer):
     """A-GEM: the gradient projected away from a memory draw's gradient when they conflict.
 
     Args:
-        model: the model (DDP-wrapped or not; FSDP2-sharded parameters are refused).
+        model: the model (DDP-wrapped, sharded by FSDP2, or neither).
         loss_fn: the reference loss, ``loss_fn(model, inputs, targets) -> scalar`` on one mixed draw, or a
             mapping ``{task: loss_fn}`` applied per task (see the module).
         memory: a :class:`~clreg.ReplayBuffer` you fill (``consolidate`` leaves it alone), or
@@ -255,8 +251,6 @@ class AGEM(Regularizer):
         params: ParamSelector = None,
     ) -> None:
         super().__init__(model, params)
-        if self._pset.sharded:
-            raise ValueError(SHARDED)
         self.loss_fn = loss_fn
         self.sample_size, self.reference_every, self.seed = sample_size, reference_every, seed
         self.memory, self.owns_memory = _memory_of(memory, capacity_per_task, self._seed)
@@ -297,7 +291,10 @@ class AGEM(Regularizer):
 
     @reference_every.setter
     def reference_every(self, value: int) -> None:
-        self._reference_every = _check_int("reference_every", value)
+        value = _check_int("reference_every", value)
+        if value > 1 and self._pset.sharded:
+            raise ValueError(SHARDED_CACHE)
+        self._reference_every = value
 
     @property
     def seed(self) -> int:
@@ -355,8 +352,11 @@ class AGEM(Regularizer):
             return
         reference = self._reference_now(mask)
         ps = [params[i] for i in idx]
-        grads, refs = [p.grad for p in ps], [reference[i] for i in idx]
-        dot, ref_sq = agem_dots(grads, refs).tolist()
+        grads, refs = local_all([p.grad for p in ps]), local_all([reference[i] for i in idx])
+        dots = agem_dots(grads, refs)
+        if self._pset.sharded:
+            dots = sum_over_mesh(dots, self._pset.mesh)
+        dot, ref_sq = dots.tolist()
         if not math.isfinite(ref_sq):
             raise ValueError("A-GEM's reference gradient contains NaN or inf: check loss_fn and the memory's samples")
         c = agem_coefficient(dot, ref_sq)
@@ -394,6 +394,8 @@ class AGEM(Regularizer):
         if model is None:
             raise ValueError("the model this A-GEM was built on no longer exists: build it on the model you train")
         params = self._pset.last()
+        if self._pset.sharded:
+            return self._sharded_reference(model, mask)
         wanted = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.requires_grad]
         with torch.enable_grad():
             loss = self._reference_loss(model, params[0].device)
@@ -406,6 +408,26 @@ class AGEM(Regularizer):
         if is_distributed():
             all_reduce_sum_(ref)
             torch._foreach_div_(ref, float(rank_and_world()[1]))
+        return ref
+
+    def _sharded_reference(self, model: nn.Module, mask: list[bool]) -> list[Tensor]:
+        """Under FSDP2: ∇ of the reference loss by a backward through the sharded model, its reduce-scatter
+        averaging the ranks' draws into each shard's ``.grad``; every parameter's gradient at hand is set
+        aside before and put back after."""
+        params = self._pset.last()
+        held = {p: p.grad for p in model.parameters()}
+        for p in held:
+            p.grad = None
+        try:
+            with torch.enable_grad():
+                self._reference_loss(model, local(params[0]).device).backward()
+            ref = []
+            for m, p in zip(mask, params):
+                g = p.grad if m else None
+                ref.append(torch.zeros_like(p, dtype=state_dtype(p.dtype)) if g is None else g.to(state_dtype(p.dtype)))
+        finally:
+            for p, g in held.items():
+                p.grad = g
         return ref
 
     def _reference_loss(self, model: nn.Module, device: torch.device) -> Tensor:
