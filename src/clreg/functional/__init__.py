@@ -3,6 +3,13 @@
 from .agem import agem_coefficient, agem_dots, agem_project, agem_project_
 from .distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from .ewc import ewc_merge_
+from .feature_distillation import (
+    FEATURE_KINDS,
+    cosine_feature_distillation,
+    l2_feature_distillation,
+    pod_spatial_distillation,
+    pod_spatial_pooling,
+)
 from .fisher import (
     ENGINES,
     ESTIMATORS,
@@ -27,11 +34,13 @@ __all__ = [
     "ENGINES",
     "ESTIMATORS",
     "EXACT_MAX_CLASSES",
+    "FEATURE_KINDS",
     "add_quadratic_penalty_grad_",
     "agem_coefficient",
     "agem_dots",
     "agem_project",
     "agem_project_",
+    "cosine_feature_distillation",
     "default_estimator",
     "ewc_merge_",
     "fisher_curvature",
@@ -39,7 +48,10 @@ __all__ = [
     "kfac_penalty",
     "kfac_penalty_grad",
     "kfac_penalty_value",
+    "l2_feature_distillation",
     "mas_importance",
+    "pod_spatial_distillation",
+    "pod_spatial_pooling",
     "quadratic_penalty",
     "quadratic_penalty_grad",
     "quadratic_penalty_value",

@@ -4,6 +4,7 @@ from .agem import AGEM
 from .base import Regularizer
 from .compose import Compose
 from .ewc import EWC
+from .feature_distillation import FeatureDistillation
 from .kfac_ewc import KFACEWC
 from .ledger import GradientLedger
 from .lwf import LwF
@@ -19,6 +20,7 @@ __all__ = [
     "MAS",
     "SI",
     "Compose",
+    "FeatureDistillation",
     "GradientLedger",
     "LwF",
     "OnlineEWC",
