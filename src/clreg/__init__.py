@@ -13,8 +13,11 @@ Example:
 from . import distributed, functional
 from ._version import __version__
 from .data import KeywordInputs
+from .logit_buffer import LogitBuffer
 from .regularizers import (
     AGEM,
+    DER,
+    ERACE,
     EWC,
     KFACEWC,
     MAS,
@@ -32,6 +35,8 @@ from .spec import OutputSpec, TaskSpec, select_output
 
 __all__ = [
     "AGEM",
+    "DER",
+    "ERACE",
     "EWC",
     "KFACEWC",
     "MAS",
@@ -40,6 +45,7 @@ __all__ = [
     "FeatureDistillation",
     "GradientLedger",
     "KeywordInputs",
+    "LogitBuffer",
     "LwF",
     "OnlineEWC",
     "OutputSpec",

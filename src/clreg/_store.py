@@ -19,6 +19,9 @@ def tensor_bytes(tensors: Iterable[Tensor]) -> int:
 ROOT_KEY = "<root>"
 """The key of the model's root module, whose name is empty (a model that is one ``nn.Linear``)."""
 
+FORMAT_VERSION = 1
+"""The version of the state format that regularizers and buffers write (``format_version`` in their state)."""
+
 
 def buffer_key(name: str) -> str:
     """A buffer name for a parameter's or module's name: buffer names cannot hold dots or be empty, so

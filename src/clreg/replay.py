@@ -29,10 +29,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._store import tensor_bytes
+from ._store import FORMAT_VERSION, tensor_bytes
 from .data import batch_size_of, is_map_dataset, stable_seed, tree_index, tree_leaves, tree_map
 from .distributed import all_gather_objects, rank_and_world
-from .regularizers.base import FORMAT_VERSION
 
 __all__ = ["ReplayBuffer"]
 

@@ -20,6 +20,7 @@ from .fisher import (
     resolve_estimator,
 )
 from .kfac import kfac_penalty, kfac_penalty_grad, kfac_penalty_value
+from .logit_replay import asymmetric_cross_entropy, logit_mse, present_classes
 from .mas import mas_importance
 from .penalty import (
     add_quadratic_penalty_grad_,
@@ -40,6 +41,7 @@ __all__ = [
     "agem_dots",
     "agem_project",
     "agem_project_",
+    "asymmetric_cross_entropy",
     "cosine_feature_distillation",
     "default_estimator",
     "ewc_merge_",
@@ -49,9 +51,11 @@ __all__ = [
     "kfac_penalty_grad",
     "kfac_penalty_value",
     "l2_feature_distillation",
+    "logit_mse",
     "mas_importance",
     "pod_spatial_distillation",
     "pod_spatial_pooling",
+    "present_classes",
     "quadratic_penalty",
     "quadratic_penalty_grad",
     "quadratic_penalty_value",

@@ -3,6 +3,8 @@
 from .agem import AGEM
 from .base import Regularizer
 from .compose import Compose
+from .der import DER
+from .er_ace import ERACE
 from .ewc import EWC
 from .feature_distillation import FeatureDistillation
 from .kfac_ewc import KFACEWC
@@ -15,6 +17,8 @@ from .si import SI
 
 __all__ = [
     "AGEM",
+    "DER",
+    "ERACE",
     "EWC",
     "KFACEWC",
     "MAS",

@@ -12,13 +12,12 @@ from torch import Tensor, nn
 
 from .._params import ParamSelector, ParamSet
 from .._sharding import any_over_mesh, local_all, shard_mesh
-from .._store import TensorStore, tensor_bytes
+from .._store import FORMAT_VERSION, TensorStore, tensor_bytes
 from ..spec import TaskSpec
 from .ledger import GradientLedger
 
 __all__ = ["CAPABILITIES", "FORMAT_VERSION", "Hyperparameter", "Regularizer", "check_finite", "check_range"]
 
-FORMAT_VERSION = 1
 
 CAPABILITIES = ("attachable", "tracks_path")
 """The class attributes that say what a regularizer can do on an optimizer's steps."""
