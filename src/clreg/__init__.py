@@ -20,6 +20,7 @@ from .regularizers import (
     ERACE,
     EWC,
     KFACEWC,
+    L2SP,
     MAS,
     SI,
     Compose,
@@ -29,6 +30,7 @@ from .regularizers import (
     OnlineEWC,
     QuadraticPenalty,
     Regularizer,
+    RWalk,
 )
 from .replay import ReplayBuffer
 from .spec import OutputSpec, TaskSpec, select_output
@@ -39,6 +41,7 @@ __all__ = [
     "ERACE",
     "EWC",
     "KFACEWC",
+    "L2SP",
     "MAS",
     "SI",
     "Compose",
@@ -50,6 +53,7 @@ __all__ = [
     "OnlineEWC",
     "OutputSpec",
     "QuadraticPenalty",
+    "RWalk",
     "Regularizer",
     "ReplayBuffer",
     "TaskSpec",

@@ -8,11 +8,13 @@ from .er_ace import ERACE
 from .ewc import EWC
 from .feature_distillation import FeatureDistillation
 from .kfac_ewc import KFACEWC
+from .l2sp import L2SP
 from .ledger import GradientLedger
 from .lwf import LwF
 from .mas import MAS
 from .online_ewc import OnlineEWC
 from .quadratic import QuadraticPenalty
+from .rwalk import RWalk
 from .si import SI
 
 __all__ = [
@@ -21,6 +23,7 @@ __all__ = [
     "ERACE",
     "EWC",
     "KFACEWC",
+    "L2SP",
     "MAS",
     "SI",
     "Compose",
@@ -29,5 +32,6 @@ __all__ = [
     "LwF",
     "OnlineEWC",
     "QuadraticPenalty",
+    "RWalk",
     "Regularizer",
 ]
