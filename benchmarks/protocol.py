@@ -8,6 +8,7 @@ active.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -61,7 +62,7 @@ def _consolidate(
 ) -> None:
     data = TensorDataset(x[:4], y[:4])
     for _ in range(tasks):
-        if isinstance(reg, clreg.SI):
+        if isinstance(reg, (clreg.SI, clreg.RWalk)):
             for _ in range(2):
                 opt.zero_grad()
                 F.cross_entropy(model(x), y).backward()
@@ -70,8 +71,8 @@ def _consolidate(
 
 
 def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
-    """``name`` is ``plain`` or ``<reg>-<mode>`` with reg in ewc, ewc5, online_ewc, mas, si, lwf,
-    kfac_ewc (Kronecker factors of at most 1024 rows, the diagonal elsewhere) or kfac_ewc_full (every
+    """``name`` is ``plain`` or ``<reg>-<mode>`` with reg in ewc, ewc5, online_ewc, mas, si, rwalk (its
+    Fisher updated every 10 steps), l2sp, lwf, kfac_ewc (Kronecker factors of at most 1024 rows, the diagonal elsewhere) or kfac_ewc_full (every
     linear and ungrouped convolution factored) and mode autograd, attached or attached+value (the
     value computed for logging each step)."""
     model = Net()
@@ -91,11 +92,13 @@ def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Va
             "lwf": lambda: clreg.LwF(model, temperature=2.0),
             "kfac_ewc": lambda: clreg.KFACEWC(model, lam=1.0, max_samples=4),  # factors of at most 1024 rows
             "kfac_ewc_full": lambda: clreg.KFACEWC(model, lam=1.0, max_samples=4, max_factor=1 << 20),
+            "rwalk": lambda: clreg.RWalk(model, lam=1.0, update_every=10),
+            "l2sp": lambda: clreg.L2SP(model, alpha=1.0),
         }[kind]()
-        if isinstance(reg, clreg.SI):
+        if isinstance(reg, (clreg.SI, clreg.RWalk)):
             reg.attach(opt) if mode.startswith("attached") else reg.track(opt)
         _consolidate(reg, model, opt, x, y, 5 if kind == "ewc5" else 1)
-        if mode.startswith("attached") and not isinstance(reg, clreg.SI):
+        if mode.startswith("attached") and not isinstance(reg, (clreg.SI, clreg.RWalk)):
             reg.attach(opt)
     with_value = mode == "attached+value"
     attached = mode.startswith("attached")
@@ -110,6 +113,58 @@ def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Va
                 reg(model)
         opt.zero_grad()
         loss.backward()
+        opt.step()
+
+    return Variant(name, step, reg, model, reg.state_bytes if reg is not None else lambda: 0)
+
+
+def make_family_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
+    """The methods that replay or distil, each after one earlier task (a second batch stored or
+    consolidated): ``agem-attached`` (a reference of 16 samples every step), ``der-autograd`` (one
+    draw of 16), ``derpp-autograd`` (two draws of 16), ``er_ace-autograd`` (one draw of 16, the incoming
+    loss masked), ``feature_distillation-autograd`` (POD on the backbone's features, read from the
+    loop's forward; one teacher forward), and their floors: ``floor-2x`` and ``floor-3x``, the plain
+    step with one or two more forward and backward passes of 16 samples (what replaying a draw costs
+    at the least)."""
+    model = Net()
+    model.load_state_dict(state)
+    model.train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x2, y2 = make_batch(seed=1)
+    reg, extra_passes, watch = None, 0, False
+    if name.startswith("floor-"):
+        extra_passes = int(name.removeprefix("floor-").removesuffix("x")) - 1
+    elif name == "agem-attached":
+        reg = clreg.AGEM(model, lambda m, a, b: F.cross_entropy(m(a), b), capacity_per_task=BATCH, sample_size=BATCH)
+        reg.consolidate(model, TensorDataset(x2, y2))
+        reg.attach(opt)
+    elif name == "er_ace-autograd":
+        reg = clreg.ERACE(model, capacity=BATCH, batch_size=BATCH)
+        reg.observe(x2, y2)
+    elif name in ("der-autograd", "derpp-autograd"):
+        reg = clreg.DER(model, BATCH, alpha=0.3, beta=0.5 if name == "derpp-autograd" else 0.0, batch_size=BATCH)
+        with torch.no_grad():
+            reg.observe(x2, y2, model(x2))
+    elif name == "feature_distillation-autograd":
+        reg, watch = clreg.FeatureDistillation(model, modules=["backbone.blocks"], kind="pod", alpha=1.0), True
+        reg.consolidate(model)
+    else:
+        raise ValueError(f"unknown variant {name!r}")
+
+    def loss() -> torch.Tensor:
+        with reg.watch(model) if watch else contextlib.nullcontext():
+            out = model(x)
+        if isinstance(reg, clreg.ERACE):
+            return reg.incoming_loss(out, y) + reg(model, inputs=x, outputs=out)
+        total = F.cross_entropy(out, y)
+        for _ in range(extra_passes):
+            total = total + F.cross_entropy(model(x2), y2)
+        return total if reg is None or reg.attachable else total + reg(model, inputs=x, outputs=out)
+
+    def step() -> None:
+        value = loss()
+        opt.zero_grad()
+        value.backward()
         opt.step()
 
     return Variant(name, step, reg, model, reg.state_bytes if reg is not None else lambda: 0)
@@ -195,7 +250,21 @@ VARIANTS = [
     "kfac_ewc-autograd",
     "kfac_ewc-attached",
     "kfac_ewc_full-attached",
+    "rwalk-autograd",
+    "rwalk-attached",
+    "l2sp-autograd",
+    "l2sp-attached",
 ]
+FAMILY_VARIANTS = [  # after the core's: the rest of the family and their floors
+    "floor-2x",
+    "floor-3x",
+    "agem-attached",
+    "der-autograd",
+    "derpp-autograd",
+    "er_ace-autograd",
+    "feature_distillation-autograd",
+]
+VARIANTS += FAMILY_VARIANTS
 
 
 AVALANCHE_VARIANTS = ["avalanche-ewc", "avalanche-si"]  # run when avalanche-lib is installed
@@ -209,7 +278,13 @@ def build_all(names: list[str] | None = None) -> list[Variant]:
     torch.manual_seed(0)
     state = Net().state_dict()
     x, y = make_batch()
-    return [(make_avalanche_variant if n.startswith("avalanche-") else make_variant)(n, state, x, y) for n in names]
+    return [_maker(n)(n, state, x, y) for n in names]
+
+
+def _maker(name: str) -> Callable[[str, dict, torch.Tensor, torch.Tensor], Variant]:
+    if name.startswith("avalanche-"):
+        return make_avalanche_variant
+    return make_family_variant if name in FAMILY_VARIANTS else make_variant
 
 
 def timed(fn: Callable[[], None]) -> float:

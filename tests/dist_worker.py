@@ -5,10 +5,7 @@ Each run returns a dict of tensors; the test compares ranks with each other and 
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -140,13 +137,3 @@ def scenario(rank: int, world: int) -> dict[str, torch.Tensor]:
             for i, g in enumerate(seen[0]):
                 out[f"step/{kind}/{mode}/{i}"] = g
     return out
-
-
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        res = scenario(rank, world)
-        torch.save(res, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()

@@ -10,8 +10,6 @@ Every sharded result is gathered (``full_tensor()``) before it is saved.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -103,8 +101,9 @@ def step(wrap: str, kind: str, watched: bool, rank: int, world: int) -> dict[str
     return out
 
 
-def scenario(rank: int, world: int) -> tuple[dict[str, torch.Tensor], str]:
-    """Every watched step, DDP's step with a second forward, and FSDP2's refusal of one (its message)."""
+def scenario(rank: int, world: int) -> dict:
+    """Every watched step, DDP's step with a second forward (``results``), and FSDP2's refusal of one
+    (``refusal``: its message; empty in a single process)."""
     out: dict[str, torch.Tensor] = {}
     for wrap in WRAPS:
         for kind in KINDS:
@@ -116,14 +115,4 @@ def scenario(rank: int, world: int) -> tuple[dict[str, torch.Tensor], str]:
             step("fsdp", "pod", False, rank, world)
         except ValueError as err:
             refusal = str(err)
-    return out, refusal
-
-
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        out, refusal = scenario(rank, world)
-        torch.save({"results": out, "refusal": refusal}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return {"results": out, "refusal": refusal}

@@ -410,7 +410,9 @@ def replay_case(rank: int) -> dict[str, torch.Tensor]:
     return {"replay/a": torch.stack([s[0] for s in buf.samples("a")])}
 
 
-def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[str, torch.Tensor], list[str]]:
+def scenario(rank: int, world: int, out_dir: str | None = None) -> dict:
+    """Every case (``results``) and, sharded, the refusals' messages (``errors``); the checkpoints are
+    written to ``out_dir``."""
     out = state_cases(rank, world) | penalty_cases(rank, world) | mixed_precision(rank, world)
     out |= fisher_cases(rank, world) | step_cases(rank, world, ("ewc", "online_ewc", "mas", "kfac_ewc"))
     out |= step_cases(rank, world, ("si", "lwf"))
@@ -418,14 +420,4 @@ def scenario(rank: int, world: int, out_dir: str | None = None) -> tuple[dict[st
     if world > 1:
         out |= replay_case(rank) | checkpoint_cases(rank, world, out_dir)
         messages = refusals(world)
-    return out, messages
-
-
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        res, messages = scenario(rank, world, out_dir)
-        torch.save({"results": res, "errors": messages}, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+    return {"results": out, "errors": messages}

@@ -9,10 +9,7 @@ averaged over ranks, is the single process's step on the whole batch. Every shar
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -128,25 +125,17 @@ def rwalk_case(wrap: str, mode: str, rank: int, world: int) -> tuple[dict[str, t
     return out, full_state_dict(reg)
 
 
-def scenario(rank: int, world: int, wrap: str) -> tuple[dict[str, torch.Tensor], dict]:
-    out: dict[str, torch.Tensor] = {}
-    for variant, mode in L2SP_CASES:
-        out |= {f"l2sp/{variant}/{mode}/{k}": v for k, v in l2sp_case(wrap, variant, mode, rank, world).items()}
-    states = {}
-    for mode in RWALK_MODES:
-        result, states[mode] = rwalk_case(wrap, mode, rank, world)
-        out |= {f"rwalk/{mode}/{k}": v for k, v in result.items()}
-    return out, states
-
-
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        saved = {}
-        for wrap in WRAPS:
-            results, states = scenario(rank, world, wrap)
-            saved[wrap], saved[f"{wrap}/full_state"] = results, states
-        torch.save(saved, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
+def scenario(rank: int, world: int, wraps: tuple[str, ...] = WRAPS) -> dict:
+    """Under each wrap: every case's results (``{wrap}``) and RWalk's full state per mode
+    (``{wrap}/full_state``)."""
+    saved: dict = {}
+    for wrap in wraps:
+        out: dict[str, torch.Tensor] = {}
+        for variant, mode in L2SP_CASES:
+            out |= {f"l2sp/{variant}/{mode}/{k}": v for k, v in l2sp_case(wrap, variant, mode, rank, world).items()}
+        states = {}
+        for mode in RWALK_MODES:
+            result, states[mode] = rwalk_case(wrap, mode, rank, world)
+            out |= {f"rwalk/{mode}/{k}": v for k, v in result.items()}
+        saved[wrap], saved[f"{wrap}/full_state"] = out, states
+    return saved

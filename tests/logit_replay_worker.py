@@ -12,10 +12,7 @@ single process on the concatenated batches. Each run returns a dict of tensors f
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -158,12 +155,3 @@ def scenario(rank: int, world: int) -> dict:
         for batch_size in (4, 2):
             out.update(step_run(kind, rank, world, batch_size))
     return out
-
-
-def worker(rank: int, world: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        torch.save(scenario(rank, world), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()

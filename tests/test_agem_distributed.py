@@ -3,30 +3,24 @@ projects the same gradient, the one a single process gets with the union of the 
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch.utils.data import TensorDataset
 
-import agem_dist_worker as w
-import clreg
-from clreg.regularizers.agem import AGEM
+import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+_gloo.require()
+
+import agem_dist_worker as w  # noqa: E402
+import clreg  # noqa: E402
+from clreg.regularizers.agem import AGEM  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("agem_dist")
-    mp.spawn(w.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    return {
-        kind: [torch.load(os.path.join(tmp, f"{kind}{r}.pt"), weights_only=True) for r in range(2)]
-        for kind in ("rank", "sharded")
-    }
+    runs = _gloo.run_ranks(w.scenario, tmp_path_factory.mktemp("agem_dist"))
+    return {kind: [r[kind] for r in runs] for kind in ("rank", "sharded")}
 
 
 def params_at(rank: dict, step: int) -> list[torch.Tensor]:
@@ -47,6 +41,25 @@ def projected_by_formula(grads, reference) -> list[torch.Tensor]:
     if dot < 0:
         g = g - dot / torch.dot(r, r) * r
     return [v.view_as(t) for v, t in zip(g.split([t.numel() for t in grads]), grads)]
+
+
+def projected_union(runs: list[dict], forward) -> tuple[list[list[torch.Tensor]], int]:
+    """Per step, the formula's projection of the whole batch's task gradient (DDP's and FSDP's mean over
+    the halves) on the reference of the union of the ranks' draws, at the parameters rank 0 recorded;
+    and the number of steps where the two conflict."""
+    x, y = w.task_data()
+    wants, conflicts = [], 0
+    for s in range(w.STEPS):
+        params = params_at(runs[0], s)
+        task = torch.autograd.grad(F.cross_entropy(forward(params, x), y), params)
+        union_x = torch.cat([r[f"drawn_x/{s}"] for r in runs])
+        union_y = torch.cat([r[f"drawn_y/{s}"] for r in runs])
+        ref = torch.autograd.grad(F.cross_entropy(forward(params, union_x), union_y), params)
+        conflicts += int(
+            torch.dot(torch.cat([t.reshape(-1) for t in task]), torch.cat([r.reshape(-1) for r in ref])) < 0
+        )
+        wants.append(projected_by_formula(task, ref))
+    return wants, conflicts
 
 
 def test_the_memory_is_global_and_the_draws_are_per_rank(ranks) -> None:
@@ -75,19 +88,10 @@ def test_every_rank_projects_the_same_gradient(ranks) -> None:
 
 def test_the_projection_uses_the_union_of_the_draws(ranks) -> None:
     ranks = ranks["rank"]
-    x, y = w.task_data()
-    conflicts = 0
-    for s in range(w.STEPS):
-        params = params_at(ranks[0], s)
-        task = torch.autograd.grad(F.cross_entropy(linear(params, x), y), params)  # DDP's mean over the halves
-        union_x = torch.cat([r[f"drawn_x/{s}"] for r in ranks])
-        union_y = torch.cat([r[f"drawn_y/{s}"] for r in ranks])
-        ref = torch.autograd.grad(F.cross_entropy(linear(params, union_x), union_y), params)
-        conflicts += int(
-            torch.dot(torch.cat([t.reshape(-1) for t in task]), torch.cat([r.reshape(-1) for r in ref])) < 0
-        )
-        for i, want in enumerate(projected_by_formula(task, ref)):
-            torch.testing.assert_close(ranks[0][f"used/{s}/{i}"], want, rtol=1e-5, atol=1e-6)
+    wants, conflicts = projected_union(ranks, linear)
+    for s, want in enumerate(wants):
+        for i, g in enumerate(want):
+            torch.testing.assert_close(ranks[0][f"used/{s}/{i}"], g, rtol=1e-5, atol=1e-6)
     assert conflicts == int(ranks[0]["projections"]) > 0
 
 
@@ -117,21 +121,13 @@ def test_fsdp2_projects_the_union_reference_shard_by_shard(ranks) -> None:
     """Under fully_shard: the gradient used is the formula's, with the task gradient of the whole batch
     and the reference of the union of the ranks' draws, written here from the definitions."""
     sharded = ranks["sharded"]
-    x, y = w.task_data()
-    conflicts = 0
     for s in range(w.STEPS):
-        params = params_at(sharded[0], s)
         for r in sharded[1:]:
-            for i, p in enumerate(params):
+            for i, p in enumerate(params_at(sharded[0], s)):
                 torch.testing.assert_close(r[f"before/{s}/{i}"], p.detach(), rtol=0, atol=0)
-        task = torch.autograd.grad(F.cross_entropy(mlp(params, x), y), params)
-        union_x = torch.cat([r[f"drawn_x/{s}"] for r in sharded])
-        union_y = torch.cat([r[f"drawn_y/{s}"] for r in sharded])
-        ref = torch.autograd.grad(F.cross_entropy(mlp(params, union_x), union_y), params)
-        conflicts += int(
-            torch.dot(torch.cat([t.reshape(-1) for t in task]), torch.cat([r.reshape(-1) for r in ref])) < 0
-        )
-        for i, want in enumerate(projected_by_formula(task, ref)):
+    wants, conflicts = projected_union(sharded, mlp)
+    for s, want in enumerate(wants):
+        for i, g in enumerate(want):
             for r in sharded:
-                torch.testing.assert_close(r[f"used/{s}/{i}"], want, rtol=1e-5, atol=1e-6)
+                torch.testing.assert_close(r[f"used/{s}/{i}"], g, rtol=1e-5, atol=1e-6)
     assert conflicts == int(sharded[0]["projections"]) == int(sharded[1]["projections"]) > 0

@@ -2,26 +2,20 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import dist_worker
+import _gloo
 
-pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+_gloo.require()
+
+import dist_worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dist")
-    mp.spawn(dist_worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    single = dist_worker.scenario(0, 1)
-    return ranks, single
+    ranks = _gloo.run_ranks(dist_worker.scenario, tmp_path_factory.mktemp("dist"))
+    return ranks, dist_worker.scenario(0, 1)
 
 
 def keys(single, prefix):

@@ -12,13 +12,10 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="FSDP2 (fully_shard) is not available"
-)
+import _gloo
+
+_gloo.require(fsdp2=True)
 
 import clreg  # noqa: E402
 import fsdp_worker  # noqa: E402
@@ -30,10 +27,8 @@ PARAM_SHAPED = ("importance.", "anchor.", "omega.", "previous.", "teacher_params
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(fsdp_worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    single, _ = fsdp_worker.scenario(0, 1)
+    ranks = _gloo.run_ranks(fsdp_worker.scenario, tmp, out_dir=str(tmp))
+    single = fsdp_worker.scenario(0, 1)["results"]
     return [r["results"] for r in ranks], single, ranks[0]["errors"], tmp
 
 

@@ -3,28 +3,20 @@ compared with a single process on the concatenated batches and with hand computa
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-import logit_replay_worker as worker
+import _gloo
 
-fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="torch.distributed with FSDP2 is not available"
-)
+_gloo.require(fsdp2=True)
+
+import logit_replay_worker as worker  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("logit_replay")
-    mp.spawn(worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    ranks = _gloo.run_ranks(worker.scenario, tmp_path_factory.mktemp("logit_replay"))
     return ranks, worker.scenario(0, 1)
 
 

@@ -7,17 +7,12 @@ Tolerances: float32; the ranks' partial sums add in another order than the singl
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="FSDP2 (fully_shard) is not available"
-)
+import _gloo
+
+_gloo.require(fsdp2=True)
 
 import feature_distillation_worker as worker  # noqa: E402
 
@@ -27,11 +22,8 @@ CASES = [(w, k, "watched") for w in worker.WRAPS for k in worker.KINDS] + [("ddp
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fd_dist")
-    mp.spawn(worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    return ranks, worker.scenario(0, 1)[0]
+    ranks = _gloo.run_ranks(worker.scenario, tmp_path_factory.mktemp("fd_dist"))
+    return ranks, worker.scenario(0, 1)["results"]
 
 
 @pytest.mark.parametrize(("wrap", "kind", "how"), CASES)

@@ -12,17 +12,12 @@ Tolerances: float32; a sharded sum adds the ranks' partial sums in another order
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-fsdp = pytest.importorskip("torch.distributed.fsdp", reason="torch.distributed is not available")
-pytestmark = pytest.mark.skipif(
-    not (dist.is_available() and hasattr(fsdp, "fully_shard")), reason="FSDP2 (fully_shard) is not available"
-)
+import _gloo
+
+_gloo.require(fsdp2=True)
 
 import clreg  # noqa: E402
 import l2sp_rwalk_dist_worker as worker  # noqa: E402
@@ -35,12 +30,8 @@ TOL = {"rtol": 1e-5, "atol": 1e-6}
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("l2sp_rwalk_dist")
-    mp.spawn(worker.worker, args=(2, str(tmp / "init"), str(tmp)), nprocs=2, join=True)
-    ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt"), weights_only=True) for r in range(2)]
-    torch.set_num_threads(min(2, torch.get_num_threads()))
-    single, _ = worker.scenario(0, 1, "none")
-    return ranks, single
+    ranks = _gloo.run_ranks(worker.scenario, tmp_path_factory.mktemp("l2sp_rwalk_dist"))
+    return ranks, worker.scenario(0, 1, wraps=("none",))["none"]
 
 
 def entries(single: dict, prefix: str) -> list[str]:

@@ -1,12 +1,13 @@
 """A teacher kept as a regularizer's state: the model at the last consolidation, its parameters and
 buffers saved as buffers of the regularizer and run through the user's own module (never a copy).
 
-The same scheme as :class:`~clreg.LwF`'s teacher, as a helper a distillation regularizer holds: it
-knows the names of the parameters and buffers the teacher keeps, builds the zero templates the
-regularizer declares with ``add_state``, copies the model into them at a consolidation and runs the
-model on them in eval mode without gradients: through :func:`torch.func.functional_call`, or, for a
-model sharded by FSDP2, through its own forward with the teacher's shards copied into its parameters
-for the call (:func:`~clreg._sharding.swapped_into`), since FSDP's hooks put back the parameters
+The helper a distillation regularizer holds (:class:`~clreg.LwF`,
+:class:`~clreg.regularizers.feature_distillation.FeatureDistillation`): it knows the names of the
+parameters and buffers the teacher keeps, builds the zero templates the regularizer declares with
+``add_state``, copies the model into them at a consolidation and runs the model on them in eval mode
+without gradients: through :func:`torch.func.functional_call`, or, for a model sharded by FSDP2,
+through its own forward with the teacher's shards copied into its parameters for the call
+(:func:`~clreg._sharding.swapped_into`), since FSDP's hooks put back the parameters
 ``functional_call`` would replace.
 """
 

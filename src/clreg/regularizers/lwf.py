@@ -56,14 +56,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from .._params import ParamSelector, canonical_name, unwrap_model
-from .._sharding import fsdp_modules, reshard_all, swapped_into
-from ..data import call_model, functional_call_model, iter_chunks
+from .._params import ParamSelector
+from ..data import call_model, iter_chunks
 from ..distributed import all_gather_objects, is_distributed
-from ..functional._per_sample import eval_mode
 from ..functional.distillation import regression_distillation, sigmoid_distillation, softmax_distillation
 from ..functional.fisher import target_of
 from ..spec import OutputSpec, TaskSpec, select_output, select_tensor
+from ._teacher import TEACHER_PARAMS, Teacher
 from .base import Hyperparameter, Regularizer
 
 __all__ = ["FORMS", "LwF", "classes_seen", "terms_of"]
@@ -124,7 +123,7 @@ class LwF(Regularizer):
         teacher_params: str = "all",
     ) -> None:
         super().__init__(model, params)
-        if teacher_params not in ("all", "selected"):
+        if teacher_params not in TEACHER_PARAMS:
             raise ValueError(f"teacher_params must be 'all' or 'selected', got {teacher_params!r}")
         self.temperature, self.alpha, self.t_squared, self.eps = temperature, alpha, bool(t_squared), eps
         if isinstance(outputs, OutputSpec):
@@ -134,27 +133,11 @@ class LwF(Regularizer):
         self._terms_cache: list[Term] | None = None
         self._index_cache: dict[tuple[int, int, torch.device], Tensor | None] = {}
         self.form = form
-        inner = unwrap_model(model)
-        reshard_all(inner)
-        named_p = [(n, p) for n, p in inner.named_parameters()]
-        self._teacher_all = teacher_params == "all"
-        if not self._teacher_all:
-            named_p = self._selected_only(named_p)
-        named_b = [(n, b) for n, b in inner.named_buffers()]
-        self._p_names = [n for n, _ in named_p]
-        self._b_names = [n for n, _ in named_b]
-        self.add_state("teacher_params", {canonical_name(n): torch.zeros_like(p.detach()) for n, p in named_p})
-        self.add_state("teacher_buffers", {canonical_name(n): torch.zeros_like(b) for n, b in named_b})
-
-    def _selected_only(self, named: list[tuple[str, Tensor]]) -> list[tuple[str, Tensor]]:
-        chosen = set(self.param_names)
-        live = [n for n, p in named if canonical_name(n) not in chosen and p.requires_grad]
-        if live:
-            raise ValueError(
-                f"LwF(teacher_params='selected'): {len(live)} parameters outside the selection train "
-                f"(e.g. {live[0]!r}), and the teacher would read them from the trained model: freeze them or select them"
-            )
-        return [(n, p) for n, p in named if canonical_name(n) in chosen]
+        selected = self.param_names if teacher_params == "selected" else None
+        self._teacher = Teacher("LwF", model, selected)
+        params_0, buffers_0 = self._teacher.templates(model)
+        self.add_state("teacher_params", params_0)
+        self.add_state("teacher_buffers", buffers_0)
 
     temperature = Hyperparameter(low_open=True, doc="T > 0 for softmax outputs.")
 
@@ -231,21 +214,7 @@ class LwF(Regularizer):
         """The teacher becomes the current model; the task's outputs (``spec``, default
         ``TaskSpec()``) join those distilled, each with the classes that ``data``'s labels show
         (:func:`classes_seen`: one pass over the targets)."""
-        inner = unwrap_model(model)
-        reshard_all(inner)  # FSDP2: the parameters as shards (the root keeps its own whole after a forward)
-        params = dict(inner.named_parameters())
-        buffers = dict(inner.named_buffers())
-        names = list(params) if self._teacher_all else [n for n in params if n in set(self._p_names)]
-        if names != self._p_names or list(buffers) != self._b_names:
-            raise ValueError(
-                "LwF.consolidate: the model's parameters or buffers differ from the model LwF was built on"
-            )
-        for name, dst in zip(self._p_names, self.teacher_params.tensors):
-            if params[name].shape != dst.shape:
-                raise ValueError(f"LwF.consolidate: parameter {name!r} changed shape")
-        with torch.no_grad():
-            self.teacher_params.set([params[n].detach() for n in self._p_names])
-            self.teacher_buffers.set([buffers[n] for n in self._b_names])
+        self._teacher.snapshot(model, self.teacher_params, self.teacher_buffers)
         if self._fixed_outputs is None:
             outs = (spec or TaskSpec()).outputs
             for entry in zip(outs, classes_seen(data, outs)):
@@ -258,14 +227,7 @@ class LwF(Regularizer):
         """The teacher's outputs on ``inputs`` (eval mode, no gradients). A model sharded by FSDP2 runs
         its own forward with the teacher's shards copied into its parameters for the call
         (:func:`~clreg._sharding.swapped_into`), so FSDP gathers them a module at a time."""
-        inner = unwrap_model(model)
-        params = dict(zip(self._p_names, self.teacher_params.tensors))
-        buffers = dict(zip(self._b_names, self.teacher_buffers.tensors))
-        if fsdp_modules(inner):
-            with torch.no_grad(), eval_mode(inner), swapped_into(inner, params, buffers):
-                return call_model(inner, inputs)
-        with torch.no_grad(), eval_mode(inner):
-            return functional_call_model(inner, {**params, **buffers}, inputs, strict=self._teacher_all)
+        return self._teacher(model, self.teacher_params, self.teacher_buffers, inputs)
 
     # -- the loss ---------------------------------------------------------------------------------
     def forward(self, model: nn.Module, inputs: Any = None, outputs: Any = None) -> Tensor:
