@@ -20,6 +20,7 @@ from clreg.regularizers.l2sp import L2SP
 from clreg.regularizers.rwalk import RWalk
 from clreg.testing import check_regularizer
 from models import MLP
+from path_steps import follow, path_step
 
 LAM, ALPHA, EPS, LR, STEPS = 0.8, 0.4, 1e-2, 0.3, 5
 L2SP_ALPHA = 0.5
@@ -103,35 +104,20 @@ def run_rwalk(
     rwalk = RWalk(
         model, lam=LAM, alpha=ALPHA, eps=EPS, update_every=k, path_gradient=path_gradient, normalize=normalize
     )
-    l2sp = L2SP(model, alpha=L2SP_ALPHA) if with_l2sp else None
-    if l2sp is not None:
+    also = [L2SP(model, alpha=L2SP_ALPHA)] if with_l2sp else []  # in the loss, on RWalk's ledger
+    for l2sp in also:
         l2sp.ledger = rwalk.ledger
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if variant == "scaler" else None
+
+    def loss_fn(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(model(batch[0]), batch[1])
+
     for x, y, maximize in tasks():
         opt = torch.optim.SGD(model.parameters(), lr=LR, maximize=maximize)
-        if mode == "attach":
-            rwalk.attach(opt, scaler=scaler)
-        elif mode == "track":
-            rwalk.track(opt, scaler=scaler)
+        follow(rwalk, opt, mode, scaler)
+        halves = [((x[:3], y[:3]), 0.5), ((x[3:], y[3:]), 0.5)] if variant == "accumulate" else [((x, y), 1.0)]
         for _ in range(STEPS):
-            opt.zero_grad()
-            micro = [(x[:3], y[:3]), (x[3:], y[3:])] if variant == "accumulate" else [(x, y)]
-            for xs, ys in micro:
-                loss = F.cross_entropy(model(xs), ys) / len(micro)
-                if mode != "attach":
-                    loss = loss + rwalk(model) / len(micro)
-                if l2sp is not None:
-                    loss = loss + l2sp(model) / len(micro)
-                (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(opt)
-                if mode == "update":
-                    rwalk.update(model, scaler=scaler)
-                scaler.update()
-            else:
-                opt.step()
-                if mode == "update":
-                    rwalk.update(model)
+            path_step(rwalk, model, opt, mode, loss_fn, halves, scaler=scaler, also=also)
         rwalk.detach()
         rwalk.consolidate(model)
     return rwalk

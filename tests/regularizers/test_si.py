@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import clreg
+from path_steps import follow, path_step
 
 THETA0 = [0.5, -1.0, 2.0]
 A = [1.0, 0.5, 2.0]
@@ -55,30 +56,13 @@ def run_si(mode: str, variant: str, clamp: str | None) -> torch.Tensor:
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0) if variant == "scaler" else None
     for target, maximize in TASKS:
         opt = torch.optim.SGD(model.parameters(), lr=LR, maximize=maximize)
-        if mode == "attach":
-            si.attach(opt, scaler=scaler)
-        elif mode == "track":
-            si.track(opt, scaler=scaler)
+        follow(si, opt, mode, scaler)
+        if variant == "accumulate":  # two half-weighted micro-batches with the same mean gradient
+            batches = [([t - 0.3 for t in target], 0.5), ([t + 0.3 for t in target], 0.5)]
+        else:
+            batches = [(target, 1.0)]
         for _ in range(STEPS):
-            opt.zero_grad()
-            if variant == "accumulate":  # two half-weighted micro-batches with the same mean gradient
-                micro = [([t - 0.3 for t in target], 0.5), ([t + 0.3 for t in target], 0.5)]
-            else:
-                micro = [(target, 1.0)]
-            for tgt, w in micro:
-                loss = w * quad_loss(model, tgt)
-                if mode != "attach":
-                    loss = loss + w * si(model)
-                (scaler.scale(loss) if scaler else loss).backward()
-            if scaler:
-                scaler.step(opt)
-                if mode == "update":
-                    si.update(model, scaler=scaler)
-                scaler.update()
-            else:
-                opt.step()
-                if mode == "update":
-                    si.update(model)
+            path_step(si, model, opt, mode, lambda tgt: quad_loss(model, tgt), batches, scaler=scaler)
         si.consolidate(model)
         si.detach()
     return si.importance.tensors[0]

@@ -99,7 +99,7 @@ from ..distributed import all_reduce_sum_, is_distributed, rank_and_world
 from ..functional.agem import agem_coefficient, agem_dots, agem_project_
 from ..replay import ReplayBuffer
 from ..spec import TaskSpec
-from .base import Regularizer
+from .base import IntHyperparameter, Regularizer, check_int
 from .ledger import GradientLedger
 
 __all__ = ["AGEM", "ReferenceLoss"]
@@ -108,14 +108,6 @@ ReferenceLoss = Callable[[nn.Module, Any, Any], Tensor]
 """``loss_fn(model, inputs, targets) -> Tensor``: a scalar loss on a draw from the memory."""
 
 SHARDED_CACHE = "A-GEM under FSDP2 needs reference_every=1: a cached reference gradient is not kept in shards"
-
-
-def _check_int(name: str, value: Any, low: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low:
-        raise ValueError(f"{name} must be >= {low}, got {value}")
-    return value
 
 
 def _unwrap_ddp(model: nn.Module) -> nn.Module:
@@ -170,7 +162,7 @@ def _memory_of(memory: ReplayBuffer | None, capacity_per_task: int | None, seed:
         if not isinstance(memory, ReplayBuffer):
             raise TypeError(f"memory must be a clreg.ReplayBuffer, got {type(memory).__name__}")
         return memory, False
-    return ReplayBuffer(_check_int("capacity_per_task", capacity_per_task), policy="reservoir", seed=seed), True
+    return ReplayBuffer(check_int("capacity_per_task", capacity_per_task), policy="reservoir", seed=seed), True
 
 
 def _detached(item: Any) -> Any:
@@ -275,14 +267,8 @@ class AGEM(Regularizer):
     def loss_fn(self, value: Any) -> None:
         self.__dict__["_loss_fn"] = _check_loss_fn(value)  # never registered as a submodule
 
-    @property
-    def sample_size(self) -> int:
-        """k ≥ 1, the samples drawn per reference gradient (per rank)."""
-        return self._sample_size
-
-    @sample_size.setter
-    def sample_size(self, value: int) -> None:
-        self._sample_size = _check_int("sample_size", value)
+    sample_size = IntHyperparameter(doc="k ≥ 1, the samples drawn per reference gradient (per rank).")
+    seed = IntHyperparameter(0, doc="Seeds the draws and the choice of stored samples (≥ 0).")
 
     @property
     def reference_every(self) -> int:
@@ -291,19 +277,10 @@ class AGEM(Regularizer):
 
     @reference_every.setter
     def reference_every(self, value: int) -> None:
-        value = _check_int("reference_every", value)
+        value = check_int("reference_every", value)
         if value > 1 and self._pset.sharded:
             raise ValueError(SHARDED_CACHE)
         self._reference_every = value
-
-    @property
-    def seed(self) -> int:
-        """Seeds the draws and the choice of stored samples (≥ 0)."""
-        return self._seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self._seed = _check_int("seed", value, low=0)
 
     def _ledger_changed(self, old: GradientLedger) -> None:
         self._recording = self.ledger.switch()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import abc
 import math
+import operator
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
@@ -16,7 +17,16 @@ from .._store import FORMAT_VERSION, TensorStore, tensor_bytes
 from ..spec import TaskSpec
 from .ledger import GradientLedger
 
-__all__ = ["CAPABILITIES", "FORMAT_VERSION", "Hyperparameter", "Regularizer", "check_finite", "check_range"]
+__all__ = [
+    "CAPABILITIES",
+    "FORMAT_VERSION",
+    "Hyperparameter",
+    "IntHyperparameter",
+    "Regularizer",
+    "check_finite",
+    "check_int",
+    "check_range",
+]
 
 
 CAPABILITIES = ("attachable", "tracks_path")
@@ -37,6 +47,20 @@ def check_range(name: str, value: float, low: float = 0.0, high: float = math.in
     return v
 
 
+def check_int(name: str, value: Any, low: int = 1) -> int:
+    """``value`` as an int (any integer type but bool: ``operator.index``), or a TypeError, or a ValueError
+    below ``low``."""
+    if isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got bool")
+    try:
+        v = operator.index(value)
+    except TypeError as err:
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}") from err
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return v
+
+
 class Hyperparameter:
     """A number checked against its range on every assignment (a ``ValueError`` naming the range),
     kept as ``_<name>``: ``lam = Hyperparameter()`` on a class makes ``reg.lam = -1`` an error."""
@@ -52,6 +76,16 @@ class Hyperparameter:
 
     def __set__(self, obj: Any, value: float) -> None:
         setattr(obj, self.attr, check_range(self.name, value, self.low, self.high, self.low_open))
+
+
+class IntHyperparameter(Hyperparameter):
+    """An int ≥ ``low`` checked on every assignment (:func:`check_int`), kept as ``_<name>``."""
+
+    def __init__(self, low: int = 1, doc: str = "") -> None:
+        super().__init__(low, doc=doc)
+
+    def __set__(self, obj: Any, value: Any) -> None:
+        setattr(obj, self.attr, check_int(self.name, value, int(self.low)))
 
 
 def check_finite(kind: str, tensors: dict[str, Tensor]) -> None:

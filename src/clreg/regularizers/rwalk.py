@@ -62,26 +62,22 @@ Example:
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from .._params import ParamSelector
-from .._sharding import local, local_all
+from .._sharding import local_all
 from ..functional.rwalk import fisher_ema_update_, rwalk_importance_, rwalk_score_update_
 from ..spec import TaskSpec
-from .base import Hyperparameter, check_finite
-from .ledger import GradientLedger
-from .quadratic import QuadraticPenalty
+from ._path import PATH_GRADIENTS, PathTracker
+from .base import Hyperparameter, IntHyperparameter, check_finite
 
 __all__ = ["PATH_GRADIENTS", "RWalk"]
 
-PATH_GRADIENTS = ("task", "total")
 
-
-class RWalk(QuadraticPenalty):
+class RWalk(PathTracker):
     """RWalk: λ Σ (F + s̄)(θ − θ*)² with EWC++'s running Fisher F and the path score s̄.
 
     Args:
@@ -95,7 +91,7 @@ class RWalk(QuadraticPenalty):
         params: parameter names or a predicate ``(name, param) -> bool``.
     """
 
-    tracks_path = True
+    _sole_tracker = True
     hyperparameters = ("lam", "alpha", "eps", "update_every", "path_gradient", "normalize")
 
     def __init__(
@@ -121,31 +117,13 @@ class RWalk(QuadraticPenalty):
         self.previous.set(now)
         self.window_start.set(now)
         self._window_py = 0
-        self._tracking = False
-        self._scaler: Any = None
         self.path_gradient = path_gradient
 
     # -- hyperparameters --------------------------------------------------------------------------
     lam = Hyperparameter(doc="λ ≥ 0, the penalty's strength.")
     alpha = Hyperparameter(0.0, 1.0, low_open=True, doc="α ∈ (0, 1], the running Fisher's weight of a new term.")
     eps = Hyperparameter(low_open=True, doc="ε > 0, the damping of the score's denominator.")
-
-    @property
-    def update_every(self) -> int:
-        """k ≥ 1: the optimizer steps per window."""
-        return self._update_every
-
-    @update_every.setter
-    def update_every(self, value: int) -> None:
-        if isinstance(value, bool):
-            raise TypeError("update_every must be an int, got bool")
-        try:
-            k = operator.index(value)
-        except TypeError as err:
-            raise TypeError(f"update_every must be an int, got {type(value).__name__}") from err
-        if k < 1:
-            raise ValueError(f"update_every must be >= 1, got {value}")
-        self._update_every = k
+    update_every = IntHyperparameter(doc="k ≥ 1: the optimizer steps per window.")
 
     @property
     def normalize(self) -> bool:
@@ -159,160 +137,23 @@ class RWalk(QuadraticPenalty):
         self._normalize = value
 
     @property
-    def path_gradient(self) -> str:
-        """``"task"`` (the gradient at hand less clreg's penalties) or ``"total"``."""
-        return self._path_gradient
-
-    @path_gradient.setter
-    def path_gradient(self, value: str) -> None:
-        if value not in PATH_GRADIENTS:
-            raise ValueError(f"path_gradient must be one of {PATH_GRADIENTS}, got {value!r}")
-        self._path_gradient = value
-        if value == "task":
-            self.ledger.register(self)
-        else:
-            self.ledger.unregister(self)
-
-    def _ledger_changed(self, old: GradientLedger) -> None:
-        old.unregister(self)
-        self._checked_generation = None
-        if self._path_gradient == "task":
-            self.ledger.register(self)
-        super()._ledger_changed(old)
-
-    @property
     def scale(self) -> float:
         return self._lam
 
-    def tracked_parameters(self) -> list[Tensor]:
-        """The parameters whose path RWalk follows (penalties over them record what they add)."""
-        return self._pset.last()
-
     # -- tracking ---------------------------------------------------------------------------------
-    def attach(self, optimizer: torch.optim.Optimizer, scaler: Any = None, *, hook: bool = True) -> RWalk:
-        """The penalty's gradient before each step (with ``hook=False``, from :meth:`pre_step`) and the
-        path after it (a step post-hook), on ``optimizer``."""
-        super().attach(optimizer, hook=hook)
-        return self._track(optimizer, scaler)
-
-    def track(self, optimizer: torch.optim.Optimizer, scaler: Any = None) -> RWalk:
-        """The path alone (a step post-hook), for the autograd mode."""
-        self._optimizer_mask(optimizer, self._pset.last())
-        return self._track(optimizer, scaler)
-
-    def _track(self, optimizer: torch.optim.Optimizer, scaler: Any) -> RWalk:
-        if self._tracking:
-            raise ValueError("RWalk is already tracking an optimizer; call detach() first")
-        self._check_sole_tracker()
-        self._tracking, self._scaler = True, scaler
-        params = [p.detach() for p in self._pset.last()]
-        self.previous.set(params)
+    def _start_tracking(self, scaler: Any) -> None:
+        super()._start_tracking(scaler)
         if self._window_py == 0:  # a window left open (a resumed checkpoint) keeps its start
-            self.window_start.set(params)
-        self.ledger.clear(self._pset.last())
-        self._handles.append(optimizer.register_step_post_hook(lambda opt, args, kw: self._after_step(None)))
-        return self
+            self.window_start.set([p.detach() for p in self._pset.last()])
 
-    def detach(self) -> None:
-        super().detach()
-        self._tracking = False
-        self._snapshot = None
-
-    def update(self, model: nn.Module, scaler: Any = None) -> None:
-        """Add the last optimizer step to the path; call it after each ``optimizer.step()`` (with a
-        GradScaler passed here, before ``scaler.update()``)."""
-        self._scaler = scaler
-        self._check_sole_tracker()
-        self._after_step(self._resolve(model))
-
-    _checked_generation: int | None = None
-
-    def _check_sole_tracker(self) -> None:
-        """A ValueError when another tracker on the ledger (an SI, a second RWalk) follows some of these
-        parameters: the ledger hands each record to one tracker, so the other would integrate the
-        penalties' gradients. Checked again only when the ledger's trackers change."""
-        ledger = self.ledger
-        if self._path_gradient != "task" or self._checked_generation == ledger.generation:
-            return
-        mine = {id(p) for p in self._pset.last()}
-        for other in ledger.trackers:
-            if other is not self and any(id(p) in mine for p in other.tracked_parameters()):
-                raise ValueError(
-                    f"RWalk and a {type(other).__name__} on one GradientLedger track the same parameters: each "
-                    "penalty's record goes to one of them, and the other's path would include the penalties' "
-                    "gradients; give one its own ledger (reg.ledger = clreg.GradientLedger()) or "
-                    "path_gradient='total'"
-                )
-        self._checked_generation = ledger.generation
-
-    def _loss_scale(self) -> float:
-        if self._scaler is None or not getattr(self._scaler, "is_enabled", lambda: False)():
-            return 1.0
-        return float(self._scaler.get_scale())
-
-    _snapshot: list[Tensor] | None = None
-    _snapshot_idx: list[int] | None = None
-
-    def _pre_step(self, mask: list[bool]) -> None:
-        """Attached: keep the task gradient (``.grad`` less what penalties added before), then add the
-        own penalty."""
-        self._snapshot_idx = None
-        if self._n_tasks_py == 0:
-            return
-        if self._path_gradient == "total":
-            super()._pre_step(mask)
-            return
-        targets = self._step_targets(mask)
-        if targets is None:
-            return
-        idx, ps, grads = targets
-        self._snapshot_idx = idx
-        if self._snapshot is None:
-            self._snapshot = [torch.empty_like(w) for w in local_all(self.omega.tensors)]
-        snap = self._subset(self._snapshot, idx)
-        with torch.no_grad():
-            torch._foreach_copy_(snap, local_all(grads))
-            for g, a in zip(snap, self.ledger.take(ps, self._loss_scale())):
-                if a is not None:
-                    g.sub_(a.to(g.dtype))
-            self._add_penalty_grad(idx, ps, grads, record=False)
-
-    def _task_grads(self, params: list[Tensor], from_snapshot: bool) -> tuple[list[int], list[Tensor]]:
-        """(indices, task gradients as local tensors in the state dtype) of this step."""
-        if from_snapshot:
-            idx = self._snapshot_idx or []
-            self.ledger.clear(self._subset(params, idx))  # added after the snapshot: not in it
-            return idx, self._subset(self._snapshot, idx)
-        idx = [i for i, p in enumerate(params) if p.grad is not None]
-        ps = self._subset(params, idx)
-        grads = [local(p.grad) for p in ps]
-        if self._path_gradient == "task" and idx:
-            added = self.ledger.take(ps, self._loss_scale())
-            grads = [g if a is None else g - a.to(g.dtype) for g, a in zip(grads, added)]
-        state = self._subset(self.omega.tensors, idx)
-        return idx, [g if g.dtype == s.dtype else g.to(s.dtype) for g, s in zip(grads, state)]
-
-    def _after_step(self, params: list[Tensor] | None) -> None:
-        from_snapshot = params is None and self.attached and self._snapshot_idx is not None
-        params = self._pset.last() if params is None else params
-        idx, grads = self._task_grads(params, from_snapshot)
-        with torch.no_grad():
+    def _path_stepped(self, params: list[Tensor], idx: list[int], grads: list[Tensor]) -> None:
+        """Count the step in the window; at its k-th step, the Fisher update and the window's score."""
+        self.window_steps += 1
+        self._window_py += 1
+        if self._window_py >= self._update_every:
             if idx:
-                prev, omega = (self._subset(local_all(t.tensors), idx) for t in (self.previous, self.omega))
-                now = [
-                    p if p.dtype == v.dtype else p.to(v.dtype)
-                    for p, v in zip(local_all(self._subset(params, idx)), prev)
-                ]
-                torch._foreach_sub_(prev, now)  # previous ← θ_old − θ_new = −Δθ
-                torch._foreach_addcmul_(omega, grads, prev)  # ω += g · (−Δθ)
-            self.previous.set([p.detach() for p in params])
-            self.steps += 1
-            self.window_steps += 1
-            self._window_py += 1
-            if self._window_py >= self._update_every:
-                if idx:
-                    fisher_ema_update_(self._subset(local_all(self.fisher.tensors), idx), grads, self._alpha)
-                self._close_window(params)
+                fisher_ema_update_(self._subset(local_all(self.fisher.tensors), idx), grads, self._alpha)
+            self._close_window(params)
 
     def _close_window(self, params: list[Tensor]) -> None:
         """Add the window's score (with the current Fisher) and start a new window at ``params``."""
@@ -328,9 +169,6 @@ class RWalk(QuadraticPenalty):
         self.window_start.set(now)
         self.window_steps.zero_()
         self._window_py = 0
-
-    def _cache_tensors(self) -> list[Tensor]:
-        return [*super()._cache_tensors(), *(self._snapshot or [])]
 
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
