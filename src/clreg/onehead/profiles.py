@@ -105,7 +105,7 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "joint.lr": (2e-3, 4e-3, 8e-3),  # the joint reference's, after its schedule and weights
     # the seed-0 tune chose λ@3 = 1e5 (the upper edge) and λ@2 = 1e3 (the lower edge): both widened
     "ewc.lam@2": (1e2, 1e3, 1e4, 1e5),
-    "ewc.lam@3": (1e3, 1e4, 1e5, 1e6),
+    "ewc.lam@3": (1e3, 1e4, 1e5, 1e6, 1e7),  # the seed-100/101 tune chose 1e6, the edge: 1e7 added
     "online_ewc.lam@2": (1e3, 1e4, 1e5),
     "online_ewc.lam@3": (1e3, 1e4, 1e5, 1e6),  # 1e5 was the upper edge
     "si.c": (0.2, 2.0, 20.0, 200.0),  # 2 was the lower edge on the pattern world: 0.2 added
