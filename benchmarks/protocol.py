@@ -1,9 +1,9 @@
 """The fixed measurement protocol shared by the overhead script and the pytest-benchmark suite.
 
 A MobileNetV3-small backbone (timm, random weights) with a small conv head, about 2 M parameters;
-batch 16 at 128×128; SGD with momentum; 2 threads; CPU. Each variant has its own model, optimizer
-and regularizer (identical initial weights), consolidated once on a few samples so its penalty is
-active.
+batch 16 at 128×128; SGD with momentum; 2 threads; CPU (another device where :func:`build_all` is
+given one: the models and the batch are put there). Each variant has its own model, optimizer and
+regularizer (identical initial weights), consolidated once on a few samples so its penalty is active.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def make_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Va
     value computed for logging each step)."""
     model = Net()
     model.load_state_dict(state)
-    model.train()
+    model.to(x.device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     reg = None
     mode = "autograd"
@@ -128,9 +128,9 @@ def make_family_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor
     at the least)."""
     model = Net()
     model.load_state_dict(state)
-    model.train()
+    model.to(x.device).train()
     opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    x2, y2 = make_batch(seed=1)
+    x2, y2 = (t.to(x.device) for t in make_batch(seed=1))
     reg, extra_passes, watch = None, 0, False
     if name.startswith("floor-"):
         extra_passes = int(name.removeprefix("floor-").removesuffix("x")) - 1
@@ -179,13 +179,15 @@ def avalanche_available() -> bool:
 
 
 def make_avalanche_variant(name: str, state: dict, x: torch.Tensor, y: torch.Tensor) -> Variant:
-    """Avalanche's ``EWCPlugin`` or ``SynapticIntelligencePlugin`` (``avalanche-ewc`` /
-    ``avalanche-si``, avalanche-lib 0.6) on the same step: the plugin's own hooks are called where
-    Avalanche's training loop calls them, on a minimal stand-in for its strategy object, so the
-    timing holds the plugins' work and not the rest of Avalanche's loop."""
+    """Avalanche's ``EWCPlugin``, ``SynapticIntelligencePlugin``, ``AGEMPlugin`` or ``RWalkPlugin``
+    (``avalanche-ewc`` / ``-si`` / ``-agem`` / ``-rwalk``, avalanche-lib 0.6) on the same step: the
+    plugin's own hooks are called where Avalanche's training loop calls them, on a minimal stand-in for
+    its strategy object, so the timing holds the plugins' work and not the rest of Avalanche's loop.
+    A-GEM's memory draw is pinned to a second batch of 16 (its data loader is not timed), as clreg's
+    ``agem-attached`` draws 16; RWalk updates its scores every 10 steps, as clreg's ``rwalk-*``."""
     from types import SimpleNamespace
 
-    from avalanche.training.plugins import EWCPlugin, SynapticIntelligencePlugin
+    from avalanche.training.plugins import AGEMPlugin, EWCPlugin, RWalkPlugin, SynapticIntelligencePlugin
 
     model = Net()
     model.load_state_dict(state)
@@ -194,10 +196,18 @@ def make_avalanche_variant(name: str, state: dict, x: torch.Tensor, y: torch.Ten
     data = TensorDataset(x[:4], y[:4], torch.zeros(4, dtype=torch.long))  # (input, target, task label)
     strategy = SimpleNamespace(
         model=model, optimizer=opt, device=torch.device("cpu"), _criterion=nn.CrossEntropyLoss(),
-        clock=SimpleNamespace(train_exp_counter=0), experience=SimpleNamespace(dataset=data),
-        train_mb_size=4, loss=None,
+        clock=SimpleNamespace(train_exp_counter=0, train_iterations=0), experience=SimpleNamespace(dataset=data),
+        train_mb_size=4, loss=None, mbatch=(x, y, torch.zeros(len(y), dtype=torch.long)),
     )  # fmt: skip
-    plugin = EWCPlugin(ewc_lambda=1.0) if name == "avalanche-ewc" else SynapticIntelligencePlugin(si_lambda=0.1)
+    plugin = {
+        "avalanche-ewc": lambda: EWCPlugin(ewc_lambda=1.0),
+        "avalanche-si": lambda: SynapticIntelligencePlugin(si_lambda=0.1),
+        "avalanche-agem": lambda: AGEMPlugin(patterns_per_experience=BATCH, sample_size=BATCH),
+        "avalanche-rwalk": lambda: RWalkPlugin(ewc_lambda=1.0, delta_t=10),
+    }[name]()
+    if name == "avalanche-agem":
+        x2, y2 = make_batch(seed=1)
+        plugin.sample_from_memory = lambda: (x2, y2, torch.zeros(len(y2), dtype=torch.long))
 
     def step() -> None:
         plugin.before_training_iteration(strategy)
@@ -205,13 +215,19 @@ def make_avalanche_variant(name: str, state: dict, x: torch.Tensor, y: torch.Ten
         plugin.before_backward(strategy)
         opt.zero_grad()
         strategy.loss.backward()
+        plugin.after_backward(strategy)
         opt.step()
         plugin.after_training_iteration(strategy)
+        strategy.clock.train_iterations += 1
 
+    plugin.before_training(strategy)
     plugin.before_training_exp(strategy)  # the first experience: a few steps, then its consolidation
     for _ in range(2):
         step()
-    plugin.after_training_exp(strategy)
+    if name == "avalanche-agem":
+        plugin.buffers = [data]  # stored (the draw itself is pinned above)
+    else:
+        plugin.after_training_exp(strategy)
     strategy.clock.train_exp_counter = 1
     plugin.before_training_exp(strategy)
 
@@ -267,17 +283,25 @@ FAMILY_VARIANTS = [  # after the core's: the rest of the family and their floors
 VARIANTS += FAMILY_VARIANTS
 
 
-AVALANCHE_VARIANTS = ["avalanche-ewc", "avalanche-si"]  # run when avalanche-lib is installed
+AVALANCHE_VARIANTS = [
+    "avalanche-ewc",
+    "avalanche-si",
+    "avalanche-agem",
+    "avalanche-rwalk",
+]  # run when avalanche-lib is installed
 
 
-def build_all(names: list[str] | None = None) -> list[Variant]:
-    """The variants named (default: :data:`VARIANTS`, plus Avalanche's when it is installed)."""
+def build_all(names: list[str] | None = None, device: str | torch.device = "cpu") -> list[Variant]:
+    """The variants named (default: :data:`VARIANTS`, plus Avalanche's when it is installed), their
+    models and batch on ``device`` (Avalanche's variants on the CPU only)."""
     if names is None:
         names = VARIANTS + (AVALANCHE_VARIANTS if avalanche_available() else [])
+    if torch.device(device).type != "cpu" and any(n.startswith("avalanche-") for n in names):
+        raise ValueError("Avalanche's variants run on the CPU only")
     torch.set_num_threads(THREADS)
     torch.manual_seed(0)
     state = Net().state_dict()
-    x, y = make_batch()
+    x, y = (t.to(device) for t in make_batch())
     return [_maker(n)(n, state, x, y) for n in names]
 
 
@@ -287,7 +311,15 @@ def _maker(name: str) -> Callable[[str, dict, torch.Tensor, torch.Tensor], Varia
     return make_family_variant if name in FAMILY_VARIANTS else make_variant
 
 
+def synchronize() -> None:
+    """Wait for the GPU's queued work, where CUDA is in use (a no-op on the CPU)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(fn: Callable[[], None]) -> float:
+    synchronize()
     t = time.perf_counter()
     fn()
+    synchronize()
     return time.perf_counter() - t
