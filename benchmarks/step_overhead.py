@@ -1,6 +1,6 @@
 """Training-step overhead of each regularizer, state memory, and Fisher throughput, in one run.
 
-    python benchmarks/step_overhead.py [--steps 60] [--fisher-samples 16] [--variants a,b] [--json out.json]
+    python benchmarks/step_overhead.py [--steps 60] [--fisher-samples 16] [--variants a,b] [--device cuda] [--json out.json]
 
 With avalanche-lib installed (``pip install clreg[avalanche]``) the same step with Avalanche's
 ``EWCPlugin`` and ``SynapticIntelligencePlugin`` is timed in the same rounds (``avalanche-ewc``,
@@ -13,6 +13,8 @@ over the plain step's in the same round, with a 95 % bootstrap interval (resampl
 Fisher cases (each estimator by the vectorised, looped and per-layer paths; ``batched`` at B = 1, 8,
 16) are timed once cold, then ``--fisher-rounds`` times warm in a random order each round: the median,
 and the median over rounds of each case's rate over ``batched`` B = 16's in the same round.
+``--device cuda`` runs the same on the GPU (the models and the batch there, each timing synchronised);
+``benchmarks/gpu_checks.py`` uses it.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import platform
 import random
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -43,8 +44,8 @@ def paired_ratio(a: list[float], b: list[float], n: int = 2000, seed: int = 0) -
     return statistics.median(ratios), meds[int(0.025 * n)], meds[int(0.975 * n)]
 
 
-def step_overhead(steps: int, warmup: int, names: list[str] | None = None) -> dict:
-    variants = protocol.build_all(names)
+def step_overhead(steps: int, warmup: int, names: list[str] | None = None, device: str = "cpu") -> dict:
+    variants = protocol.build_all(names, device)
     times: dict[str, list[float]] = {v.name: [] for v in variants}
     for _ in range(warmup):
         for v in variants:
@@ -75,10 +76,10 @@ def step_overhead(steps: int, warmup: int, names: list[str] | None = None) -> di
     return {"n_params": n_params, "steps": steps, "variants": rows}
 
 
-def fisher_throughput(samples: int, rounds: int = 3) -> dict:
+def fisher_throughput(samples: int, rounds: int = 3, device: str = "cpu") -> dict:
     torch.set_num_threads(protocol.THREADS)
     torch.manual_seed(0)
-    model = protocol.Net()
+    model = protocol.Net().to(device)
     g = torch.Generator().manual_seed(1)
     data = torch.utils.data.TensorDataset(
         torch.randn(samples, 3, protocol.SIZE, protocol.SIZE, generator=g),
@@ -89,15 +90,13 @@ def fisher_throughput(samples: int, rounds: int = 3) -> dict:
     cases |= {f"batched/B={b}": dict(estimator="batched", batch_size=b) for b in (1, 8, 16)}
     out = {}
     for name, kw in cases.items():  # the first call of each: cold (compilation of the vmapped functions …)
-        t = time.perf_counter()
-        fisher_diagonal(model, data, **kw)
-        out[name] = {"cold_samples_per_s": samples / (time.perf_counter() - t), "warm": []}
+        cold = protocol.timed(lambda kw=kw: fisher_diagonal(model, data, **kw))
+        out[name] = {"cold_samples_per_s": samples / cold, "warm": []}
     rng = random.Random(0)
     for _ in range(rounds):  # then warm, interleaved in a random order each round: the median of the rounds
         for name in rng.sample(list(cases), len(cases)):
-            t = time.perf_counter()
-            fisher_diagonal(model, data, **cases[name])
-            out[name]["warm"].append(samples / (time.perf_counter() - t))
+            kw = cases[name]
+            out[name]["warm"].append(samples / protocol.timed(lambda kw=kw: fisher_diagonal(model, data, **kw)))
     ref = out["batched/B=16"]["warm"]
     for r in out.values():  # the same round's batched B = 16 as the reference: slow drifts cancel
         r["ratio_to_batched16"] = statistics.median(w / b for w, b in zip(r["warm"], ref))
@@ -117,6 +116,19 @@ def _variant_names(text: str | None) -> list[str] | None:
     return names
 
 
+def machine(device: str = "cpu") -> dict:
+    """The CPU, the threads, torch's version and the device timed (with the GPU's name on CUDA)."""
+    out = {
+        "cpu": platform.processor() or platform.machine(),
+        "threads": protocol.THREADS,
+        "torch": torch.__version__,
+        "device": device,
+    }
+    if torch.device(device).type == "cuda":
+        out["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=60, help="timed rounds (>= 30 for the reported figures)")
@@ -130,16 +142,13 @@ def main() -> None:
         help="comma-separated subset (always with plain), e.g. plain,ewc-attached,avalanche-ewc; "
         "default: all, Avalanche's plugins included when avalanche-lib is installed",
     )
+    p.add_argument("--device", default="cpu", help="where the models run (default cpu; e.g. cuda)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
     args = p.parse_args()
     res = {
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "threads": protocol.THREADS,
-            "torch": torch.__version__,
-        },
+        "machine": machine(args.device),
         "clreg": clreg.__version__,
-        "step": step_overhead(args.steps, args.warmup, _variant_names(args.variants)),
+        "step": step_overhead(args.steps, args.warmup, _variant_names(args.variants), args.device),
     }
     print(
         f"\nTraining step, {res['step']['n_params'] / 1e6:.2f} M parameters, median of {args.steps} interleaved rounds"
@@ -151,7 +160,7 @@ def main() -> None:
             f"{name:22s} {r['median_ms']:8.1f} {r['ratio']:7.3f} {f'[{lo:.3f}, {hi:.3f}]':>16s} {r['state_bytes_per_param']:14.1f}"
         )
     if not args.skip_fisher:
-        res["fisher"] = fisher_throughput(args.fisher_samples, args.fisher_rounds)
+        res["fisher"] = fisher_throughput(args.fisher_samples, args.fisher_rounds, args.device)
         print(f"\nFisher throughput ({args.fisher_samples} samples), samples/s")
         for name, r in res["fisher"].items():
             cold = r.get("cold_samples_per_s")

@@ -80,3 +80,9 @@ def test_lora_causal_lm_example() -> None:
     out = run(sys.executable, str(EXAMPLES / "lora_causal_lm.py"), "--smoke", timeout=300)
     assert "naive    task 1" in out and "ewc      task 1" in out and "lwf      task 1" in out, out
     assert "task 1 kept: naive" in out, out
+
+
+def test_accelerate_example() -> None:
+    pytest.importorskip("accelerate")
+    out = run(sys.executable, str(EXAMPLES / "accelerate_loop.py"), "--smoke")
+    assert "task 1: 3 optimizer steps, 10 micro-batches" in out and "restored exactly: True" in out, out
