@@ -260,6 +260,10 @@ class Regularizer(nn.Module, metaclass=abc.ABCMeta):
     def _optimizer_mask(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[bool]:
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"attach expects a torch.optim.Optimizer, got {type(optimizer).__name__}")
+        if not hasattr(optimizer, "_optimizer_step_pre_hooks"):  # a wrapper that never ran Optimizer.__init__
+            inner = getattr(optimizer, "optimizer", None)
+            hint = f": attach to the torch optimizer it wraps, {type(optimizer).__name__}.optimizer" if inner else ""
+            raise TypeError(f"{type(optimizer).__name__} wraps an optimizer and takes no step hooks{hint}")
         ids = {id(p) for g in optimizer.param_groups for p in g["params"]}
         mask = [id(p) in ids for p in params]
         if not any(mask):
