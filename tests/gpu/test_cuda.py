@@ -14,8 +14,8 @@ module is skipped, with one reason, when ``torch.cuda.is_available()`` is False.
 * bf16 and fp16 autocast forwards with the penalty added: the value in float32, equal to the float32
   value for the penalties of the parameters alone, and a finite backward;
 * ``torch.compile`` (inductor) of a training step's loss with a penalty: losses, values, parameters and
-  state equal to the eager run's (LwF's first call after a consolidation inside the compiled region is a
-  known bug: ``xfail``);
+  state equal to the eager run's (also with LwF's first call after a consolidation inside the compiled
+  region);
 * the one-head model's latency at 512 × 512 (the challenge's limit: 150 ms per image on a T4),
   timed by :func:`clreg.onehead.model.cpu_latency` on the model on the GPU.
 
@@ -502,15 +502,7 @@ def test_autocast_forward_with_the_penalty(kind: str, dtype: torch.dtype) -> Non
 # -- torch.compile -----------------------------------------------------------------------------------
 
 
-LWF_COLD = pytest.mark.xfail(
-    strict=True,
-    reason="known bug, reproducible on the CPU: LwF's first call after a consolidation builds its cached terms "
-    "(frozen OutputSpec dataclasses), which dynamo cannot trace (InternalTorchDynamoError); one eager call "
-    "first avoids it (the 'lwf' case)",
-)
-
-
-@pytest.mark.parametrize("kind", ["ewc", "si", "kfac_ewc", "lwf", pytest.param("lwf-cold", marks=LWF_COLD)])
+@pytest.mark.parametrize("kind", ["ewc", "si", "kfac_ewc", "lwf", "lwf-cold"])
 def test_compiled_training_step_equals_eager(kind: str) -> None:
     """The step's loss (forward, task loss, penalty) compiled, backward and step as usual; three steps,
     against the same steps eager on a twin (the same weights and state). ``lwf``: one eager call of the

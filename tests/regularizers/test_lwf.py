@@ -321,3 +321,23 @@ def test_lwf_rejects_a_bad_form() -> None:
     bad = {**sd["_extra_state"], "config": {**sd["_extra_state"]["config"], "form": "everything"}}
     with pytest.raises(ValueError, match="got 'everything'"):
         clreg.LwF(model).load_state_dict({**sd, "_extra_state": bad})
+
+
+def test_first_call_after_consolidation_inside_a_compiled_function() -> None:
+    """The terms are built when the state changes, so LwF's first call after a consolidation may be
+    the compiled one (dynamo cannot build them: frozen dataclasses); its value is the definition's,
+    T² · KL(teacher ‖ student) at T = 2, the teacher being the model at the consolidation."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x = torch.randn(8, 4)
+    lwf = clreg.LwF(model, temperature=2.0, alpha=1.0)
+    lwf.consolidate(model, TensorDataset(x, torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])))
+    with torch.no_grad():
+        teacher = model(x)
+        model[2].weight.add_(0.5)
+    torch.compiler.reset()
+    value = torch.compile(lambda m, a: lwf(m, inputs=a), backend="aot_eager")(model, x)
+    student = model(x)
+    p = torch.softmax(teacher / 2.0, dim=1)
+    want = 4.0 * (p * (p.log() - torch.log_softmax(student / 2.0, dim=1))).sum(1).mean()
+    torch.testing.assert_close(value, want)

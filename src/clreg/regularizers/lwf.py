@@ -177,6 +177,8 @@ class LwF(Regularizer):
         super()._state_changed()
         self._terms_cache = None
         self._index_cache = {}
+        if "_entries" in self.__dict__:  # built here, outside any compiled step that calls the LwF later
+            _ = self._terms
 
     def _cache_tensors(self) -> list[Tensor]:
         return [*super()._cache_tensors(), *(t for t in self._index_cache.values() if t is not None)]
