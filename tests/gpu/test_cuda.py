@@ -10,7 +10,7 @@ module is skipped, with one reason, when ``torch.cuda.is_available()`` is False.
 * the attached mode under fp16 autocast with a ``GradScaler``, through a step the scaler skips (an inf
   injected into a gradient): the penalty's gradient is added once to the unscaled gradient of each step
   taken, nothing on the skipped one, and SI's path integral sees the task gradient alone; the same for
-  the autograd mode (where SI's path after the skipped step is a known bug: ``xfail``);
+  the autograd mode;
 * bf16 and fp16 autocast forwards with the penalty added: the value in float32, equal to the float32
   value for the penalties of the parameters alone, and a finite backward;
 * ``torch.compile`` (inductor) of a training step's loss with a penalty: losses, values, parameters and
@@ -458,12 +458,6 @@ def test_fp16_gradscaler_autograd_gradient_through_a_skipped_step() -> None:
         torch.testing.assert_close(b, t + pen, **FP16_TOL)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known bug, reproducible on the CPU: in the autograd mode (SI tracking with a GradScaler), the "
-    "penalties' ledger records of a step the scaler skips are kept and subtracted, at the new scale, "
-    "from the next step's gradient in SI's path",
-)
 def test_fp16_gradscaler_autograd_path_after_a_skipped_step() -> None:
     it, states = scaler_run("autograd")
     check_taken_step(it, states[-1], 0.05)

@@ -158,3 +158,40 @@ def test_si_errors() -> None:
     other = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
     with pytest.raises(ValueError, match="holds none"):
         clreg.SI(model).attach(other)
+
+
+@pytest.mark.parametrize("mode", ["attached", "autograd"])
+def test_a_step_the_gradscaler_skips_leaves_no_record_behind(mode: str) -> None:
+    """EWC and SI on one ledger with a GradScaler: a step skipped for an inf gradient, then a taken
+    one. SI's ω is −g_task ⊙ Δθ of the taken step alone, g_task the unscaled task gradient written here
+    (the penalty's records of the skipped step are dropped, not subtracted at the next step)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    x, y = torch.randn(8, 4), torch.randint(0, 3, (8,))
+    ewc = clreg.EWC(model, lam=50.0, estimator="exact")
+    ewc.consolidate(model, torch.utils.data.TensorDataset(x, y))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.3)
+    si = clreg.SI(model, c=0.0)
+    ewc.ledger = si.ledger
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    if mode == "attached":
+        ewc.attach(opt)
+        si.attach(opt, scaler)
+    else:
+        si.track(opt, scaler)
+    for inject in (True, False):
+        opt.zero_grad()
+        before = [p.detach().clone() for p in model.parameters()]
+        task = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x), y), list(model.parameters()))
+        loss = torch.nn.functional.cross_entropy(model(x), y) + (ewc(model) if mode == "autograd" else 0.0)
+        scaler.scale(loss).backward()
+        if inject:
+            model.weight.grad[0, 0] = float("inf")
+        scaler.step(opt)
+        scaler.update()
+    assert int(si.steps) == 1
+    for w, g, b, p in zip(si.omega.tensors, task, before, model.parameters()):
+        torch.testing.assert_close(w, -g * (p.detach() - b), rtol=1e-4, atol=1e-7)

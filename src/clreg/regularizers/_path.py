@@ -77,6 +77,7 @@ class PathTracker(QuadraticPenalty):
 
     def _ledger_changed(self, old: GradientLedger) -> None:
         old.unregister(self)
+        self.ledger.scaler = self._scaler
         self._checked_generation = None
         self._register_with_ledger()
         super()._ledger_changed(old)
@@ -108,6 +109,7 @@ class PathTracker(QuadraticPenalty):
             raise ValueError(f"{type(self).__name__} is already tracking an optimizer; call detach() first")
         self._check_sole_tracker()
         self._tracking, self._scaler = True, scaler
+        self.ledger.scaler = scaler
         self.previous.set([p.detach() for p in self._pset.last()])
         self.ledger.clear(self._pset.last())
 
@@ -119,7 +121,7 @@ class PathTracker(QuadraticPenalty):
     def update(self, model: nn.Module, scaler: Any = None) -> None:
         """Add the last optimizer step to the path; call it after each ``optimizer.step()`` (with a
         GradScaler passed here, before ``scaler.update()``)."""
-        self._scaler = scaler
+        self._scaler = self.ledger.scaler = scaler
         self._check_sole_tracker()
         self._after_step(self._resolve(model))
 

@@ -11,6 +11,9 @@ records what it adds to those parameters (and only then, so the hot path pays no
   (:meth:`GradientLedger.record_unscaled`).
 
 SI then takes the records of its parameters (:meth:`GradientLedger.take`) on each optimizer step.
+A tracker that follows a GradScaler sets it as the ledger's ``scaler``: scaled records made before the
+scaler's last ``update()`` belong to a step it skipped (its ``.grad`` was zeroed, no hook ran) and are
+dropped, not carried into the next step.
 Every regularizer holds a ledger (``reg.ledger``, a fresh one by default); :class:`~clreg.Compose`
 gives all its members one; regularizers built apart share one when the same ledger is set on each.
 A penalty and an SI with different ledgers do not see each other: SI's path then includes that
@@ -34,7 +37,7 @@ from __future__ import annotations
 
 import weakref
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -64,6 +67,8 @@ class GradientLedger:
         self._generation = 0
         self._scaled: _Book = {}
         self._unscaled: _Book = {}
+        self.scaler: Any = None  # the GradScaler the trackers follow, if any
+        self._scaled_window: tuple[int, int] | None = None
 
     def __repr__(self) -> str:
         return f"GradientLedger({len(self._trackers)} tracker(s), {len(self._scaled) + len(self._unscaled)} record(s))"
@@ -111,8 +116,22 @@ class GradientLedger:
 
     # -- records ----------------------------------------------------------------------------------
     def record_scaled(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
-        """From a penalty's backward: the gradient as autograd accumulates it (loss scale included)."""
+        """From a penalty's backward: the gradient as autograd accumulates it (loss scale included).
+        Records from before the scaler's last ``update()`` (a skipped step's) are dropped first."""
+        window = self._window()
+        if _after(window, self._scaled_window):
+            self._scaled.clear()
+        self._scaled_window = window
         _add(self._scaled, params, grads)
+
+    def _window(self) -> tuple[int, int] | None:
+        """Which of the scaler's steps a record belongs to: its scale tensor and that tensor's version,
+        bumped in place by every ``update()`` (no device sync); ``None`` without an enabled scaler."""
+        scaler = self.scaler
+        scale = getattr(scaler, "_scale", None)
+        if scale is None or not scaler.is_enabled():
+            return None
+        return id(scale), scale._version
 
     def record_unscaled(self, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
         """From an attached pre-hook: the gradient added to ``.grad`` (after any unscaling)."""
@@ -122,8 +141,11 @@ class GradientLedger:
         """Each parameter's recorded addition, unscaled (the scaled records divided by ``loss_scale``),
         and cleared; ``None`` where nothing was added."""
         out: list[Tensor | None] = []
+        stale = _after(self._window(), self._scaled_window)
         for p in params:
             scaled, unscaled = _pop(self._scaled, p), _pop(self._unscaled, p)
+            if stale:
+                scaled = None
             if scaled is not None and loss_scale != 1.0:
                 scaled = scaled / loss_scale
             if scaled is None:
@@ -139,6 +161,12 @@ class GradientLedger:
         for p in params:
             _pop(self._scaled, p)
             _pop(self._unscaled, p)
+
+
+def _after(now: tuple[int, int] | None, recorded: tuple[int, int] | None) -> bool:
+    """Whether records made in window ``recorded`` are from before the scaler's last update (unknown
+    windows, without a scaler at either time, count as current)."""
+    return now is not None and recorded is not None and now != recorded
 
 
 def _add(book: _Book, params: Sequence[Tensor], grads: Sequence[Tensor]) -> None:
