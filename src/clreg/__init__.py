@@ -33,6 +33,7 @@ from .regularizers import (
     RWalk,
 )
 from .replay import ReplayBuffer
+from .session import ContinualSession, eval_mode
 from .spec import OutputSpec, TaskSpec, select_output
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "MAS",
     "SI",
     "Compose",
+    "ContinualSession",
     "FeatureDistillation",
     "GradientLedger",
     "KeywordInputs",
@@ -59,6 +61,7 @@ __all__ = [
     "TaskSpec",
     "__version__",
     "distributed",
+    "eval_mode",
     "functional",
     "select_output",
 ]

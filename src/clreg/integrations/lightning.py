@@ -14,10 +14,17 @@
 * **Tasks.** At the end of each ``fit`` the regularizer consolidates on the data you name (a
   ``Dataset``, a ``DataLoader``, or a callable ``(trainer, module) -> data``; default the
   datamodule's ``train_dataloader()``, else the trainer's), with the task's
-  :class:`~clreg.TaskSpec` (one, or a callable of the task's index).
-* **Checkpoints.** The regularizer's state is the callback's state in Lightning's checkpoints, so
+  :class:`~clreg.TaskSpec` (one, or a callable of the task's index), with the module in eval mode
+  (BatchNorm statistics untouched, dropout off; each submodule's mode restored after). A fit that
+  is interrupted (by hand or by an exception) consolidates nothing.
+* **Checkpoints.** ``{"regularizer": state_dict, "tasks": n}`` is the callback's state in Lightning's checkpoints, so
   ``fit(..., ckpt_path=...)`` continues with the same penalties.
 * **Logging.** Every ``log_every_n_steps`` steps each member's value is logged as ``clreg/<name>``.
+
+The callback is a mapping of Lightning's hooks onto a :class:`~clreg.session.ContinualSession`
+(``continual.session``): ``on_train_start`` → ``begin_task(hook=False)``, ``on_before_optimizer_step``
+→ ``pre_step``, ``on_train_end`` → ``end_task`` (``abort_task`` when interrupted), the callback's state
+→ the session's.
 
 Example:
     >>> import torch, lightning as L, clreg
@@ -54,8 +61,9 @@ import torch
 from torch import Tensor, nn
 
 from ..regularizers import Compose, Regularizer
+from ..session import ContinualSession
 from ..spec import TaskSpec
-from ._common import is_data_factory, members
+from ._common import is_data_factory
 
 __all__ = ["ContinualLearning"]
 
@@ -68,7 +76,8 @@ def _torch_optimizer(optimizer: Any) -> torch.optim.Optimizer:
 
 
 class ContinualLearning(pl.Callback):
-    """One regularizer across a sequence of ``fit`` calls (see the module).
+    """One regularizer across a sequence of ``fit`` calls (see the module): a mapping of Lightning's hooks
+    onto a :class:`~clreg.session.ContinualSession` (``self.session``).
 
     Args:
         regularizer: a clreg regularizer or Compose, built on ``model(pl_module)``'s parameters.
@@ -92,49 +101,50 @@ class ContinualLearning(pl.Callback):
             raise TypeError(f"ContinualLearning takes a clreg regularizer or Compose, got {type(regularizer).__name__}")
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps}")
-        self.regularizer, self.data, self.spec = regularizer, data, spec
+        self.session = ContinualSession(regularizer, optimizer_label="the trainer's optimizer")
+        self.data, self.spec = data, spec
         self.model_of = model or (lambda m: m)
         self.log_every_n_steps = log_every_n_steps
-        self.tasks = 0  # tasks consolidated so far
 
-    # -- the regularizer on the trainer's optimizer --------------------------------------------------
-    def _attachable(self) -> bool:
-        reg = self.regularizer
-        return bool(reg.members_that("attachable")) if isinstance(reg, Compose) else type(reg).attachable
+    @property
+    def regularizer(self) -> Regularizer | Compose:
+        """The regularizer (or Compose) the callback owns."""
+        return self.session.regularizer
 
+    @property
+    def tasks(self) -> int:
+        """Tasks consolidated so far."""
+        return self.session.tasks
+
+    # -- hooks -> session ------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        """``begin_task`` on the trainer's optimizer, without a step pre-hook (the step runs a closure)."""
         if len(trainer.optimizers) != 1:
             raise ValueError(
                 f"ContinualLearning needs exactly one optimizer, the trainer has {len(trainer.optimizers)}"
             )
-        model = self.model_of(pl_module)
-        self.regularizer.to(next(model.parameters()).device)
-        for _, member in members(self.regularizer):  # this module's parameters, checked against the built ones
-            member._resolve(model)
-        if self._attachable():
-            scaler = getattr(trainer.precision_plugin, "scaler", None)
-            self.regularizer.attach(_torch_optimizer(trainer.optimizers[0]), scaler=scaler, hook=False)
+        self.session.abort_task()  # a fit that ended without on_train_end
+        optimizer = _torch_optimizer(trainer.optimizers[0]) if self.session.needs_optimizer else None
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self.session.begin_task(optimizer, scaler=scaler, hook=False, model=self.model_of(pl_module))
 
     def on_before_optimizer_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: Any) -> None:
-        if self._attachable():
-            self.regularizer.pre_step()
+        """``pre_step``: after the step's last backward (and GradScaler's unscale), before the clipping."""
+        self.session.pre_step()
 
     def penalty(self, pl_module: pl.LightningModule, inputs: Any = None, outputs: Any = None) -> Tensor:
         """What ``training_step`` adds to its loss: the members without a closed form (LwF …), whose
         gradient must come from autograd; zero when every member is attached."""
-        return self.regularizer.autograd_value(self.model_of(pl_module), inputs=inputs, outputs=outputs)
+        return self.session.penalty(self.model_of(pl_module), inputs=inputs, outputs=outputs)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:  # fmt: skip
         n = self.log_every_n_steps
         if n is None or trainer.global_step % n:
             return
-        model = self.model_of(pl_module)
-        for name, member in members(self.regularizer):
-            value = member(model).detach() if getattr(member, "attached", False) else member.last_value
+        for name, value in self.session.values(self.model_of(pl_module)).items():
             pl_module.log(f"clreg/{name}", value.to(torch.float32), on_step=True, on_epoch=False, sync_dist=False)
 
-    # -- the end of a task -----------------------------------------------------------------------
     def _task_data(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> Any:
         if is_data_factory(self.data):
             return self.data(trainer, pl_module)
@@ -144,24 +154,20 @@ class ContinualLearning(pl.Callback):
             return trainer.datamodule.train_dataloader()
         return trainer.train_dataloader
 
-    def _task_spec(self) -> TaskSpec | None:
-        return self.spec(self.tasks) if callable(self.spec) else self.spec
-
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        """Consolidate on the task's data, then count the task."""
-        self.regularizer.detach()
-        if trainer.interrupted:  # stopped by hand or by an exception: the task is not over
+        """``end_task`` on the task's data (model in eval mode, its modes restored); an interrupted fit
+        (by hand or by an exception) is not the task's end: ``abort_task``."""
+        if trainer.interrupted or not self.session.in_task:
+            self.session.abort_task()
             return
-        self.regularizer.consolidate(self.model_of(pl_module), self._task_data(trainer, pl_module), self._task_spec())
-        self.tasks += 1
+        self.session.end_task(self.model_of(pl_module), self._task_data(trainer, pl_module), self.spec)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.regularizer.detach()
+        self.session.abort_task()
 
-    # -- checkpoints -----------------------------------------------------------------------------
+    # -- checkpoints: {"regularizer": ..., "tasks": n}, the layout of every earlier version -----------------
     def state_dict(self) -> dict[str, Any]:
-        return {"regularizer": self.regularizer.state_dict(), "tasks": self.tasks}
+        return self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.regularizer.load_state_dict(state_dict["regularizer"])
-        self.tasks = int(state_dict["tasks"])
+        self.session.load_state_dict(state_dict)

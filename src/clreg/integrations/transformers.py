@@ -45,6 +45,10 @@ Where things happen, relative to the Trainer's loop (transformers 5: ``_run_epoc
   values in ``log()``, before any callback; with a plain ``Trainer`` the callback adds them in ``on_log``,
   which reaches the callbacks after it (the console printer) and ``state.log_history``, not the reporters.
 
+The callback is a mapping of the Trainer's events onto a :class:`~clreg.session.ContinualSession`
+(``callback.session``): ``on_train_begin`` → ``begin_task`` (step pre-hook on), ``compute_loss`` →
+``penalty``, ``on_train_end`` → ``end_task``, ``clreg.pt`` → the session's state.
+
 Example:
     >>> import tempfile, torch, transformers, clreg
     >>> from transformers.trainer_callback import PrinterCallback
@@ -88,10 +92,10 @@ from torch import Tensor, nn
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 
 from ..data import KeywordInputs
-from ..functional._per_sample import eval_mode
 from ..regularizers import Compose, Regularizer
+from ..session import ContinualSession
 from ..spec import TaskSpec
-from ._common import is_data_factory, members
+from ._common import is_data_factory
 
 __all__ = ["CHECKPOINT_NAME", "ContinualCallback", "ContinualTrainer", "keyword_batches"]
 
@@ -194,101 +198,76 @@ class ContinualCallback(transformers.TrainerCallback):
             raise TypeError(f"spec must be a TaskSpec or a callable of the task's index, got {type(spec).__name__}")
         if batches is not None and not callable(batches):
             raise TypeError(f"batches must be a callable data -> batches, got {type(batches).__name__}")
-        self.regularizer, self.data, self.spec, self.batches = regularizer, data, spec, batches
-        self.attach, self.log = bool(attach), bool(log)
+        self.session = ContinualSession(regularizer, attach=attach, optimizer_label="the Trainer's optimizer")
+        self.data, self.spec, self.batches = data, spec, batches
+        self.log = bool(log)
         self.resume_from = resume_from
-        self.tasks = 0  # tasks consolidated so far
-        self._model: nn.Module | None = None
         self._penalty_calls = 0
         self._warned = False
 
-    # -- which members go where ------------------------------------------------------------------
-    def _attached_members(self) -> list[Regularizer]:
-        if not self.attach:
-            return []
-        reg = self.regularizer
-        return reg.members_that("attachable") if isinstance(reg, Compose) else [reg] if type(reg).attachable else []
+    @property
+    def regularizer(self) -> Regularizer | Compose:
+        """The regularizer (or Compose) the callback owns."""
+        return self.session.regularizer
+
+    @property
+    def attach(self) -> bool:
+        """Whether the members with a closed-form gradient are attached to the optimizer."""
+        return self.session.attach
+
+    @property
+    def tasks(self) -> int:
+        """Tasks consolidated so far."""
+        return self.session.tasks
 
     @property
     def needs_autograd(self) -> bool:
         """True when some member's gradient must come from the loss (LwF, or every member with
         ``attach=False``): train with :class:`ContinualTrainer` (or add :meth:`penalty` to your loss)."""
-        return len(self._attached_members()) < len(members(self.regularizer))
+        return self.session.needs_autograd
 
-    # -- the regularizer on the Trainer's optimizer ------------------------------------------------
+    # -- hooks -> session ------------------------------------------------------------------------
     def on_train_begin(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                        control: transformers.TrainerControl, **kwargs: Any) -> None:  # fmt: skip
-        """Load the checkpoint's state when resuming, then attach to the torch optimizer."""
-        self.regularizer.detach()  # a train() that raised never reached on_train_end
+        """Load the checkpoint's state when resuming, then ``begin_task`` on the torch optimizer."""
+        self.session.abort_task()  # a train() that raised never reached on_train_end
         model = kwargs["model"]
-        self._model, self._penalty_calls, self._warned = model, 0, False
-        self.regularizer.to(next(model.parameters()).device)
-        for _, member in members(self.regularizer):  # the Trainer's model, checked against the built one
-            try:
-                member._resolve(model)
-            except ValueError as err:
-                raise ValueError(
-                    f"ContinualCallback: {err}; build the regularizer on the model you give the Trainer "
-                    "(after any PEFT wrapping)"
-                ) from err
+        self._penalty_calls, self._warned = 0, False
+        try:
+            self.session.set_model(model)  # the Trainer's model, checked against the built one
+        except ValueError as err:
+            raise ValueError(
+                f"ContinualCallback: {err}; build the regularizer on the model you give the Trainer "
+                "(after any PEFT wrapping)"
+            ) from err
         if state.global_step > 0:
             self._load(self._resume_path(args, state), state.global_step)
         self.resume_from = None
-        if args.optim in ("lomo", "adalomo") and (self._attached_members() or self._trackers()):
+        if args.optim in ("lomo", "adalomo") and self.session.needs_optimizer:
             raise ValueError(
                 f"optim={args.optim!r} updates the parameters in the backward and never steps a torch optimizer: "
                 "clreg's attached penalties and SI's path need one"
             )
         optimizer = kwargs["optimizer"]
         scaler = getattr(optimizer, "scaler", None)  # AcceleratedOptimizer's GradScaler under fp16 on a GPU
-        attached, trackers = self._attached_members(), self._trackers()
-        if not attached and not trackers:
-            return
-        torch_optimizer = _torch_optimizer(optimizer)
-        self._check_optimizer(torch_optimizer, attached + trackers)
-        for member in attached:
-            member.attach(torch_optimizer, scaler=scaler)
-        for member in trackers:
-            member.track(torch_optimizer, scaler=scaler)
-
-    def _trackers(self) -> list[Regularizer]:
-        """Members that follow the path without being attached (SI with ``attach=False``)."""
-        attached = self._attached_members()
-        return [m for _, m in members(self.regularizer) if type(m).tracks_path and m not in attached]
-
-    @staticmethod
-    def _check_optimizer(optimizer: torch.optim.Optimizer, regs: list[Regularizer]) -> None:
-        held = {id(p) for g in optimizer.param_groups for p in g["params"]}
-        for member in regs:
-            params = member._pset.last()
-            missing = [n for n, p in zip(member.param_names, params) if id(p) not in held]
-            if len(missing) == len(params):
-                raise ValueError(
-                    f"the Trainer's optimizer holds none of the {type(member).__name__}'s parameters (e.g. "
-                    f"{missing[:3]}): were they frozen after it was built? Build it over the trainable ones"
-                )
-            if missing:
-                warnings.warn(
-                    f"{len(missing)} of the {type(member).__name__}'s parameters are not in the Trainer's optimizer "
-                    f"(frozen?), e.g. {missing[:3]}: the penalty does not act on them",
-                    stacklevel=3,
-                )
+        torch_optimizer = _torch_optimizer(optimizer) if self.session.needs_optimizer else None
+        self.session.begin_task(torch_optimizer, scaler=scaler)
 
     def penalty(self, model: nn.Module | None = None, inputs: Any = None, outputs: Any = None) -> Tensor:
         """What a loss adds: the members without a closed form (LwF …), or every member with
         ``attach=False``, whose gradient must come from autograd; zero when every member is attached.
         ``model``: default the Trainer's. :class:`ContinualTrainer` calls it in ``compute_loss``."""
-        model = model if model is not None else self._model
-        if model is None:
+        if model is None and self.session.model is None:
             raise ValueError("ContinualCallback.penalty needs the model (or a train() under way)")
         self._penalty_calls += 1
-        return self.regularizer.autograd_value(model, inputs=inputs, outputs=outputs)
+        return self.session.penalty(model, inputs=inputs, outputs=outputs)
 
     def on_step_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                     control: transformers.TrainerControl, **kwargs: Any) -> None:  # fmt: skip
         if self.needs_autograd and self._penalty_calls == 0 and not self._warned:
             self._warned = True
-            names = [n for n, m in members(self.regularizer) if m not in self._attached_members()]
+            attached = self.session.attached_members
+            names = [n for n, m in self.session.members if not any(m is a for a in attached)]
             warnings.warn(
                 f"the members {names} have no closed-form gradient here and nothing added them to the loss on "
                 "this step: train with clreg.integrations.transformers.ContinualTrainer(..., continual=callback), "
@@ -300,14 +279,7 @@ class ContinualCallback(transformers.TrainerCallback):
     def values(self, model: nn.Module | None = None) -> dict[str, float]:
         """Each member's value as ``clreg/<name>``: an attached member's at the current parameters, the
         others' last value (from the last loss that added them)."""
-        model = model if model is not None else self._model
-        out = {}
-        with torch.no_grad():
-            for name, member in members(self.regularizer):
-                attached = getattr(member, "attached", False) and model is not None
-                value = member(model) if attached else member.last_value
-                out[f"clreg/{name}"] = float(value.detach().float())
-        return out
+        return {f"clreg/{name}": float(v.float()) for name, v in self.session.values(model).items()}
 
     def on_log(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                control: transformers.TrainerControl, logs: dict[str, float] | None = None,
@@ -336,26 +308,20 @@ class ContinualCallback(transformers.TrainerCallback):
             adapt = self.batches
         return data if adapt is None else adapt(data)
 
-    def _task_spec(self) -> TaskSpec | None:
-        return self.spec(self.tasks) if callable(self.spec) else self.spec
-
     def on_train_end(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                      control: transformers.TrainerControl, **kwargs: Any) -> None:  # fmt: skip
-        """Consolidate on the task's data (model in eval mode, its modes restored after), count the task."""
-        self.regularizer.detach()
+        """``end_task``: consolidate on the task's data (model in eval mode, its modes restored after), count
+        the task."""
         model = kwargs["model"]
-        with eval_mode(model):
-            self.regularizer.consolidate(model, self._task_data(args, model, kwargs), self._task_spec())
-        self.tasks += 1
+        self.session.end_task(model, self._task_data(args, model, kwargs), self.spec)
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """What ``clreg.pt`` holds: ``{"regularizer": ..., "tasks": n}``."""
-        return {"regularizer": self.regularizer.state_dict(), "tasks": self.tasks}
+        return self.session.state_dict()
 
     def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
-        self.regularizer.load_state_dict(state_dict["regularizer"])
-        self.tasks = int(state_dict["tasks"])
+        self.session.load_state_dict(state_dict)
 
     def on_save(self, args: transformers.TrainingArguments, state: transformers.TrainerState,
                 control: transformers.TrainerControl, **kwargs: Any) -> None:  # fmt: skip
