@@ -1,0 +1,1 @@
+"""The benchmark harness's scenarios."""
