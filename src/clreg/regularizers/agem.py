@@ -208,6 +208,15 @@ def _task_samples(data: Any, capacity: int, seed: int, task: int) -> list[tuple[
     return _reservoir(data, capacity, g)
 
 
+def _in_state_dtype(params: list[Tensor], grads: list[Tensor | None]) -> list[Tensor]:
+    """Each gradient detached in its parameter's state dtype; zeros (laid out as the parameter) where None."""
+    out = []
+    for p, g in zip(params, grads):
+        dtype = state_dtype(p.dtype)
+        out.append(torch.zeros_like(p, dtype=dtype) if g is None else g.detach().to(dtype))
+    return out
+
+
 class AGEM(Regularizer):
     """A-GEM: the gradient projected away from a memory draw's gradient when they conflict.
 
@@ -370,18 +379,15 @@ class AGEM(Regularizer):
         model = self._model()
         if model is None:
             raise ValueError("the model this A-GEM was built on no longer exists: build it on the model you train")
-        params = self._pset.last()
         if self._pset.sharded:
             return self._sharded_reference(model, mask)
+        params = self._pset.last()
         wanted = [i for i, (m, p) in enumerate(zip(mask, params)) if m and p.requires_grad]
         with torch.enable_grad():
             loss = self._reference_loss(model, params[0].device)
             grads = torch.autograd.grad(loss, [params[i] for i in wanted], allow_unused=True)
         by_index = dict(zip(wanted, grads))
-        ref = []
-        for i, p in enumerate(params):
-            g, dtype = by_index.get(i), state_dtype(p.dtype)
-            ref.append(torch.zeros(p.shape, dtype=dtype, device=p.device) if g is None else g.detach().to(dtype))
+        ref = _in_state_dtype(params, [by_index.get(i) for i in range(len(params))])
         if is_distributed():
             all_reduce_sum_(ref)
             torch._foreach_div_(ref, float(rank_and_world()[1]))
@@ -398,10 +404,7 @@ class AGEM(Regularizer):
         try:
             with torch.enable_grad():
                 self._reference_loss(model, local(params[0]).device).backward()
-            ref = []
-            for m, p in zip(mask, params):
-                g = p.grad if m else None
-                ref.append(torch.zeros_like(p, dtype=state_dtype(p.dtype)) if g is None else g.to(state_dtype(p.dtype)))
+            ref = _in_state_dtype(params, [p.grad if m else None for m, p in zip(mask, params)])
         finally:
             for p, g in held.items():
                 p.grad = g
