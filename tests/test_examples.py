@@ -28,6 +28,7 @@ def run(*args: str, timeout: int = 120) -> str:
         ("replay_compose.py", ["last values: {'ewc':", "EWC + LwF + replay:     task 1"]),
         ("checkpoint_resume.py", ["restored exactly: True"]),
         ("custom_regularizer.py", ["L2Anchor passes the clreg.testing contract"]),
+        ("custom_scenario.py", ["halfspaces passes the clreg.bench.testing contract", "replay  ACC"]),
     ],
 )
 def test_example_smoke(script: str, expect: list[str]) -> None:

@@ -143,12 +143,14 @@ def test_model_shapes_per_setting():
     assert [(m.in_features, m.out_features) for m in linears] == [(64, 100), (100, 100)]
     assert sum(isinstance(m, nn.ReLU) for m in DigitsMLP("class").trunk) == 2
     assert DigitsMLP("task", hidden=(16,), tasks=3)(x, task=2).shape == (7, 2)
+    every_head = task_model(x)  # without the task: the heads side by side, task t in columns (2t, 2t+1)
+    assert every_head.shape == (7, 10)
+    for t in range(5):
+        torch.testing.assert_close(every_head[:, 2 * t : 2 * t + 2], outs[t])
 
 
 def test_model_bad_inputs():
     x = torch.rand(3, 64)
-    with pytest.raises(ValueError, match="needs the task"):
-        DigitsMLP("task")(x)
     with pytest.raises(ValueError, match="task index"):
         DigitsMLP("task")(x, task=5)
     with pytest.raises(ValueError, match="setting"):

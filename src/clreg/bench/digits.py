@@ -77,7 +77,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-__all__ = ["SETTINGS", "DigitsMLP", "DigitsTask", "accuracy", "permuted", "split_digits", "targets"]
+__all__ = ["SETTINGS", "DigitsMLP", "DigitsTask", "accuracy", "correct", "permuted", "split_digits", "targets"]
 
 SETTINGS = ("task", "domain", "class")
 """The three settings: task-, domain- and class-incremental."""
@@ -185,9 +185,10 @@ class DigitsMLP(nn.Module):
     ``heads``); ``"domain"``, one 2-unit head shared by every task; ``"class"``, one 10-unit head. The
     trunk (``trunk``) is shared by all tasks in every setting.
 
-    ``forward(x, task=None)``: x of shape (N, 64) or (N, 8, 8). ``task`` picks the head in the task
-    setting and is required there; the other settings have one head and ignore it (so a loop may pass
-    it in every setting).
+    ``forward(x, task=None)``: x of shape (N, 64) or (N, 8, 8). In the task setting ``task`` picks the
+    head, shape (N, 2), and without it every head's outputs come side by side, shape (N, 2·tasks), task t
+    in columns (2t, 2t+1) (what a regularizer that reads every head, such as LwF, sees); the other
+    settings have one head and ignore ``task`` (so a loop may pass it in every setting).
     """
 
     def __init__(self, setting: str, hidden: tuple[int, ...] = (100, 100), tasks: int = NUM_TASKS):
@@ -218,7 +219,7 @@ class DigitsMLP(nn.Module):
         if self.setting != "task":
             return self.heads[0](features)
         if task is None:
-            raise ValueError("the task setting needs the task: call model(x, task=t)")
+            return torch.cat([head(features) for head in self.heads], dim=1)
         _check_task(task, self.tasks)
         return self.heads[task](features)
 
@@ -243,19 +244,28 @@ def accuracy(model: nn.Module, x: Tensor, y_digits: Tensor, task_index: int, set
         raise ValueError(
             f"x and y_digits must hold the same, positive number of samples; got {len(x)} and {len(y_digits)}"
         )
-    labels = targets(task_index, y_digits, setting)
     was_training = model.training
     model.eval()
     try:
         outputs = model(x, task=task_index) if setting == "task" else model(x)
     finally:
         model.train(was_training)
+    return correct(outputs, y_digits, task_index, setting).float().mean().item()
+
+
+def correct(outputs: Tensor, y_digits: Tensor, task_index: int, setting: str) -> Tensor:
+    """Which samples ``outputs`` gets right, as :func:`accuracy` counts them (a bool tensor of shape (N,)).
+
+    ``outputs``: (N, 2) or, in the task setting, every head side by side (N, 2·tasks: task t's columns
+    (2t, 2t+1) are read); (N, 10) in the class setting.
+    """
+    labels = targets(task_index, y_digits, setting)
     width = outputs.shape[-1]
-    if setting == "task" and width == 10:
+    if setting == "task" and width != 2 and width >= 2 * task_index + 2 and width % 2 == 0:
         outputs = outputs[:, 2 * task_index : 2 * task_index + 2]
     elif width != (10 if setting == "class" else 2):
         raise ValueError(f"the {setting} setting needs {10 if setting == 'class' else 2} outputs, got {width}")
-    return (outputs.argmax(dim=1) == labels.to(outputs.device)).float().mean().item()
+    return outputs.argmax(dim=1) == labels.to(outputs.device)
 
 
 def permuted(task_index: int, x: Tensor, seed: int = 0) -> Tensor:

@@ -27,7 +27,15 @@ Example:
     True
 """
 
-from .bootstrap import HierarchicalDraws, Metric, bootstrap, hierarchical_draws, interval, paired_ratio, resample_counts
+from ...bench.stats import (
+    HierarchicalDraws,
+    Metric,
+    bootstrap,
+    hierarchical_draws,
+    interval,
+    paired_ratio,
+    resample_counts,
+)
 from .classification import ClassificationMetric
 from .detection import DetectionMetric
 from .segmentation import SegmentationMetric

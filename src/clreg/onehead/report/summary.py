@@ -4,7 +4,7 @@ With R[i][k] the score on task k after stage i (T stages, task k trained in stag
 single-task baseline:
 
 * final score R[T][k]; drop b_k − R[T][k] (absolute) and 1 − R[T][k]/b_k (relative);
-* the 5 % rule: the hierarchical bootstrap interval (:mod:`clreg.onehead.metrics.bootstrap`: seeds
+* the 5 % rule: the hierarchical bootstrap interval (:mod:`clreg.bench.stats`: seeds
   resampled, then test images within each resampled seed) of the ratio of seed means
   :math:`\sum_s R^{(s)}_{T,k} / \sum_s b^{(s)}_k`, paired (the same seeds and image resamples for the
   final score and the baseline of the same seed): **pass** when it lies above 0.95, **fail** when

@@ -1,4 +1,4 @@
-r"""Bootstrap intervals: over image resamples (the metric protocol, resample counts, an interval, a
+r"""Bootstrap intervals, shared by every scenario of the harness: over image resamples (the metric protocol, resample counts, an interval, a
 paired ratio) and over seeds and images at once (the hierarchical bootstrap).
 
 The hierarchical bootstrap resamples the S training seeds with replacement, then the test images
@@ -15,13 +15,14 @@ bootstrap's."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "HierarchicalDraws",
+    "MeanMetric",
     "Metric",
     "bootstrap",
     "hierarchical_draws",
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 
+@runtime_checkable
 class Metric(Protocol):
     n: int
 
@@ -39,6 +41,40 @@ class Metric(Protocol):
     def scores(self, counts: Tensor) -> Tensor: ...
 
     def image_ids(self) -> list: ...
+
+
+class MeanMetric:
+    """A metric that is the mean of a per-sample score (accuracy: 1 for a sample right, 0 wrong), as the
+    bootstrap's :class:`Metric` protocol reads it.
+
+    Example:
+        >>> import torch
+        >>> m = MeanMetric(torch.tensor([1.0, 0.0, 1.0, 1.0]))
+        >>> m.value(), m.scores(torch.tensor([[1.0, 1.0, 0.0, 0.0]])).tolist()
+        (0.75, [0.5])
+    """
+
+    def __init__(self, per_sample: Tensor, ids: list | None = None) -> None:
+        per_sample = torch.as_tensor(per_sample, dtype=torch.float64).flatten()
+        if per_sample.numel() == 0:
+            raise ValueError("a metric needs at least one sample")
+        if ids is not None and len(ids) != per_sample.numel():
+            raise ValueError(f"{len(ids)} ids for {per_sample.numel()} samples")
+        self.per_sample = per_sample
+        self._ids = list(ids) if ids is not None else list(range(per_sample.numel()))
+
+    @property
+    def n(self) -> int:
+        return self.per_sample.numel()
+
+    def value(self) -> float:
+        return float(self.per_sample.mean())
+
+    def scores(self, counts: Tensor) -> Tensor:
+        return counts.to(torch.float64) @ self.per_sample / counts.sum(1)
+
+    def image_ids(self) -> list:
+        return list(self._ids)
 
 
 def resample_counts(n: int, resamples: int, seed: int = 0) -> Tensor:

@@ -1,0 +1,266 @@
+"""The parts a method is made of, each with its settings as a small typed dataclass.
+
+A part (:class:`Part`) is one remedy: its fields are its settings with their defaults
+(``EWCPart.lam`` is the setting ``ewc.lam``); it builds its regularizer (or replay buffer) from them,
+says which fields may change between stages (``per_stage``: field → the regularizer's attribute) and
+adapts the task spec its member consolidates with. :func:`register_part` adds one by name; values
+from the command line or a JSON file are converted by the field's type in :meth:`Part.from_values`.
+
+Example:
+    >>> from clreg.bench.parts import PARTS
+    >>> ewc = PARTS["ewc"].from_values({"lam": "1e4"})
+    >>> ewc.lam, ewc.normalize
+    (10000.0, False)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any, ClassVar, get_type_hints
+
+from torch import nn
+
+from .. import EWC, KFACEWC, L2SP, MAS, SI, LwF, OnlineEWC, ReplayBuffer, RWalk
+from ..regularizers import Regularizer
+from ..spec import TaskSpec
+
+__all__ = ["PARTS", "Part", "coerce", "register_part"]
+
+
+def coerce(value: Any, kind: type, what: str) -> Any:
+    """``value`` as a ``float``, ``int`` or ``bool`` setting (from a number or its text)."""
+    if kind is bool:
+        if isinstance(value, str):
+            value = {"true": 1, "false": 0, "1": 1, "0": 0}.get(value.strip().lower(), value)
+        if value in (0, 1):
+            return bool(value)
+        raise ValueError(f"{what} is true or false (1 or 0), got {value!r}")
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"{what} is a number, got {value!r}") from None
+    if kind is int:
+        if number != int(number):
+            raise ValueError(f"{what} is a whole number, got {value!r}")
+        return int(number)
+    return number
+
+
+@dataclass(frozen=True)
+class Part:
+    """One remedy and its settings (see the module). Subclasses are frozen dataclasses whose fields
+    are ``float``, ``int`` or ``bool`` settings."""
+
+    name: ClassVar[str] = ""
+    within_rules: ClassVar[bool] = True  # one of the one-head challenge's remedies (EWC, LwF, replay)
+    per_stage: ClassVar[Mapping[str, str]] = {}  # field that may change per stage -> regularizer attribute
+
+    @classmethod
+    def fields(cls) -> dict[str, type]:
+        """Each setting's name and type."""
+        hints = get_type_hints(cls)
+        return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, Any]) -> Part:
+        """The part with ``values`` (field name → value or its text) over the defaults."""
+        fields = cls.fields()
+        unknown = sorted(set(values) - set(fields))
+        if unknown:
+            known = ", ".join(f"{cls.name}.{f}" for f in fields) or "none"
+            raise ValueError(f"unknown setting(s) {[f'{cls.name}.{u}' for u in unknown]}; {cls.name} has: {known}")
+        return cls(**{k: coerce(v, fields[k], f"{cls.name}.{k}") for k, v in values.items()})
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer | None:
+        """The part's regularizer on ``model`` (``None`` for a part that is not a penalty)."""
+        return None
+
+    def replay_buffer(self, seed: int) -> ReplayBuffer | None:
+        """The part's replay buffer (``None`` for a part that keeps no samples)."""
+        return None
+
+    def member_spec(self, spec: TaskSpec, values: Mapping[str, Any]) -> TaskSpec:
+        """The spec the part's member consolidates a task with, given the per-stage ``values`` of the
+        stage that follows (the identity unless a part weighs or changes it)."""
+        return spec
+
+    def attributes(self, values: Mapping[str, Any]) -> dict[str, float]:
+        """The regularizer's attributes for a stage whose per-stage fields have ``values``."""
+        return {attr: float(values[field]) for field, attr in self.per_stage.items()}
+
+
+PARTS: dict[str, type[Part]] = {}
+
+
+def register_part(cls: type[Part]) -> type[Part]:
+    """Add a part class to :data:`PARTS` under its ``name`` (a decorator)."""
+    if not cls.name or "+" in cls.name or "." in cls.name or ":" in cls.name:
+        raise ValueError(f"a part's name is a non-empty word without '+', '.' or ':', got {cls.name!r}")
+    if cls.name in PARTS:
+        raise ValueError(f"a part named {cls.name!r} is already registered")
+    fields = cls.fields()
+    bad = [f for f in cls.per_stage if f not in fields]
+    if bad:
+        raise ValueError(f"part {cls.name!r}: per-stage fields {bad} are not among its settings")
+    PARTS[cls.name] = cls
+    return cls
+
+
+def _normalize(flag: bool) -> str | None:
+    return "mean" if flag else None
+
+
+@register_part
+@dataclass(frozen=True)
+class NaivePart(Part):
+    """No remedy: fine-tuning."""
+
+    name: ClassVar[str] = "naive"
+
+
+@register_part
+@dataclass(frozen=True)
+class EWCPart(Part):
+    """:class:`~clreg.EWC`. ``normalize``: each task's Fisher divided by its mean; ``per_task``: the
+    per-stage λ weighs the task consolidated before that stage (its w_t) and EWC's own λ is 1;
+    ``likelihood``: a task with a per-sample loss gives the Fisher of its likelihood instead."""
+
+    name: ClassVar[str] = "ewc"
+    per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
+    lam: float = 1.0
+    normalize: bool = False
+    per_task: bool = False
+    likelihood: bool = False
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return EWC(model, lam=self.lam, seed=seed, normalize=_normalize(self.normalize))
+
+    def member_spec(self, spec: TaskSpec, values: Mapping[str, Any]) -> TaskSpec:
+        if self.per_task:
+            spec = replace(spec, weight=spec.weight * float(values["lam"]))
+        if self.likelihood and spec.per_sample_loss is not None:
+            spec = replace(spec, per_sample_loss=None)
+        return spec
+
+    def attributes(self, values: Mapping[str, Any]) -> dict[str, float]:
+        return {"lam": 1.0 if self.per_task else float(values["lam"])}
+
+
+@register_part
+@dataclass(frozen=True)
+class OnlineEWCPart(Part):
+    """:class:`~clreg.OnlineEWC`: one running Fisher decayed by ``gamma``."""
+
+    name: ClassVar[str] = "online_ewc"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
+    lam: float = 1.0
+    gamma: float = 1.0
+    normalize: bool = False
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return OnlineEWC(model, lam=self.lam, gamma=self.gamma, seed=seed, normalize=_normalize(self.normalize))
+
+
+@register_part
+@dataclass(frozen=True)
+class KFACEWCPart(Part):
+    """:class:`~clreg.KFACEWC`: Kronecker-factored EWC."""
+
+    name: ClassVar[str] = "kfac_ewc"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
+    lam: float = 1.0
+    gamma: float = 1.0
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return KFACEWC(model, lam=self.lam, gamma=self.gamma, seed=seed)
+
+
+@register_part
+@dataclass(frozen=True)
+class SIPart(Part):
+    """:class:`~clreg.SI`: the path integral's importance, strength ``c``, damping ``xi``."""
+
+    name: ClassVar[str] = "si"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"c": "c"}
+    c: float = 0.1
+    xi: float = 1e-3
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return SI(model, c=self.c, xi=self.xi)
+
+
+@register_part
+@dataclass(frozen=True)
+class RWalkPart(Part):
+    """:class:`~clreg.RWalk`: EWC++'s running Fisher plus the path score."""
+
+    name: ClassVar[str] = "rwalk"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
+    lam: float = 1.0
+    alpha: float = 0.1
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return RWalk(model, lam=self.lam, alpha=self.alpha)
+
+
+@register_part
+@dataclass(frozen=True)
+class LwFPart(Part):
+    """:class:`~clreg.LwF`: distillation of the previous model's outputs at ``temperature``."""
+
+    name: ClassVar[str] = "lwf"
+    per_stage: ClassVar[Mapping[str, str]] = {"alpha": "alpha"}
+    alpha: float = 1.0
+    temperature: float = 2.0
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return LwF(model, temperature=self.temperature, alpha=self.alpha)
+
+
+@register_part
+@dataclass(frozen=True)
+class MASPart(Part):
+    """:class:`~clreg.MAS`: output-sensitivity importance (normalised per task)."""
+
+    name: ClassVar[str] = "mas"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
+    lam: float = 1.0
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return MAS(model, lam=self.lam, normalize=True)
+
+
+@register_part
+@dataclass(frozen=True)
+class L2SPPart(Part):
+    """:class:`~clreg.L2SP`: a pull toward the starting point with unit importance."""
+
+    name: ClassVar[str] = "l2sp"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"alpha": "alpha"}
+    alpha: float = 0.1
+
+    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+        return L2SP(model, alpha=self.alpha)
+
+
+@register_part
+@dataclass(frozen=True)
+class ReplayPart(Part):
+    """A reservoir :class:`~clreg.ReplayBuffer` of ``capacity`` samples per past task, ``per_step`` of
+    them mixed into each step (split over the past tasks), each past task's loss weighted ``weight``."""
+
+    name: ClassVar[str] = "replay"
+    capacity: int = 10
+    per_step: int = 8
+    weight: float = 1.0
+
+    def replay_buffer(self, seed: int) -> ReplayBuffer:
+        return ReplayBuffer(self.capacity, policy="reservoir", seed=seed)

@@ -1,0 +1,3 @@
+"""The built-in scenarios, registered on import: ``digits`` (Split Digits)."""
+
+from . import digits  # noqa: F401
