@@ -294,3 +294,46 @@ def test_seeds_parse_and_overlap_warning():
         parse_seeds("1,1")
     with pytest.warns(UserWarning, match="tune seeds"):
         _check_seeds([0, 1, 100], [100, 101])
+
+
+# -- the rest of the family ------------------------------------------------------------------------------
+def test_family_parts_hooks(tiny):
+    from clreg.bench.parts import PartContext
+
+    tasks = list(tiny.tasks.values())
+    context = PartContext(tuple(tasks), ("trunk",))
+    model = tiny.make_model(tasks)
+    x, y = tasks[0].data("train").tensors
+    x, y = x[:8], y[:8]
+    der = PARTS["der"].from_values({"capacity": 5})
+    reg = der.regularizer(model, 0, context)
+    der.observe(reg, x, y, model(x).detach())
+    assert len(reg.buffer) == 5  # a reservoir of 5 from 8 samples seen
+    er_ace = PARTS["er_ace"].from_values({})
+    reg = er_ace.regularizer(model, 0, context)
+    out = model(x)
+    # the incoming loss: the cross-entropy over the classes present in the batch (0 and 1 here)
+    expected = torch.nn.functional.cross_entropy(out[:, :2], y)
+    torch.testing.assert_close(er_ace.task_loss(reg, tasks[0], out, y), expected)
+    fd = PARTS["fd"].from_values({"alpha": 2.0})
+    reg = fd.regularizer(model, 0, context)
+    assert reg.alpha == 2.0
+    with pytest.raises(ValueError, match="feature modules"):
+        fd.regularizer(model, 0, PartContext(tuple(tasks)))
+    agem = PARTS["agem"].from_values({"capacity": 4})
+    assert agem.regularizer(model, 0, context).memory.capacity_per_task == 4
+
+
+@pytest.mark.parametrize("method", ["der", "derpp", "er_ace", "agem", "fd"])
+def test_family_methods_run(tiny, method):
+    result = run(tiny, method, short(tiny, n=2, steps=3), seed=0, split="val")
+    assert len(result.matrix) == 2 and all(0.0 <= v <= 1.0 for row in result.matrix for v in row)
+
+
+def test_labels_as_output_indices_are_refused_with_a_head_per_task():
+    scenario = make_scenario("digits", setting="task", epochs=1)
+    for method in ("derpp", "er_ace"):
+        with pytest.raises(ValueError, match="selects channels"):
+            run(scenario, method, short(scenario, n=2, steps=2), seed=0, split="val")
+    assert "derpp" not in scenario.methods and "der" in scenario.methods
+    run(scenario, "der", short(scenario, n=2, steps=2), seed=0, split="val")  # DER's MSE reads every output

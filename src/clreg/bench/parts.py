@@ -16,17 +16,21 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
-from typing import Any, ClassVar, get_type_hints
+from typing import TYPE_CHECKING, Any, ClassVar, get_type_hints
 
-from torch import nn
+from torch import Tensor, nn
 
-from .. import EWC, KFACEWC, L2SP, MAS, SI, LwF, OnlineEWC, ReplayBuffer, RWalk
+from .. import AGEM, DER, ERACE, EWC, KFACEWC, L2SP, MAS, SI, FeatureDistillation, LwF, OnlineEWC, ReplayBuffer, RWalk
 from ..regularizers import Regularizer
 from ..spec import TaskSpec
 
-__all__ = ["PARTS", "Part", "coerce", "register_part"]
+if TYPE_CHECKING:
+    from .scenario import Task
+
+__all__ = ["PARTS", "Part", "PartContext", "coerce", "register_part"]
 
 
 def coerce(value: Any, kind: type, what: str) -> Any:
@@ -73,9 +77,21 @@ class Part:
             raise ValueError(f"unknown setting(s) {[f'{cls.name}.{u}' for u in unknown]}; {cls.name} has: {known}")
         return cls(**{k: coerce(v, fields[k], f"{cls.name}.{k}") for k, v in values.items()})
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer | None:
-        """The part's regularizer on ``model`` (``None`` for a part that is not a penalty)."""
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer | None:
+        """The part's regularizer on ``model`` (``None`` for a part that is not a penalty); ``context``
+        holds the run's tasks in stage order and what the scenario says of its model."""
         return None
+
+    def task_loss(self, reg: Regularizer, task: Task, outputs: Any, target: Any) -> Tensor | None:
+        """The incoming batch's loss in place of the task's own (``None``: the task's)."""
+        return None
+
+    def observe(self, reg: Regularizer, inputs: Any, target: Any, outputs: Any) -> None:
+        """Called after each optimizer step with the step's batch and the outputs on it (detached)."""
+
+    def watch(self, reg: Regularizer, model: nn.Module) -> AbstractContextManager:
+        """A context the step's forward runs in (a feature hook); none by default."""
+        return nullcontext()
 
     def replay_buffer(self, seed: int) -> ReplayBuffer | None:
         """The part's replay buffer (``None`` for a part that keeps no samples)."""
@@ -108,6 +124,25 @@ def register_part(cls: type[Part]) -> type[Part]:
     return cls
 
 
+@dataclass(frozen=True)
+class PartContext:
+    """What a part may need besides its settings: the run's tasks in stage order and the names of the
+    model's feature modules (for feature distillation)."""
+
+    tasks: Sequence[Task] = ()
+    feature_modules: Sequence[str] = ()
+
+    def reject_selected_channels(self, part: str) -> None:
+        """A ValueError when a task's outputs are a selection of the model's channels (a head per
+        task): ``part`` reads labels as indices of the whole output."""
+        for task in self.tasks:
+            if any(o.channels is not None for o in task.spec().outputs):
+                raise ValueError(
+                    f"{part} reads a task's labels as indices of the model's whole output, but task {task.name!r} "
+                    "selects channels (a head per task): run it in a setting with one shared output"
+                )
+
+
 def _normalize(flag: bool) -> str | None:
     return "mean" if flag else None
 
@@ -134,7 +169,7 @@ class EWCPart(Part):
     per_task: bool = False
     likelihood: bool = False
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return EWC(model, lam=self.lam, seed=seed, normalize=_normalize(self.normalize))
 
     def member_spec(self, spec: TaskSpec, values: Mapping[str, Any]) -> TaskSpec:
@@ -160,7 +195,7 @@ class OnlineEWCPart(Part):
     gamma: float = 1.0
     normalize: bool = False
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return OnlineEWC(model, lam=self.lam, gamma=self.gamma, seed=seed, normalize=_normalize(self.normalize))
 
 
@@ -175,7 +210,7 @@ class KFACEWCPart(Part):
     lam: float = 1.0
     gamma: float = 1.0
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return KFACEWC(model, lam=self.lam, gamma=self.gamma, seed=seed)
 
 
@@ -190,7 +225,7 @@ class SIPart(Part):
     c: float = 0.1
     xi: float = 1e-3
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return SI(model, c=self.c, xi=self.xi)
 
 
@@ -205,7 +240,7 @@ class RWalkPart(Part):
     lam: float = 1.0
     alpha: float = 0.1
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return RWalk(model, lam=self.lam, alpha=self.alpha)
 
 
@@ -219,7 +254,7 @@ class LwFPart(Part):
     alpha: float = 1.0
     temperature: float = 2.0
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return LwF(model, temperature=self.temperature, alpha=self.alpha)
 
 
@@ -233,7 +268,7 @@ class MASPart(Part):
     per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
     lam: float = 1.0
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return MAS(model, lam=self.lam, normalize=True)
 
 
@@ -247,7 +282,7 @@ class L2SPPart(Part):
     per_stage: ClassVar[Mapping[str, str]] = {"alpha": "alpha"}
     alpha: float = 0.1
 
-    def regularizer(self, model: nn.Module, seed: int) -> Regularizer:
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return L2SP(model, alpha=self.alpha)
 
 
@@ -264,3 +299,97 @@ class ReplayPart(Part):
 
     def replay_buffer(self, seed: int) -> ReplayBuffer:
         return ReplayBuffer(self.capacity, policy="reservoir", seed=seed)
+
+
+@register_part
+@dataclass(frozen=True)
+class DERPart(Part):
+    """:class:`~clreg.DER`: a reservoir of ``capacity`` samples over the stream with the outputs at
+    insertion, ``alpha`` · MSE to them on a draw of ``batch_size`` (``beta`` · CE on another draw's
+    labels: DER++, see ``derpp``)."""
+
+    name: ClassVar[str] = "der"
+    within_rules: ClassVar[bool] = False
+    capacity: int = 100
+    alpha: float = 0.3
+    beta: float = 0.0
+    batch_size: int = 32
+
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
+        if self.beta > 0:
+            context.reject_selected_channels(f"{self.name} with beta > 0 (DER++)")
+        return DER(model, self.capacity, self.alpha, self.beta, batch_size=self.batch_size, seed=seed)
+
+    def observe(self, reg: Regularizer, inputs: Any, target: Any, outputs: Any) -> None:
+        reg.observe(inputs, target, outputs)  # type: ignore[operator]
+
+
+@register_part
+@dataclass(frozen=True)
+class DERPPPart(DERPart):
+    """DER++: :class:`~clreg.DER` with the label term on (``beta`` > 0)."""
+
+    name: ClassVar[str] = "derpp"
+    beta: float = 0.5
+
+
+@register_part
+@dataclass(frozen=True)
+class ERACEPart(Part):
+    """:class:`~clreg.ERACE`: the incoming batch's cross-entropy over the classes present in it, plain
+    cross-entropy on a reservoir draw of ``batch_size`` from ``capacity`` samples."""
+
+    name: ClassVar[str] = "er_ace"
+    within_rules: ClassVar[bool] = False
+    capacity: int = 100
+    batch_size: int = 32
+
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
+        context.reject_selected_channels(self.name)
+        return ERACE(model, self.capacity, batch_size=self.batch_size, seed=seed)
+
+    def task_loss(self, reg: Regularizer, task: Task, outputs: Any, target: Any) -> Tensor:
+        return reg.incoming_loss(outputs, target)  # type: ignore[operator]
+
+    def observe(self, reg: Regularizer, inputs: Any, target: Any, outputs: Any) -> None:
+        reg.observe(inputs, target)  # type: ignore[operator]
+
+
+@register_part
+@dataclass(frozen=True)
+class AGEMPart(Part):
+    """:class:`~clreg.AGEM`: the step's gradient projected when it opposes the reference gradient of a
+    draw of ``sample_size`` from ``capacity`` samples per past task (each task's own loss)."""
+
+    name: ClassVar[str] = "agem"
+    within_rules: ClassVar[bool] = False
+    capacity: int = 20
+    sample_size: int = 64
+
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
+        losses = {k: _task_loss(t) for k, t in enumerate(context.tasks)}
+        return AGEM(model, losses, capacity_per_task=self.capacity, sample_size=self.sample_size, seed=seed)
+
+
+def _task_loss(task: Task) -> Any:
+    return lambda model, inputs, target: task.loss(model(inputs), target)
+
+
+@register_part
+@dataclass(frozen=True)
+class FeatureDistillationPart(Part):
+    """:class:`~clreg.FeatureDistillation` of the scenario's feature modules (``kind="l2"``), weight
+    ``alpha``."""
+
+    name: ClassVar[str] = "fd"
+    within_rules: ClassVar[bool] = False
+    per_stage: ClassVar[Mapping[str, str]] = {"alpha": "alpha"}
+    alpha: float = 1.0
+
+    def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
+        if not context.feature_modules:
+            raise ValueError("fd needs the scenario's feature modules (Scenario.feature_modules)")
+        return FeatureDistillation(model, list(context.feature_modules), kind="l2", alpha=self.alpha)
+
+    def watch(self, reg: Regularizer, model: nn.Module) -> AbstractContextManager:
+        return reg.watch(model)  # type: ignore[operator, return-value]

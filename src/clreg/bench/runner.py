@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -41,6 +42,7 @@ from ..regularizers import Regularizer
 from ..replay import ReplayBuffer
 from ..session import ContinualSession, eval_mode
 from .method import Method
+from .parts import PartContext
 from .scenario import Scenario, Stage, Task, check_split
 from .stats import Metric
 
@@ -87,6 +89,16 @@ def _optimizer(model: nn.Module, stage: Stage, lr: float) -> tuple[torch.optim.O
     return opt, schedule
 
 
+def _detached(tree: Any) -> Any:
+    if isinstance(tree, Tensor):
+        return tree.detach()
+    if isinstance(tree, dict):
+        return {k: _detached(v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_detached(v) for v in tree)
+    return tree
+
+
 def _scores(model: nn.Module, tasks: Sequence[Task], split: str) -> list[Metric]:
     with eval_mode(model), torch.no_grad():
         return [t.evaluate(model, split) for t in tasks]
@@ -103,11 +115,11 @@ class _Members:
     """A method's regularizers, one :class:`~clreg.ContinualSession` each (so each consolidates with its
     own spec), and its replay buffer."""
 
-    def __init__(self, method: Method, model: nn.Module, seed: int) -> None:
+    def __init__(self, method: Method, model: nn.Module, seed: int, context: PartContext) -> None:
         self.method = method
         self.regs: dict[str, Regularizer] = {}
         for part in method.parts:
-            reg = part.regularizer(model, seed)
+            reg = part.regularizer(model, seed, context)
             if reg is not None:
                 self.regs[part.name] = reg
         self.sessions = {name: ContinualSession(reg) for name, reg in self.regs.items()}
@@ -119,6 +131,25 @@ class _Members:
             for attr, value in self.method.part(name).attributes(values[name]).items():
                 setattr(reg, attr, value)
             self.sessions[name].begin_task(optimizer, model=model)
+
+    def forward(self, model: nn.Module, inputs: Any) -> Any:
+        """The model's outputs on ``inputs``, inside every part's watch (feature hooks)."""
+        with ExitStack() as stack:
+            for name, reg in self.regs.items():
+                stack.enter_context(self.method.part(name).watch(reg, model))
+            return model(inputs)
+
+    def task_loss(self, task: Task, outputs: Any, target: Any) -> Tensor:
+        """The incoming batch's loss: a part's own (ER-ACE's) or the task's."""
+        for name, reg in self.regs.items():
+            own = self.method.part(name).task_loss(reg, task, outputs, target)
+            if own is not None:
+                return own
+        return task.loss(outputs, target)
+
+    def observe(self, inputs: Any, target: Any, outputs: Any) -> None:
+        for name, reg in self.regs.items():
+            self.method.part(name).observe(reg, inputs, target, outputs)
 
     def penalty(self, model: nn.Module, inputs: Any, outputs: Any) -> Tensor | float:
         return sum((s.penalty(model, inputs, outputs) for s in self.sessions.values() if s.needs_autograd), 0.0)
@@ -161,16 +192,20 @@ def _train_stage(
     model.train()
     for _ in range(stage.steps):
         x, y = next(batches)
-        out = model(x)
-        loss = task.loss(out, y)
-        if members is not None:
-            loss = loss + members.penalty(model, x, out)
+        if members is None:
+            out = model(x)
+            loss = task.loss(out, y)
+        else:
+            out = members.forward(model, x)
+            loss = members.task_loss(task, out, y) + members.penalty(model, x, out)
             if replay is not None and members.buffer is not None and members.buffer.tasks:
                 loss = loss + _replay_loss(model, members.buffer, replay.per_step, replay.weight, tasks or {})
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         schedule.step()
+        if members is not None:
+            members.observe(x, y, _detached(out))
 
 
 def effective_settings(method: str, stages: Sequence[Stage], settings: Mapping[str, Any] | None = None) -> dict:
@@ -204,7 +239,8 @@ def run(
     m = Method.parse(method, settings)
     torch.manual_seed(seed)
     model = scenario.make_model(tasks)
-    members = _Members(m, model, seed) if m.parts and m.name != "naive" else None
+    context = PartContext(tuple(tasks), tuple(scenario.feature_modules))
+    members = _Members(m, model, seed, context) if m.parts and m.name != "naive" else None
     by_name = {t.name: t for t in tasks}
     matrix, final = [], []
     for k, (task, stage) in enumerate(zip(tasks, stages), start=1):

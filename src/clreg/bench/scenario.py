@@ -44,8 +44,8 @@ __all__ = [
 SPLITS = ("train", "val", "test")
 
 DEFAULT_METHODS = (
-    "naive", "joint", "ewc", "online_ewc", "si", "lwf", "mas", "kfac_ewc", "rwalk", "l2sp", "replay",
-    "lwf+replay", "ewc+lwf", "ewc+replay", "ewc+lwf+replay",
+    "naive", "joint", "ewc", "online_ewc", "si", "lwf", "mas", "kfac_ewc", "rwalk", "l2sp", "fd", "replay",
+    "der", "derpp", "er_ace", "agem", "lwf+replay", "ewc+lwf", "ewc+replay", "ewc+lwf+replay",
 )  # fmt: skip
 """The references, every registered part alone and the combinations of EWC, LwF and replay."""
 
@@ -115,6 +115,7 @@ class Scenario(ABC):
     methods: Sequence[str] = DEFAULT_METHODS  # what "--methods all" runs
     tune_grid: Mapping[str, Sequence[float]] = {}  # each searched setting's values
     defaults: Mapping[str, float] = {}  # method settings of this scenario, under any tuned or given ones
+    feature_modules: Sequence[str] = ()  # the model's modules whose outputs feature distillation (fd) reads
 
     @property
     def tuned_key(self) -> str:

@@ -33,7 +33,7 @@ from torch.utils.data import TensorDataset
 
 from ...spec import OutputSpec, TaskSpec
 from ..digits import SETTINGS, DigitsMLP, DigitsTask, correct, permuted, split_digits, targets
-from ..scenario import Scenario, Stage, Task, check_split, register_scenario
+from ..scenario import DEFAULT_METHODS, Scenario, Stage, Task, check_split, register_scenario
 from ..stats import MeanMetric
 
 __all__ = ["DigitsScenario", "SplitDigitsTask"]
@@ -101,9 +101,15 @@ class DigitsScenario(Scenario):
         "l2sp.alpha": (1e-3, 1e-2, 0.1, 1.0, 10.0),
         "lwf.alpha": (0.1, 0.3, 1.0, 3.0, 10.0),
         "replay.per_step": (8.0, 16.0, 32.0),
+        "fd.alpha": (0.01, 0.1, 1.0, 10.0, 100.0),
+        "der.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
+        "derpp.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
+        "derpp.beta": (0.1, 0.5, 1.0),
     }
-    # 20 stored samples per past task (10 per digit, about 9 % of a task's training samples)
-    defaults: Mapping[str, float] = {"replay.capacity": 20}
+    # 20 stored samples per past task (10 per digit, about 9 % of a task's training samples); the
+    # methods with one reservoir over the stream (DER, DER++, ER-ACE) keep the same 100 in all
+    defaults: Mapping[str, float] = {"replay.capacity": 20, "agem.capacity": 20}
+    feature_modules = ("trunk",)
 
     def __init__(
         self,
@@ -134,6 +140,14 @@ class DigitsScenario(Scenario):
         self._tasks = {
             t.name: t for t in (SplitDigitsTask(d, setting, seed, train_per_digit) for d in split_digits(split_seed))
         }
+
+    @property
+    def methods(self) -> tuple[str, ...]:  # type: ignore[override]
+        """Every method, less those that read labels as indices of the whole output (DER++, ER-ACE)
+        in the task setting, where each task has its own head."""
+        if self.setting != "task":
+            return DEFAULT_METHODS
+        return tuple(m for m in DEFAULT_METHODS if not {"derpp", "er_ace"} & set(m.split("+")))
 
     @property
     def tasks(self) -> Mapping[str, SplitDigitsTask]:
