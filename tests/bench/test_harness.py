@@ -337,3 +337,28 @@ def test_labels_as_output_indices_are_refused_with_a_head_per_task():
             run(scenario, method, short(scenario, n=2, steps=2), seed=0, split="val")
     assert "derpp" not in scenario.methods and "der" in scenario.methods
     run(scenario, "der", short(scenario, n=2, steps=2), seed=0, split="val")  # DER's MSE reads every output
+
+
+def test_saved_model_in_another_order_loads_and_scores(tmp_path, tiny, capsys):
+    from clreg.bench.checkpoint import evaluate_model, load_model
+
+    stages = short(tiny, n=3, order=["45", "23", "01"])
+    result = run(tiny, "ewc", stages, seed=1, split="test", save=tmp_path / "m.pt")
+    scenario, tasks, _, meta = load_model(tmp_path / "m.pt")
+    assert [t.name for t in tasks] == ["45", "23", "01"] and scenario.options == tiny.options
+    assert meta["method"] == "ewc" and meta["seed"] == 1
+    assert list(evaluate_model(tmp_path / "m.pt", "test").values()) == result.matrix[-1]
+    assert main(["--evaluate", str(tmp_path / "m.pt")]) == 0
+    assert "45: " in capsys.readouterr().out
+    torch.save({"model": {}}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="not a clreg\\.bench model"):
+        load_model(tmp_path / "other.pt")
+
+
+def test_cli_saves_models(tmp_path):
+    out = tmp_path / "r"
+    args = ["--scenario", "digits", "--option", "epochs=1", "--methods", "naive", "--seeds", "0"]
+    assert main([*args, "--workers", "1", "--out", str(out), "--save-models"]) == 0
+    assert (out / "models" / "naive-seed0.pt").exists()
+    with pytest.raises(SystemExit):
+        main(["--methods", "naive"])  # neither --scenario nor --evaluate

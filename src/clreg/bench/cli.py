@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from .checkpoint import evaluate_model
 from .experiment import run_all
 from .method import check_method_name
 from .report import write_report
@@ -55,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="clreg-bench",
         description=f"Run a continual-learning scenario's report. Scenarios: {', '.join(sorted(SCENARIOS))}.",
     )
-    p.add_argument("--scenario", required=True, choices=sorted(SCENARIOS), help="which scenario")
+    p.add_argument("--scenario", choices=sorted(SCENARIOS), help="which scenario (required unless --evaluate)")
     p.add_argument("--setting", help="the scenario's setting (digits: task, domain or class)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="another scenario option (JSON value)"
@@ -68,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--tune-seeds", default=",".join(map(str, TUNE_SEEDS)), help="the tune's training seeds")
     p.add_argument("--workers", type=int, default=2, help="worker processes (one thread each)")
     p.add_argument("--out", default="runs/bench", help="the report's folder (runs are resumed from it)")
+    p.add_argument("--save-models", action="store_true", help="keep each trained model in OUT/models")
+    p.add_argument("--evaluate", metavar="MODEL", help="score a saved model's tasks (on --split) and stop")
+    p.add_argument("--split", default="test", choices=("val", "test"), help="the split --evaluate scores")
     return p
 
 
@@ -100,12 +104,23 @@ def _check_seeds(seeds: Sequence[int], tune_seeds: Sequence[int]) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.evaluate is None and args.scenario is None:
+        parser.error("--scenario is required (or --evaluate MODEL)")
     try:
-        return _main(args)
+        return _evaluate(args) if args.evaluate is not None else _main(args)
     except ValueError as e:
         print(f"clreg-bench: error: {e}", file=sys.stderr)
         return 2
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    scores = evaluate_model(args.evaluate, args.split)
+    for task, value in scores.items():
+        print(f"{task}: {value:.4f}")
+    print(f"average: {sum(scores.values()) / len(scores):.4f}")
+    return 0
 
 
 def _main(args: argparse.Namespace) -> int:
@@ -128,7 +143,17 @@ def _main(args: argparse.Namespace) -> int:
     _check_seeds(seeds, tune_seeds)
     given = {str(k): v for k, v in overrides.items()}
     settings = {m: {**scenario.defaults, **choices.get(m, {}), **given} for m in methods}
-    results = run_all(scenario, methods, seeds, "test", settings, stages, store=store, workers=args.workers)
+    results = run_all(
+        scenario,
+        methods,
+        seeds,
+        "test",
+        settings,
+        stages,
+        store=store,
+        workers=args.workers,
+        save_models=args.save_models,
+    )
     summary = summarise(results)
     meta = {
         "title": f"{args.scenario} {json.dumps(scenario.options, sort_keys=True)}",

@@ -36,6 +36,7 @@ class Job:
     seed: int
     split: str
     settings: Mapping[str, Any] = field(default_factory=dict)
+    save: str | None = None  # where the final model goes (None: not saved)
 
 
 def _stage_record(stage: Stage) -> list[Any]:
@@ -51,13 +52,13 @@ def _run_job(args: tuple[str, dict, dict, list[Stage], Job]) -> RunResult:
             f"scenario {name!r} rebuilt from its options {options} records {scenario.record(scenario.task_list(stages))}, "
             f"not {record}: set its `options` to the keyword arguments it was built with"
         )
-    return run(scenario, job.method, stages, job.seed, job.split, job.settings)
+    return run(scenario, job.method, stages, job.seed, job.split, job.settings, save=job.save)
 
 
 def _execute(scenario: Scenario, stages: list[Stage], jobs: list[Job], workers: int) -> Any:
     if workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield run(scenario, job.method, stages, job.seed, job.split, job.settings)
+            yield run(scenario, job.method, stages, job.seed, job.split, job.settings, save=job.save)
         return
     record = scenario.record(scenario.task_list(stages))
     args = [(scenario.name, dict(scenario.options), record, stages, job) for job in jobs]
@@ -75,9 +76,13 @@ def run_all(
     store: RunStore | None = None,
     workers: int = 1,
     progress: Progress = print,
+    save_models: bool = False,
 ) -> dict[str, list[RunResult]]:
     """Every method on every seed (``settings``: per method, its settings), the runs a ``store`` holds
-    with the same settings read back instead of trained; ``workers`` processes."""
+    with the same settings read back instead of trained; ``workers`` processes. ``save_models``: each
+    trained model goes to ``<store>/models/<method>-seed<seed>.pt`` (:mod:`clreg.bench.checkpoint`)."""
+    if save_models and store is None:
+        raise ValueError("save_models needs a store: its folder holds the models")
     stages = list(stages if stages is not None else scenario.stages())
     record = {**scenario.record(scenario.task_list(stages)), "stages": [_stage_record(s) for s in stages]}
     results: dict[tuple[str, int], RunResult] = {}
@@ -90,7 +95,8 @@ def run_all(
             if found is not None:
                 results[method, seed] = found
             else:
-                todo.append(Job(method, seed, split, own))
+                path = str(store.folder / "models" / f"{method}-seed{seed}.pt") if save_models else None  # type: ignore[union-attr]
+                todo.append(Job(method, seed, split, own, path))
     if progress is not None and results:
         progress(f"{scenario.name}: {len(results)} run(s) read back from {store.folder}")  # type: ignore[union-attr]
     for i, result in enumerate(_execute(scenario, stages, todo, workers), start=1):

@@ -28,6 +28,7 @@ Example:
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import ExitStack
@@ -41,6 +42,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from ..regularizers import Regularizer
 from ..replay import ReplayBuffer
 from ..session import ContinualSession, eval_mode
+from .checkpoint import save_model
 from .method import Method
 from .parts import PartContext
 from .scenario import Scenario, Stage, Task, check_split
@@ -228,15 +230,28 @@ def run(
     seed: int,
     split: str = "test",
     settings: Mapping[str, Any] | None = None,
+    save: str | os.PathLike | None = None,
 ) -> RunResult:
     """Train ``method`` (a registered method, or ``"joint"``) through ``stages`` on ``seed`` and score
-    every task on ``split`` after each stage (see the module)."""
+    every task on ``split`` after each stage (see the module). ``save``: a path where the final model
+    goes with what rebuilds it (:func:`clreg.bench.checkpoint.save_model`)."""
     check_split(split)
     start = time.perf_counter()
     tasks = scenario.task_list(stages)
     if method in REFERENCES:
-        return _joint(scenario, tasks, stages, seed, split, settings, start)
-    m = Method.parse(method, settings)
+        result, model = _joint(scenario, tasks, stages, seed, split, settings)
+    else:
+        result, model = _sequence(scenario, tasks, stages, Method.parse(method, settings), seed, split)
+    result.settings = effective_settings(result.method, stages, settings)
+    result.seconds = time.perf_counter() - start
+    if save is not None:
+        save_model(save, scenario, tasks, model, {"method": result.method, "seed": seed, "settings": result.settings})
+    return result
+
+
+def _sequence(
+    scenario: Scenario, tasks: list[Task], stages: Sequence[Stage], m: Method, seed: int, split: str
+) -> tuple[RunResult, nn.Module]:
     torch.manual_seed(seed)
     model = scenario.make_model(tasks)
     context = PartContext(tuple(tasks), tuple(scenario.feature_modules))
@@ -251,30 +266,23 @@ def run(
             members.end(model, task, None if last else m.stage_values(k + 1, stages[k].settings))
         final = _scores(model, tasks, split)
         matrix.append([f.value() for f in final])
-    effective = effective_settings(m.name, stages, settings)
-    return RunResult(
-        m.name, seed, split, [t.name for t in tasks], matrix, final, effective, time.perf_counter() - start
-    )
+    return RunResult(m.name, seed, split, [t.name for t in tasks], matrix, final), model
 
 
-def _joint(scenario, tasks, stages, seed, split, settings, start) -> RunResult:
+def _joint(scenario, tasks, stages, seed, split, settings) -> tuple[RunResult, nn.Module]:
     effective = effective_settings("joint", stages, settings)
-    lr, steps = effective["lr"], effective["steps"]
     torch.manual_seed(seed)
     model = scenario.make_model(tasks)
     streams = [_batches(t.data("train"), scenario.batch_size, seed * 1000 + k) for k, t in enumerate(tasks, 1)]
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=effective["lr"])
     model.train()
-    for _ in range(steps):
+    for _ in range(effective["steps"]):
         loss = sum(t.loss(model(x), y) for t, (x, y) in zip(tasks, (next(b) for b in streams)))
         opt.zero_grad(set_to_none=True)
         loss.backward()  # type: ignore[union-attr]
         opt.step()
     final = _scores(model, tasks, split)
-    elapsed = time.perf_counter() - start
-    return RunResult(
-        "joint", seed, split, [t.name for t in tasks], [[f.value() for f in final]], final, effective, elapsed
-    )
+    return RunResult("joint", seed, split, [t.name for t in tasks], [[f.value() for f in final]], final), model
 
 
 def run_baseline(scenario: Scenario, stages: Sequence[Stage], seed: int, split: str = "test") -> list[Metric]:

@@ -95,12 +95,13 @@ class DigitsScenario(Scenario):
         "ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
         "online_ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
         "kfac_ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
-        "si.c": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
+        "si.c": (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5),  # 1e3 was the class setting's top edge
         "mas.lam": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
-        "rwalk.lam": (0.1, 1.0, 10.0, 100.0, 1000.0),
+        "rwalk.lam": (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5),  # 1e3 was the class setting's top edge
         "l2sp.alpha": (1e-3, 1e-2, 0.1, 1.0, 10.0),
+        # LwF's lower edge is a limit: as α → 0 LwF is naive fine-tuning
         "lwf.alpha": (0.1, 0.3, 1.0, 3.0, 10.0),
-        "replay.per_step": (8.0, 16.0, 32.0),
+        "replay.per_step": (8.0, 16.0, 32.0, 64.0),  # 32 was the class setting's top edge
         "fd.alpha": (0.01, 0.1, 1.0, 10.0, 100.0),
         "der.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
         "derpp.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
