@@ -14,6 +14,7 @@ from torch import nn
 from torch.utils.data import TensorDataset
 
 import clreg.bench.scenarios  # noqa: F401  (registers the built-in scenarios)
+from clreg.bench.registry import _Builtin
 from clreg.bench.scenario import SCENARIOS, Scenario, Stage, Task, make_scenario
 from clreg.bench.stats import MeanMetric
 from clreg.bench.testing import check_scenario
@@ -24,7 +25,7 @@ from clreg.spec import OutputSpec, TaskSpec
 SMALL = {"digits": [{"setting": s, "epochs": 1} for s in ("task", "domain", "class")]}
 """Small options of each built-in scenario (a new built-in adds its own here)."""
 
-BUILTIN = sorted(n for n, f in SCENARIOS.items() if f.__module__.startswith("clreg.bench.scenarios"))
+BUILTIN = sorted(n for n, f in SCENARIOS.items() if isinstance(f, _Builtin))
 
 
 def test_every_builtin_scenario_has_small_options() -> None:

@@ -24,9 +24,9 @@ from typing import Any
 from .checkpoint import evaluate_model
 from .experiment import run_all
 from .method import check_method_name
+from .registry import make_scenario, scenario_names
 from .report import write_report
 from .runner import REFERENCES
-from .scenario import SCENARIOS, make_scenario
 from .settings import parse_assignment
 from .store import RunStore
 from .summary import summarise
@@ -50,13 +50,11 @@ def parse_seeds(text: str) -> list[int]:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from . import scenarios  # noqa: F401  (registers the built-in scenarios)
-
     p = argparse.ArgumentParser(
         prog="clreg-bench",
-        description=f"Run a continual-learning scenario's report. Scenarios: {', '.join(sorted(SCENARIOS))}.",
+        description=f"Run a continual-learning scenario's report. Scenarios: {', '.join(scenario_names())}.",
     )
-    p.add_argument("--scenario", choices=sorted(SCENARIOS), help="which scenario (required unless --evaluate)")
+    p.add_argument("--scenario", choices=scenario_names(), help="which scenario (required unless --evaluate)")
     p.add_argument("--setting", help="the scenario's setting (digits: task, domain or class)")
     p.add_argument(
         "--option", action="append", default=[], metavar="KEY=VALUE", help="another scenario option (JSON value)"

@@ -28,7 +28,7 @@ from ..regularizers import Regularizer
 from ..spec import TaskSpec
 
 if TYPE_CHECKING:
-    from .scenario import Task
+    from .task import Task
 
 __all__ = ["PARTS", "Part", "PartContext", "coerce", "register_part"]
 

@@ -1,7 +1,8 @@
-"""The contract a scenario fulfils, the stage list, and the registry of scenarios by name.
+"""The contract a scenario fulfils and the stage list (the registry of scenarios by name is
+:mod:`clreg.bench.registry`, its names re-exported here).
 
-A :class:`Scenario` supplies its tasks by name (:class:`Task`: data per split, loss, the spec for the
-Fisher and distillation, a metric), a model built from the task list, the default stages and what a
+A :class:`Scenario` supplies its tasks by name (:class:`~clreg.bench.task.Task`: data per split, loss,
+the spec for the Fisher and distillation, a metric), a model built from the task list, the default stages and what a
 checkpoint records; the harness (:mod:`clreg.bench.runner`, the tune, the report) does the rest, the
 same way for every scenario. A run is a list of :class:`Stage` in any order the scenario's tasks allow.
 
@@ -13,21 +14,19 @@ Example:
 
 from __future__ import annotations
 
-import inspect
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch import nn
 
-from ..spec import TaskSpec
 from .method import check_stage_key
+from .registry import SCENARIOS, make_scenario, register_scenario
 from .settings import parse_settings
-from .stats import Metric
+from .task import SPLITS, Task, check_split
 
 __all__ = [
     "DEFAULT_METHODS",
@@ -40,8 +39,6 @@ __all__ = [
     "make_scenario",
     "register_scenario",
 ]
-
-SPLITS = ("train", "val", "test")
 
 DEFAULT_METHODS = (
     "naive", "joint", "ewc", "online_ewc", "si", "lwf", "mas", "kfac_ewc", "rwalk", "l2sp", "fd", "replay",
@@ -78,31 +75,6 @@ class Stage:
             check_stage_key(key)
         object.__setattr__(self, "lr", float(self.lr))
         object.__setattr__(self, "settings", {str(k): float(v) for k, v in keys.items()})
-
-
-class Task(ABC):
-    """One task of a scenario: its data, its loss and how it is scored.
-
-    ``data(split)`` is a map-style Dataset of ``(input, target)`` items (the evaluation transform for
-    ``"val"`` and ``"test"``), ``loss(outputs, target)`` the batch's mean training loss on the model's
-    outputs, ``spec()`` the :class:`~clreg.TaskSpec` a regularizer consolidates the task with (its
-    outputs and, where the Fisher needs one, its per-sample loss), and ``evaluate(model, split)`` a
-    :class:`~clreg.bench.stats.Metric` over the split's samples (the harness resamples it)."""
-
-    name: str = ""
-    chance: float = 0.0  # the metric's value for a model that guesses
-
-    @abstractmethod
-    def data(self, split: str) -> Dataset: ...
-
-    @abstractmethod
-    def loss(self, outputs: Any, target: Any) -> Tensor: ...
-
-    @abstractmethod
-    def spec(self) -> TaskSpec: ...
-
-    @abstractmethod
-    def evaluate(self, model: nn.Module, split: str) -> Metric: ...
 
 
 class Scenario(ABC):
@@ -165,38 +137,3 @@ class Scenario(ABC):
         if unknown:
             raise ValueError(f"scenario {self.name!r} has no task(s) {unknown}; its tasks: {list(self.tasks)}")
         return [self.tasks[s.task] for s in stages]
-
-
-SCENARIOS: dict[str, Callable[..., Scenario]] = {}
-
-
-def register_scenario(name: str) -> Callable[[Callable[..., Scenario]], Callable[..., Scenario]]:
-    """Register a scenario's factory (its keyword arguments are the scenario's options) under ``name``."""
-
-    def add(factory: Callable[..., Scenario]) -> Callable[..., Scenario]:
-        if name in SCENARIOS:
-            raise ValueError(f"a scenario named {name!r} is already registered")
-        SCENARIOS[name] = factory
-        return factory
-
-    return add
-
-
-def make_scenario(name: str, **options: Any) -> Scenario:
-    """The scenario ``name`` built with ``options`` (a ValueError naming the known scenarios, or the
-    option the factory refuses)."""
-    from . import scenarios  # noqa: F401  (registers the built-in scenarios)
-
-    if name not in SCENARIOS:
-        raise ValueError(f"unknown scenario {name!r}; scenarios: {', '.join(sorted(SCENARIOS))}")
-    factory = SCENARIOS[name]
-    try:
-        inspect.signature(factory).bind(**options)
-    except TypeError as e:
-        raise ValueError(f"scenario {name!r}: {e}") from None
-    return factory(**options)
-
-
-def check_split(split: str) -> None:
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")

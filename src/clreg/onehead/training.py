@@ -22,6 +22,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import stable_seed, tree_slice, tree_to
 from ..distributed import rank_and_world
+from .collate import collate
 
 if TYPE_CHECKING:
     from ..replay import ReplayBuffer
@@ -147,15 +148,6 @@ def cosine_schedule(steps: int, warmup_steps: int = 0) -> Callable[[int], float]
         return cosine * min(1.0, (s + 1) / warmup_steps) if warmup_steps else cosine
 
     return factor
-
-
-def collate(batch: list) -> tuple[Tensor, Any]:
-    """Stack ``(input, target)`` items; a dict target is stacked per key."""
-    xs = torch.stack([b[0] for b in batch])
-    ys = [b[1] for b in batch]
-    if isinstance(ys[0], dict):
-        return xs, {k: torch.stack([y[k] for y in ys]) for k in ys[0]}
-    return xs, torch.stack(ys)
 
 
 def batches(data: Dataset, batch_size: int, seed: int) -> Iterator[tuple[Tensor, Any]]:

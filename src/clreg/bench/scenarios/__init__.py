@@ -1,3 +1,1 @@
-"""The built-in scenarios, registered on import: ``digits`` (Split Digits)."""
-
-from . import digits  # noqa: F401
+"""The built-in scenarios (listed in :data:`clreg.bench.registry.SCENARIOS`, imported on first use): ``digits`` (Split Digits)."""

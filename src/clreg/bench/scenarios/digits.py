@@ -33,8 +33,9 @@ from torch.utils.data import TensorDataset
 
 from ...spec import OutputSpec, TaskSpec
 from ..digits import SETTINGS, DigitsMLP, DigitsTask, correct, permuted, split_digits, targets
-from ..scenario import DEFAULT_METHODS, Scenario, Stage, Task, check_split, register_scenario
+from ..scenario import DEFAULT_METHODS, Scenario, Stage
 from ..stats import MeanMetric
+from ..task import Task, check_split
 
 __all__ = ["DigitsScenario", "SplitDigitsTask"]
 
@@ -171,6 +172,3 @@ class DigitsScenario(Scenario):
         if self.options["train_per_digit"] is not None:
             key += f"-n{self.options['train_per_digit']}"
         return key
-
-
-register_scenario("digits")(DigitsScenario)

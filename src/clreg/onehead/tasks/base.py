@@ -19,8 +19,8 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from ...spec import TaskSpec
+from ..collate import collate
 from ..metrics import Metric
-from ..training import collate
 
 __all__ = ["BenchmarkTask", "Task", "loader"]
 
