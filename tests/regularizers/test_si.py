@@ -195,3 +195,33 @@ def test_a_step_the_gradscaler_skips_leaves_no_record_behind(mode: str) -> None:
     assert int(si.steps) == 1
     for w, g, b, p in zip(si.omega.tensors, task, before, model.parameters()):
         torch.testing.assert_close(w, -g * (p.detach() - b), rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("attached", [False, True])
+def test_negative_importance_without_the_clamp_gives_the_signed_penalty(attached: bool) -> None:
+    """SI without its clamp may hold Ω < 0: the penalty is still c Σ Ω (θ − θ*)² (no NaN from √Ω)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    si = clreg.SI(model, c=0.7, clamp=None)
+    state = si.state_dict()
+    omega = {f"importance.{n}": torch.randn_like(p) for n, p in model.named_parameters()}
+    anchor = {f"anchor.{n}": torch.randn_like(p) for n, p in model.named_parameters()}
+    assert min(float(o.min()) for o in omega.values()) < 0
+    state.update(omega)
+    state.update(anchor)
+    state["n_tasks"] = torch.ones_like(state["n_tasks"])
+    si.load_state_dict(state)
+    # the definition, written here
+    params = dict(model.named_parameters())
+    expected = sum(0.7 * (omega[f"importance.{n}"] * (p - anchor[f"anchor.{n}"]) ** 2).sum() for n, p in params.items())
+    reference = torch.autograd.grad(expected, list(params.values()))
+    if attached:
+        si.attach(torch.optim.SGD(model.parameters(), lr=0.0))
+        with torch.no_grad():
+            torch.testing.assert_close(si(model), expected.detach())
+        return
+    value = si(model)
+    torch.testing.assert_close(value, expected)
+    grads = torch.autograd.grad(value, list(params.values()))
+    for g, r in zip(grads, reference):
+        torch.testing.assert_close(g, r)

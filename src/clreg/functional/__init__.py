@@ -26,6 +26,7 @@ from .mas import mas_importance
 from .olora import layer_overlap_grad, orthogonality
 from .penalty import (
     add_quadratic_penalty_grad_,
+    importance_roots,
     quadratic_penalty,
     quadratic_penalty_grad,
     quadratic_penalty_value,
@@ -52,6 +53,7 @@ __all__ = [
     "fisher_curvature",
     "fisher_diagonal",
     "fisher_ema_update_",
+    "importance_roots",
     "kfac_penalty",
     "kfac_penalty_grad",
     "kfac_penalty_value",

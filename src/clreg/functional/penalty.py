@@ -34,6 +34,7 @@ from .._sharding import local_all, shard_mesh, sum_over_mesh, wrap_like
 
 __all__ = [
     "add_quadratic_penalty_grad_",
+    "importance_roots",
     "quadratic_penalty",
     "quadratic_penalty_grad",
     "quadratic_penalty_value",
@@ -54,8 +55,28 @@ def _scaled_residual(params: Sequence[Tensor], anchor: Sequence[Tensor], root: S
     return u
 
 
-def _sum_squares(u: Sequence[Tensor]) -> Tensor:
-    return torch.stack(torch._foreach_norm(u)).square().sum()
+def _sum_squares(u: Sequence[Tensor], sign: Sequence[Tensor] | None = None) -> Tensor:
+    """Σ u², or Σ sign ⊙ u² with a signed importance."""
+    if sign is None:
+        return torch.stack(torch._foreach_norm(u)).square().sum()
+    squares = torch._foreach_mul(u, u)
+    torch._foreach_mul_(squares, sign)
+    return torch.stack([q.sum() for q in squares]).sum()
+
+
+def importance_roots(importance: Sequence[Tensor]) -> tuple[list[Tensor], list[Tensor] | None]:
+    """(√|A|, sign(A)): the factors the penalty works with, the sign ``None`` when every A ≥ 0 (the
+    usual case; SI without its clamp can give A < 0, where A = sign(A)·√|A|·√|A|).
+
+    Example:
+        >>> import torch
+        >>> root, sign = importance_roots([torch.tensor([4.0, -9.0])])
+        >>> root[0].tolist(), sign[0].tolist()
+        ([2.0, 3.0], [1.0, -1.0])
+    """
+    if not any(bool((a < 0).any()) for a in importance):
+        return torch._foreach_sqrt(importance), None
+    return torch._foreach_sqrt(torch._foreach_abs(importance)), [torch.sign(a) for a in importance]
 
 
 def quadratic_penalty_value(
@@ -66,18 +87,21 @@ def quadratic_penalty_value(
     const: float | Tensor = 0.0,
     *,
     sqrt_importance: Sequence[Tensor] | None = None,
+    importance_sign: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """The penalty's value alone (no graph): s Σ A (θ − m)² + s C.
 
-    ``sqrt_importance`` = √A, when the caller keeps it across steps.
+    ``sqrt_importance`` = √|A| and ``importance_sign`` = sign(A) (``None`` when A ≥ 0), when the caller
+    keeps them across steps (:func:`importance_roots`).
     """
     mesh = shard_mesh(params)
     if mesh is not None:
         params, importance, anchor = local_all(params), local_all(importance), local_all(anchor)
         sqrt_importance = None if sqrt_importance is None else local_all(sqrt_importance)
+        importance_sign = None if importance_sign is None else local_all(importance_sign)
     with torch.no_grad():
-        root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
-        value = sum_over_mesh(_sum_squares(_scaled_residual(params, anchor, root)), mesh)
+        root, sign = (sqrt_importance, importance_sign) if sqrt_importance is not None else importance_roots(importance)
+        value = sum_over_mesh(_sum_squares(_scaled_residual(params, anchor, root), sign), mesh)
         return value.mul(scale).add(torch.as_tensor(const, dtype=value.dtype, device=value.device) * scale)
 
 
@@ -122,26 +146,29 @@ def add_quadratic_penalty_grad_(
 
 class _QuadraticPenaltyFn(torch.autograd.Function):
     """Value forward, closed-form backward ``grad_output · 2 s A (θ − m) = grad_output · 2 s √A u``
-    with u = √A (θ − m). The first backward turns u into the gradient in place (no new tensor); a
-    second one (``retain_graph``) recomputes u."""
+    with u = √A (θ − m) (with a signed A: √|A| and the sign applied to the squares and the gradient).
+    The first backward turns u into the gradient in place (no new tensor); a second one
+    (``retain_graph``) recomputes u."""
 
     @staticmethod
-    def forward(ctx, root, anchor, scale, const, recorder, *params):
+    def forward(ctx, root, sign, anchor, scale, const, recorder, *params):
         u = _scaled_residual(params, anchor, root)
-        ctx.u, ctx.root, ctx.anchor, ctx.params = u, root, anchor, params
+        ctx.u, ctx.root, ctx.sign, ctx.anchor, ctx.params = u, root, sign, anchor, params
         ctx.scale, ctx.recorder = scale, recorder
-        return (_sum_squares(u) + const) * scale
+        return (_sum_squares(u, sign) + const) * scale
 
     @staticmethod
     def backward(ctx, grad_output):
         grads = ctx.u if ctx.u is not None else _scaled_residual(ctx.params, ctx.anchor, ctx.root)
         ctx.u = None
         torch._foreach_mul_(grads, ctx.root)
+        if ctx.sign is not None:
+            torch._foreach_mul_(grads, ctx.sign)
         torch._foreach_mul_(grads, grad_output.to(grads[0].dtype) * (2.0 * ctx.scale))
         grads = [g if g.dtype == p.dtype else g.to(p.dtype) for g, p in zip(grads, ctx.params)]
         if ctx.recorder is not None:
             ctx.recorder(ctx.params, grads)
-        return (None, None, None, None, None, *grads)
+        return (None, None, None, None, None, None, *grads)
 
 
 def quadratic_penalty(
@@ -153,31 +180,34 @@ def quadratic_penalty(
     recorder: GradRecorder | None = None,
     *,
     sqrt_importance: Sequence[Tensor] | None = None,
+    importance_sign: Sequence[Tensor] | None = None,
 ) -> Tensor:
     """The penalty as a differentiable scalar whose backward is the closed form.
 
     ``recorder(params, grads)``, if given, is called in backward with the gradients it returns
-    (scaled by ``grad_output``, as autograd accumulates them). ``sqrt_importance`` = √A, when the
-    caller keeps it across steps.
+    (scaled by ``grad_output``, as autograd accumulates them). ``sqrt_importance`` = √|A| and
+    ``importance_sign`` = sign(A) (``None`` when A ≥ 0), when the caller keeps them across steps
+    (:func:`importance_roots`).
     """
     if not (len(params) == len(importance) == len(anchor)):
         raise ValueError("params, importance and anchor must have the same length")
+    if sqrt_importance is None:
+        sqrt_importance, importance_sign = importance_roots(local_all(importance))
     mesh = shard_mesh(params)
     if mesh is not None:
-        return _sharded_penalty(params, importance, anchor, scale, const, recorder, sqrt_importance, mesh)
-    root = sqrt_importance if sqrt_importance is not None else torch._foreach_sqrt(importance)
+        return _sharded_penalty(params, anchor, scale, const, recorder, sqrt_importance, importance_sign, mesh)
     const_t = torch.as_tensor(const, dtype=anchor[0].dtype, device=anchor[0].device)
-    return _QuadraticPenaltyFn.apply(root, anchor, float(scale), const_t, recorder, *params)
+    return _QuadraticPenaltyFn.apply(sqrt_importance, importance_sign, anchor, float(scale), const_t, recorder, *params)
 
 
 def _sharded_penalty(
     params: Sequence[Tensor],
-    importance: Sequence[Tensor],
     anchor: Sequence[Tensor],
     scale: float,
     const: float | Tensor,
     recorder: GradRecorder | None,
-    sqrt_importance: Sequence[Tensor] | None,
+    root: Sequence[Tensor],
+    sign: Sequence[Tensor] | None,
     mesh: object,
 ) -> Tensor:
     """:func:`quadratic_penalty` of sharded parameters: the closed form on the local shards (reached
@@ -185,10 +215,10 @@ def _sharded_penalty(
     the partial values summed over ranks, the constant added once. The recorder gets the local
     gradients, keyed by the sharded parameters."""
     shards = [p.to_local() for p in params]  # differentiable views
-    anchor = local_all(anchor)
-    root = local_all(sqrt_importance) if sqrt_importance is not None else torch._foreach_sqrt(local_all(importance))
+    anchor, root = local_all(anchor), local_all(root)
+    sign = None if sign is None else local_all(sign)
     zero = torch.zeros((), dtype=anchor[0].dtype, device=anchor[0].device)
     rec = None if recorder is None else (lambda _shards, grads: recorder(params, grads))
-    partial = _QuadraticPenaltyFn.apply(root, anchor, float(scale), zero, rec, *shards)
+    partial = _QuadraticPenaltyFn.apply(root, sign, anchor, float(scale), zero, rec, *shards)
     const_t = torch.as_tensor(const, dtype=partial.dtype, device=partial.device)
     return sum_over_mesh(partial, mesh) + const_t * float(scale)

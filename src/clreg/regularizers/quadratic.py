@@ -30,6 +30,7 @@ from .._params import ParamSelector
 from .._sharding import local_all
 from ..functional.penalty import (
     add_quadratic_penalty_grad_,
+    importance_roots,
     quadratic_penalty,
     quadratic_penalty_grad,
     quadratic_penalty_value,
@@ -52,6 +53,7 @@ class QuadraticPenalty(Regularizer):
         self.add_state("offset", torch.zeros((), dtype=torch.float64))
         self._weighted_anchor: list[Tensor] | None = None
         self._sqrt: list[Tensor] | None = None
+        self._sign: list[Tensor] | None = None
         self._recording = self.ledger.switch()
 
     @property
@@ -66,6 +68,7 @@ class QuadraticPenalty(Regularizer):
     def _state_changed(self) -> None:
         self._weighted_anchor = None
         self._sqrt = None
+        self._sign = None
 
     def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
@@ -73,11 +76,17 @@ class QuadraticPenalty(Regularizer):
         return out
 
     def sqrt_importance(self) -> list[Tensor]:
-        """√A, cached for the autograd path and the value (derived from the state, not saved; of sharded
-        state, the local shards)."""
+        """√|A|, cached for the autograd path and the value with the sign of A (:attr:`importance_sign`,
+        ``None`` when A ≥ 0; derived from the state, not saved; of sharded state, the local shards)."""
         if self._sqrt is None:
-            self._sqrt = torch._foreach_sqrt(local_all(self.importance.tensors))
+            self._sqrt, self._sign = importance_roots(local_all(self.importance.tensors))
         return self._sqrt
+
+    @property
+    def importance_sign(self) -> list[Tensor] | None:
+        """sign(A) where some importance is negative (SI without its clamp), else ``None``."""
+        self.sqrt_importance()
+        return self._sign
 
     def weighted_anchor(self) -> list[Tensor]:
         """A·m, cached for the attached path (not saved: derived from the state; of sharded state, the
@@ -104,6 +113,7 @@ class QuadraticPenalty(Regularizer):
                         self.scale,
                         self.offset,
                         sqrt_importance=self.sqrt_importance(),
+                        importance_sign=self.importance_sign,
                     )
                 else:
                     value = quadratic_penalty(
@@ -114,6 +124,7 @@ class QuadraticPenalty(Regularizer):
                         self.offset.to(self.importance.tensors[0].dtype),
                         recorder=self.ledger.record_scaled if self._recording(params) else None,
                         sqrt_importance=self.sqrt_importance(),
+                        importance_sign=self.importance_sign,
                     )
         self.last_value = value.detach()
         return value
@@ -158,4 +169,4 @@ class QuadraticPenalty(Regularizer):
             self._add_penalty_grad(*targets, record=self._recording(self._pset.last()))
 
     def _cache_tensors(self) -> list[Tensor]:
-        return [*(self._weighted_anchor or []), *(self._sqrt or [])]
+        return [*(self._weighted_anchor or []), *(self._sqrt or []), *(self._sign or [])]
