@@ -362,3 +362,14 @@ def test_cli_saves_models(tmp_path):
     assert (out / "models" / "naive-seed0.pt").exists()
     with pytest.raises(SystemExit):
         main(["--methods", "naive"])  # neither --scenario nor --evaluate
+
+
+@pytest.mark.parametrize("setting", ["task", "domain", "class"])
+def test_shipped_digits_choices_were_tuned_on_seeds_the_report_does_not_use(setting):
+    scenario = make_scenario("digits", setting=setting)
+    shipped = scenario.tuned()
+    assert set(shipped["seeds"]).isdisjoint(parse_seeds("0-4"))
+    assert set(shipped["methods"]) == set(scenario.methods)  # every method of the setting has its choice
+    for method, chosen in shipped["methods"].items():
+        if method != "joint":
+            Method.parse(method, chosen)  # every choice is a valid setting of the method

@@ -1,7 +1,8 @@
 """One run of a scenario: a method (or a reference) trained through a stage list on one seed, scored
 on every task after every stage.
 
-Per stage k (task :math:`T_k`, a fresh Adam at the stage's learning rate, a linear warmup): each step
+Per stage k (task :math:`T_k`, a fresh Adam at the stage's learning rate, its multi-tensor
+implementation, a linear warmup): each step
 draws a shuffled batch of :math:`T_k`'s training data and minimises
 
 .. math:: L_{T_k}(\\text{batch}) + \\sum_{\\text{past } t} w_r\\, L_t(\\text{replayed}_t) + \\text{penalty},
@@ -85,7 +86,7 @@ def _batches(data: Dataset, batch_size: int, seed: int) -> Iterator[Any]:
 
 
 def _optimizer(model: nn.Module, stage: Stage, lr: float) -> tuple[torch.optim.Optimizer, Any]:
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    opt = torch.optim.Adam(model.parameters(), lr=lr, foreach=True)
     warmup = stage.warmup
     schedule = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     return opt, schedule
@@ -274,7 +275,7 @@ def _joint(scenario, tasks, stages, seed, split, settings) -> tuple[RunResult, n
     torch.manual_seed(seed)
     model = scenario.make_model(tasks)
     streams = [_batches(t.data("train"), scenario.batch_size, seed * 1000 + k) for k, t in enumerate(tasks, 1)]
-    opt = torch.optim.Adam(model.parameters(), lr=effective["lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=effective["lr"], foreach=True)
     model.train()
     for _ in range(effective["steps"]):
         loss = sum(t.loss(model(x), y) for t, (x, y) in zip(tasks, (next(b) for b in streams)))

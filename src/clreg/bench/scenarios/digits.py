@@ -95,7 +95,7 @@ class DigitsScenario(Scenario):
     tune_grid: Mapping[str, Sequence[float]] = {
         "ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
         "online_ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
-        "kfac_ewc.lam": (1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),
+        "kfac_ewc.lam": (0.01, 0.1, 1.0, 10.0, 1e2, 1e3, 1e4, 1e5, 1e6, 1e7),  # 1 was the task setting's low edge
         "si.c": (0.01, 0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5),  # 1e3 was the class setting's top edge
         "mas.lam": (0.01, 0.1, 1.0, 10.0, 100.0, 1000.0),
         "rwalk.lam": (0.1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5),  # 1e3 was the class setting's top edge
@@ -104,9 +104,9 @@ class DigitsScenario(Scenario):
         "lwf.alpha": (0.1, 0.3, 1.0, 3.0, 10.0),
         "replay.per_step": (8.0, 16.0, 32.0, 64.0),  # 32 was the class setting's top edge
         "fd.alpha": (0.01, 0.1, 1.0, 10.0, 100.0),
-        "der.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
+        "der.alpha": (0.03, 0.1, 0.3, 1.0, 3.0, 10.0),  # 3 was the class setting's top edge
         "derpp.alpha": (0.03, 0.1, 0.3, 1.0, 3.0),
-        "derpp.beta": (0.1, 0.5, 1.0),
+        "derpp.beta": (0.1, 0.5, 1.0, 3.0, 10.0),  # 1, then 3, were the class and domain settings' top edges
     }
     # 20 stored samples per past task (10 per digit, about 9 % of a task's training samples); the
     # methods with one reservoir over the stream (DER, DER++, ER-ACE) keep the same 100 in all
