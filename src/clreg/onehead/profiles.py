@@ -105,7 +105,7 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "joint.lr": (2e-3, 4e-3, 8e-3),  # the joint reference's, after its schedule and weights
     # the seed-0 tune chose λ@3 = 1e5 (the upper edge) and λ@2 = 1e3 (the lower edge): both widened
     "ewc.lam@2": (1e2, 1e3, 1e4, 1e5),
-    "ewc.lam@3": (1e3, 1e4, 1e5, 1e6, 1e7),  # the seed-100/101 tune chose 1e6, the edge: 1e7 added
+    "ewc.lam@3": (1e3, 1e4, 1e5, 1e6, 1e7, 1e8),  # the seed-100/101 tune chose 1e6, then 1e7: both edges
     "online_ewc.lam@2": (1e3, 1e4, 1e5),
     "online_ewc.lam@3": (1e3, 1e4, 1e5, 1e6),  # 1e5 was the upper edge
     "si.c": (0.2, 2.0, 20.0, 200.0),  # 2 was the lower edge on the pattern world: 0.2 added
@@ -116,8 +116,9 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "kfac_ewc.lam@2": (1e2, 1e3, 1e4, 1e5),  # A ⊗ G has the diagonal Fisher's scale: EWC's raw grid
     "kfac_ewc.lam@3": (1e3, 1e4, 1e5, 1e6),  # (1e3 and 1e5, the seed-0 choices, were edges)
     "replay.per_step": (1.0, 2.0, 4.0, 8.0),  # 2 was the lower edge: 1 added
-    # the seed-0 tune's choices sat at both edges (8e-3 for six methods, 5e-4 for replay): widened
-    "lr": (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
+    # the seed-0 tune's choices sat at both edges (8e-3 for six methods, 5e-4 for replay): widened; the
+    # seed-100/101 tune chose 2.5e-4 for replay, the lower edge: 1.25e-4 added
+    "lr": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),
 }
 _NORMALISED = {"ewc.lam@2": (1.0, 10.0, 100.0), "ewc.lam@3": (1.0, 10.0, 100.0)}
 _TUNE_VARIANTS: dict[str, list[dict[str, Any]]] = {
