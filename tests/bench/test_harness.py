@@ -373,3 +373,9 @@ def test_shipped_digits_choices_were_tuned_on_seeds_the_report_does_not_use(sett
     for method, chosen in shipped["methods"].items():
         if method != "joint":
             Method.parse(method, chosen)  # every choice is a valid setting of the method
+
+
+def test_shipped_choices_apply_only_to_the_options_they_were_tuned_with():
+    assert make_scenario("digits", setting="class").tuned()["seeds"] == [100, 101]
+    assert make_scenario("digits", setting="class", epochs=2).tuned() == {}
+    assert make_scenario("digits", setting="task", lr=2e-3).tuned() == {}
