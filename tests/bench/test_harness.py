@@ -80,6 +80,51 @@ def test_ewc_per_task_weighs_the_spec_and_leaves_lambda_at_one():
     assert PARTS["ewc"].from_values({}).attributes({"lam": 5.0}) == {"lam": 5.0}
 
 
+def test_parts_declare_their_data_pass_task_weight_and_first_stage_tracker():
+    assert {n for n, p in PARTS.items() if p.data_pass} == {"ewc", "online_ewc", "kfac_ewc", "mas"}
+    assert PARTS["ewc"].from_values({"per_task": 1}).task_weight({"lam": 4.0}) == 4.0
+    assert PARTS["ewc"].from_values({}).task_weight({"lam": 4.0}) is None
+    model = torch.nn.Linear(3, 2)
+    assert [n for n, p in PARTS.items() if p.first_stage_tracker(model) is not None] == ["si"]
+    with pytest.raises(TypeError, match="tracks no first stage"):
+        PARTS["ewc"].from_values({}).take_over(None, {})
+
+
+def test_si_takes_the_first_stage_path_over_with_its_own_settings():
+    """The tracker's path integral after three SGD steps, against ω = −Σ g · Δθ written here."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    tracker = PARTS["si"].first_stage_tracker(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker.track(opt)
+    omega = [torch.zeros_like(p) for p in model.parameters()]
+    x = torch.randn(4, 3)
+    for _ in range(3):
+        opt.zero_grad()
+        model(x).pow(2).sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for o, g, b, p in zip(omega, grads, before, model.parameters()):
+            o -= g * (p.detach() - b)
+    tracker.detach()
+    si = PARTS["si"].from_values({"c": 5.0, "xi": 0.01})
+    member = si.regularizer(model, 0, None)
+    si.take_over(member, tracker.state_dict())
+    assert (member.c, member.xi) == (5.0, 0.01)
+    torch.testing.assert_close(list(member.omega.tensors), omega)
+
+
+def test_check_settings_converts_by_type_and_names_the_bad_one():
+    from clreg.bench.method import check_settings
+
+    out = check_settings({"ewc.lam@2": "1e4", "replay.capacity": 10.0, "lr": 1e-3})
+    assert out == {SettingKey("ewc", "lam", 2): 1e4, SettingKey("replay", "capacity"): 10, SettingKey("", "lr"): 1e-3}
+    assert isinstance(out[SettingKey("replay", "capacity")], int)
+    with pytest.raises(ValueError, match="cannot change between stages"):
+        check_settings({"replay.capacity@2": 3})
+
+
 def test_method_parse_scopes_and_stages():
     settings = {"ewc.lam": 10, "ewc.lam@3": 100, "lwf.alpha": 2, "lwf:lwf.alpha": 7, "mas.lam": 3, "lr": 0.01}
     m = Method.parse("ewc+lwf", settings)

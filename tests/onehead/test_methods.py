@@ -1,5 +1,5 @@
-"""Methods by name: parsing and the challenge's rules, the registry's settings and per-stage values,
-the first-stage path tracking as a declared capability, and a new part added by registration."""
+"""The one-head benchmark's methods over the harness's parts: parsing and the challenge's rules, the
+settings and per-stage values, unit keys that keep their names, and the first-stage path tracking."""
 
 from __future__ import annotations
 
@@ -9,17 +9,16 @@ import torch
 pytest.importorskip("timm")
 
 import clreg
+from clreg.bench.parts import PARTS
 from clreg.onehead.methods import (
-    DEFAULT_SETTINGS,
-    PARTS,
+    ONEHEAD_PARTS,
     Method,
-    Part,
+    check_settings,
     check_stage_settings,
+    default_settings,
     parse_methods,
-    register_part,
     stage_one_trackers,
 )
-from clreg.onehead.methods import registry as registry_module
 
 
 def test_methods_parse_and_rules():
@@ -35,15 +34,30 @@ def test_methods_parse_and_rules():
 
 
 def test_every_part_declares_the_settings_it_reads():
-    assert list(DEFAULT_SETTINGS)[-1] == "lr"
-    for name, part in PARTS.items():
-        assert all(k.startswith(name + ".") for k in part.settings)
+    """The defaults come from the harness's part dataclasses; a method reads its parts' and ``lr``."""
+    defaults = default_settings()
+    assert list(defaults)[-1] == "lr" and defaults["lr"] == 2e-3
+    assert {k.split(".")[0] for k in defaults if k != "lr"} == set(ONEHEAD_PARTS) - {"naive"}
     ewc = Method.parse("ewc+replay", {"ewc.lam": 5, "si.c": 3.0})
     assert ewc.relevant_settings() == {"ewc.lam": 5.0, "ewc.normalize": 0.0, "ewc.per_task": 0.0,
                                        "ewc.likelihood": 0.0, "replay.capacity": 10, "replay.per_step": 8,
                                        "replay.weight": 1.0, "lr": 2e-3}  # fmt: skip
-    with pytest.raises(ValueError, match=r"unknown setting 'ewc\.lambda'"):
+    with pytest.raises(ValueError, match=r"unknown setting ewc\.lambda"):
         Method.parse("ewc", {"ewc.lambda": 1.0})
+    with pytest.raises(ValueError, match="whole number"):
+        Method.parse("replay", {"replay.capacity": 2.5})
+
+
+def test_parts_with_step_hooks_are_refused_by_name():
+    """The one-head protocol applies a penalty, SI's path and a replay buffer; DER's outputs, ER-ACE's
+    loss or A-GEM's projection it does not, so those are refused, never run without their hooks."""
+    assert set(ONEHEAD_PARTS) < set(PARTS)
+    with pytest.raises(ValueError, match=r"\['der'\] need step hooks"):
+        Method.parse("ewc+der")
+    with pytest.raises(ValueError, match="runs the parts"):
+        check_settings({"agem.capacity": 5})
+    with pytest.raises(ValueError, match="learning rate"):
+        check_settings({"lr@2": 1e-3})
 
 
 def test_built_regularizers_follow_the_settings_and_per_stage_values_reach_their_member():
@@ -52,10 +66,13 @@ def test_built_regularizers_follow_the_settings_and_per_stage_values_reach_their
     assert list(built.members) == ["ewc", "lwf"] and isinstance(built.reg, clreg.Compose)
     assert built.members["ewc"].lam == 7.0 and built.members["lwf"].alpha == 2.0
     assert built.buffer is not None and built.buffer.capacity_per_task == 10
-    built.set_stage_values({"ewc.lam": 3.0, "mas.lam": 9.0})  # mas is not in this method: nothing to set
-    assert built.members["ewc"].lam == 3.0
+    built.set_stage_values({"ewc.lam": 3.0, "lwf.alpha": 0.5, "mas.lam": 9.0})  # mas: not in this method
+    assert built.members["ewc"].lam == 3.0 and built.members["lwf"].alpha == 0.5
+    per_task = Method.parse("ewc", {"ewc.per_task": 1.0}).build(model)
+    per_task.set_stage_values({"ewc.lam": 30.0})  # λ weighs the task (w_t): EWC's own λ stays 1
+    assert per_task.members["ewc"].lam == 1.0
     with pytest.raises(ValueError, match="cannot change between stages"):
-        built.set_stage_values({"replay.capacity": 4})
+        check_stage_settings({"replay.capacity": 4})
     with pytest.raises(ValueError, match="unknown setting"):
         check_stage_settings({"ewc.lambda": 4})
     assert Method.parse("naive").build(model).reg is None
@@ -66,7 +83,7 @@ def test_first_stage_path_tracking_is_a_declared_capability():
     over with its own c and ξ."""
     model = torch.nn.Linear(3, 2)
     trackers = stage_one_trackers(model)
-    assert list(trackers) == [n for n, p in PARTS.items() if p.stage_one_tracker is not None] == ["si"]
+    assert list(trackers) == [n for n in ONEHEAD_PARTS if PARTS[n].first_stage_tracker(model) is not None] == ["si"]
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     trackers["si"].track(opt)
     for _ in range(3):
@@ -76,44 +93,11 @@ def test_first_stage_path_tracking_is_a_declared_capability():
     trackers["si"].detach()
     state = trackers["si"].state_dict()
     built = Method.parse("si", {"si.c": 5.0, "si.xi": 0.01}).build(model)
-    built.take_over({"si": state}, Method.parse("si", {"si.c": 5.0, "si.xi": 0.01}).settings)
+    built.take_over({"si": state})
     si = built.members["si"]
     assert si.c == 5.0 and si.xi == 0.01
     torch.testing.assert_close(si.omega.tensors[0], trackers["si"].omega.tensors[0])
     assert int(si.steps) == 3
-
-
-@pytest.fixture
-def extra_part():
-    """A part registered for one test, and the registry restored afterwards."""
-    parts, defaults = dict(PARTS), dict(DEFAULT_SETTINGS)
-    part = register_part(
-        Part(
-            "l2",
-            {"l2.lam": 0.5},
-            within_rules=False,
-            regularizer=lambda model, s, seed: clreg.MAS(model, lam=s["l2.lam"]),
-            stage_attributes={"l2.lam": "lam"},
-        )
-    )
-    yield part
-    PARTS.clear()
-    PARTS.update(parts)
-    registry_module.DEFAULT_SETTINGS.clear()
-    registry_module.DEFAULT_SETTINGS.update(defaults)
-
-
-def test_a_new_part_is_one_registration(extra_part):
-    m = Method.parse("ewc+l2", {"l2.lam": 2.0})
-    assert not m.within_rules and m.relevant_settings()["l2.lam"] == 2.0
-    built = m.build(torch.nn.Linear(3, 2))
-    assert isinstance(built.members["l2"], clreg.MAS) and built.members["l2"].lam == 2.0
-    built.set_stage_values({"l2.lam": 4.0})
-    assert built.members["l2"].lam == 4.0
-    with pytest.raises(ValueError, match="already registered"):
-        register_part(Part("l2"))
-    with pytest.raises(ValueError, match="must be named"):
-        Part("l3", {"lam": 1.0})
 
 
 def test_a_methods_unit_key_is_its_name_and_a_digest_of_what_it_reads():
@@ -146,7 +130,7 @@ def test_a_setting_may_take_its_own_value_for_one_stage():
     assert m.stage_values(3, {"lwf.alpha": 0.7, "si.c": 1.0}) == {"ewc.lam": 5.0, "lwf.alpha": 0.7}
     assert "mas.lam@2" not in m.relevant_settings()  # another part's: not read, not in the unit key
     assert m.key([{}, {}, {}]) != Method.parse("ewc+lwf", {"ewc.lam": 2.0}).key([{}, {}, {}])
-    for bad, message in (("ewc.lam@x", "a stage is a number"), ("replay.capacity@2", "cannot change between"),
+    for bad, message in (("ewc.lam@x", "is not of the form"), ("replay.capacity@2", "cannot change between"),
                          ("ewc.lambda@2", "unknown setting")):  # fmt: skip
         with pytest.raises(ValueError, match=message):
             Method.parse("ewc", {bad: 1.0})
@@ -158,5 +142,5 @@ def test_the_ewc_familys_normalised_fisher_is_a_setting():
         built = Method.parse(part, {f"{part}.normalize": 1.0}).build(model)
         assert built.members[part].fisher_options.normalize == "mean"
         assert Method.parse(part).build(model).members[part].fisher_options.normalize is None
-        with pytest.raises(ValueError, match="is 0 or 1"):
-            Method.parse(part, {f"{part}.normalize": 0.5}).build(model)
+        with pytest.raises(ValueError, match="true or false"):
+            Method.parse(part, {f"{part}.normalize": 0.5})

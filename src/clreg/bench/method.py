@@ -24,7 +24,7 @@ from typing import Any
 from .parts import PARTS, Part, ReplayPart, coerce
 from .settings import SettingKey, parse_settings
 
-__all__ = ["COMMON_SETTINGS", "Method", "check_method_name", "check_stage_key"]
+__all__ = ["COMMON_SETTINGS", "Method", "check_method_name", "check_settings", "check_stage_key"]
 
 COMMON_SETTINGS: dict[str, type] = {"lr": float}
 """Settings with no part, read by every method (``lr``: the learning rate of every stage)."""
@@ -75,6 +75,22 @@ def check_stage_key(key: SettingKey) -> None:
 
 def _kind(key: SettingKey) -> type:
     return COMMON_SETTINGS[key.name] if not key.part else PARTS[key.part].fields()[key.name]
+
+
+def check_settings(settings: Mapping[str | SettingKey, Any] | None) -> dict[SettingKey, Any]:
+    """``settings`` keyed by :class:`SettingKey`, each a registered setting (with a stage only where it
+    may change per stage), its value converted to the setting's type; a ValueError naming the first
+    that is not.
+
+    Example:
+        >>> {str(k): v for k, v in check_settings({"ewc.lam@2": "1e4", "replay.capacity": 10.0}).items()}
+        {'ewc.lam@2': 10000.0, 'replay.capacity': 10}
+    """
+    out = {}
+    for key, value in parse_settings(settings).items():
+        _check_key(key)
+        out[key] = coerce(value, _kind(key), str(key))
+    return out
 
 
 @dataclass(frozen=True)

@@ -60,6 +60,7 @@ class Part:
     name: ClassVar[str] = ""
     within_rules: ClassVar[bool] = True  # one of the one-head challenge's remedies (EWC, LwF, replay)
     per_stage: ClassVar[Mapping[str, str]] = {}  # field that may change per stage -> regularizer attribute
+    data_pass: ClassVar[bool] = False  # its consolidation reads the task's data once (a Fisher, an importance)
 
     @classmethod
     def fields(cls) -> dict[str, type]:
@@ -101,6 +102,22 @@ class Part:
         """The spec the part's member consolidates a task with, given the per-stage ``values`` of the
         stage that follows (the identity unless a part weighs or changes it)."""
         return spec
+
+    def task_weight(self, values: Mapping[str, Any]) -> float | None:
+        """The weight w_t this part gives the task it consolidates before a stage whose per-stage
+        fields have ``values`` (``None``: the spec's own weight)."""
+        return None
+
+    @classmethod
+    def first_stage_tracker(cls, model: nn.Module) -> Regularizer | None:
+        """A tracker of the optimizer's path through an unregularized first stage, for a part whose
+        importance is built along the path (SI); ``None`` for the others. A run that trains the first
+        stage once for every method tracks it with this and hands its state to :meth:`take_over`."""
+        return None
+
+    def take_over(self, reg: Regularizer, state: Mapping[str, Any]) -> None:
+        """Continue from a :meth:`first_stage_tracker`'s state with this part's own settings."""
+        raise TypeError(f"part {self.name!r} tracks no first stage")
 
     def attributes(self, values: Mapping[str, Any]) -> dict[str, float]:
         """The regularizer's attributes for a stage whose per-stage fields have ``values``."""
@@ -163,6 +180,7 @@ class EWCPart(Part):
     ``likelihood``: a task with a per-sample loss gives the Fisher of its likelihood instead."""
 
     name: ClassVar[str] = "ewc"
+    data_pass: ClassVar[bool] = True
     per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
     lam: float = 1.0
     normalize: bool = False
@@ -172,9 +190,13 @@ class EWCPart(Part):
     def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return EWC(model, lam=self.lam, seed=seed, normalize=_normalize(self.normalize))
 
+    def task_weight(self, values: Mapping[str, Any]) -> float | None:
+        return float(values["lam"]) if self.per_task else None
+
     def member_spec(self, spec: TaskSpec, values: Mapping[str, Any]) -> TaskSpec:
-        if self.per_task:
-            spec = replace(spec, weight=spec.weight * float(values["lam"]))
+        weight = self.task_weight(values)
+        if weight is not None:
+            spec = replace(spec, weight=spec.weight * weight)
         if self.likelihood and spec.per_sample_loss is not None:
             spec = replace(spec, per_sample_loss=None)
         return spec
@@ -189,6 +211,7 @@ class OnlineEWCPart(Part):
     """:class:`~clreg.OnlineEWC`: one running Fisher decayed by ``gamma``."""
 
     name: ClassVar[str] = "online_ewc"
+    data_pass: ClassVar[bool] = True
     within_rules: ClassVar[bool] = False
     per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
     lam: float = 1.0
@@ -205,6 +228,7 @@ class KFACEWCPart(Part):
     """:class:`~clreg.KFACEWC`: Kronecker-factored EWC."""
 
     name: ClassVar[str] = "kfac_ewc"
+    data_pass: ClassVar[bool] = True
     within_rules: ClassVar[bool] = False
     per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
     lam: float = 1.0
@@ -227,6 +251,14 @@ class SIPart(Part):
 
     def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         return SI(model, c=self.c, xi=self.xi)
+
+    @classmethod
+    def first_stage_tracker(cls, model: nn.Module) -> Regularizer:
+        return SI(model)
+
+    def take_over(self, reg: Regularizer, state: Mapping[str, Any]) -> None:
+        reg.load_state_dict(state)
+        reg.c, reg.xi = self.c, self.xi  # type: ignore[assignment]
 
 
 @register_part
@@ -264,6 +296,7 @@ class MASPart(Part):
     """:class:`~clreg.MAS`: output-sensitivity importance (normalised per task)."""
 
     name: ClassVar[str] = "mas"
+    data_pass: ClassVar[bool] = True
     within_rules: ClassVar[bool] = False
     per_stage: ClassVar[Mapping[str, str]] = {"lam": "lam"}
     lam: float = 1.0

@@ -6,7 +6,7 @@ into a configuration and hand it to the experiment layer; report errors as one l
     clreg-onehead [run] [--profile quick|scratch|tiny|original] [--methods naive,ewc,ewc+lwf+replay]
                   [--data-root DIR] [--backbone-weights FILE | --pretrained | --random-init]
                   [--device cpu] [--amp] [--out DIR] [--seeds N] [--first-seed K] [--workers N] [--steps N]
-                  [--bn train|freeze]
+                  [--bn train|freeze] [--stages seg,det,cls]
                   [--categories a,b,...] [--set name=value ...] [--settings-from TUNE_JSON]
                   [--tune | --baselines-only] [--no-joint]
                   [--quiet]
@@ -84,6 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--steps", type=int, help="optimizer steps per stage (default: the profile's)")
     p.add_argument(
+        "--stages",
+        metavar="TASK,TASK,...",
+        help="the tasks in stage order, each at most once (default seg,det,cls); a task keeps its steps and "
+        "learning rates, a stage's own settings (NAME@K) stay with its place",
+    )
+    p.add_argument(
         "--workers",
         type=int,
         default=1,
@@ -111,7 +117,7 @@ def build_evaluate_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--checkpoint", required=True, help="a model saved by clreg.onehead.save_checkpoint")
     p.add_argument("--data-root", required=True)
-    p.add_argument("--tasks", default="seg,det,cls")
+    p.add_argument("--tasks", default=None, help="comma-separated tasks (default: every task the model has)")
     p.add_argument("--split", default="val")
     p.add_argument("--device", default="cpu")
     return p
@@ -149,6 +155,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         first_seed=args.first_seed,
         workers=args.workers,
         steps=args.steps,
+        stages=tuple(args.stages.split(",")) if args.stages else None,
         bn=args.bn,
         sets=_parse_sets(args.set),
         joint=not args.no_joint,

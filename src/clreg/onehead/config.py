@@ -17,8 +17,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from ..bench.settings import SettingKey
 from ..distributed import rank_and_world
-from .methods import DEFAULT_SETTINGS, Method, check_settings, check_stage_settings, parse_methods
+from .methods import Method, check_settings, check_stage_settings, default_settings, parse_methods
 from .pretext import SHIPPED_BACKBONE, SHIPPED_BACKBONE_IN_PACKAGE, shipped_backbone
 from .profiles import QUICK_SETTINGS_PROVENANCE, Profile, get_profile, with_tuned
 from .synthetic import SyntheticConfig
@@ -71,6 +72,7 @@ class RunRequest:
     seeds: int | None = None  # None: the profile's (a run's seeds, or a tune's own)
     first_seed: int | None = None  # seeds first_seed … first_seed + seeds − 1 (another process may run the others)
     steps: int | None = None  # every stage's budget; None: the profile's
+    stages: tuple[str, ...] | None = None  # the tasks in stage order; None: seg, det, cls
     bn: str = "train"
     sets: Mapping[str, float] = field(default_factory=dict)  # method settings: "NAME" or "METHOD:NAME" -> value
     joint: bool = True
@@ -142,6 +144,7 @@ class BenchmarkConfig:
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method, over settings
     workers: int = 1  # processes that train a run's units at once
+    stage_tasks: tuple[str, ...] = TASK_NAMES  # the tasks in stage order
 
     def settings_for(self, method: str) -> dict[str, float]:
         """The settings method ``method`` runs with: the shared ones, then its own."""
@@ -149,7 +152,12 @@ class BenchmarkConfig:
 
     @property
     def tasks(self) -> tuple[str, ...]:
-        return TASK_NAMES
+        """The tasks in stage order."""
+        return self.stage_tasks
+
+    def per_stage(self, per_task: tuple[Any, ...]) -> tuple[Any, ...]:
+        """A profile's per-task tuple (in the default order seg, det, cls) in this run's stage order."""
+        return tuple(per_task[TASK_NAMES.index(t)] for t in self.stage_tasks)
 
     @property
     def within_rules(self) -> dict[str, bool]:
@@ -167,10 +175,14 @@ class BenchmarkConfig:
             **({"method_settings": self.method_settings} if self.method_settings else {}),
             "baseline_lr": self.settings["lr"],
             "settings_provenance": self.settings_provenance,
-            "stage_settings": [dict(s) for s in p.stage_settings],
-            "stage_lr": list(p.stage_lr),
-            "stage_warmup": list(p.stage_warmup),
-            **({"stage_baseline_lr": list(p.baseline_lr)} if any(x is not None for x in p.baseline_lr) else {}),
+            "stage_settings": [dict(s) for s in p.stage_settings[: len(self.tasks)]],
+            "stage_lr": list(self.per_stage(p.stage_lr)),
+            "stage_warmup": list(self.per_stage(p.stage_warmup)),
+            **(
+                {"stage_baseline_lr": list(self.per_stage(p.baseline_lr))}
+                if any(x is not None for x in p.baseline_lr)
+                else {}
+            ),
             "steps": list(self.steps),
             "batch_size": p.batch_size,
             "size": p.size,
@@ -187,7 +199,7 @@ class BenchmarkConfig:
             "channels_last": self.channels_last,
             "joint": self.joint,
             "joint_schedule": p.joint_schedule,
-            **({"joint_weights": list(p.joint_weights)} if p.joint_weights is not None else {}),
+            **({"joint_weights": list(self.per_stage(p.joint_weights))} if p.joint_weights is not None else {}),
             **({"joint_lr": p.joint_lr} if p.joint_lr is not None else {}),
             "resamples": p.resamples,
             "tune": self.mode == "tune",
@@ -267,15 +279,16 @@ def _split_sets(sets: Mapping[str, float]) -> tuple[dict[str, float], dict[str, 
     """``--set`` values: ``NAME`` for every method, ``METHOD:NAME`` for one (each checked)."""
     shared: dict[str, float] = {}
     own: dict[str, dict[str, float]] = {}
-    for key, value in sets.items():
-        method, colon, name = key.rpartition(":")
-        if not colon:
-            shared |= check_settings({key: value})
+    for text, value in sets.items():
+        key = SettingKey.parse(text)
+        if key.method is None:
+            shared |= check_settings({text: value})
             continue
         try:
-            method = Method.parse(method).name
+            method = Method.parse(key.method).name
         except ValueError as err:
-            raise ValueError(f"--set {key}: {err}") from None
+            raise ValueError(f"--set {text}: {err}") from None
+        name = str(SettingKey(key.part, key.name, key.stage))
         own.setdefault(method, {}).update(check_settings({name: value}))
     return shared, own
 
@@ -313,6 +326,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
             raise ValueError(f"--settings-from {req.settings_from}: {err}") from None
     if req.steps is not None:
         prof = replace(prof, steps=(req.steps,) * len(TASK_NAMES))
+    stage_tasks = _stage_tasks(req.stages)
     try:
         asked = req.methods or prof.methods
         methods = parse_methods((prof.all_methods or prof.methods) if asked.strip() == "all" else asked)
@@ -328,10 +342,11 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
     return BenchmarkConfig(
         profile=prof,
         methods=tuple(methods),
-        settings={**DEFAULT_SETTINGS, **prof.settings, **shared},
+        settings={**default_settings(), **prof.settings, **shared},
         method_settings=_merge_method_settings(prof.method_settings, own),
         settings_provenance=_provenance(prof, req.sets, None if tuned_from is None else tuned_from[0]),
-        steps=prof.steps,
+        steps=tuple(prof.steps[TASK_NAMES.index(t)] for t in stage_tasks),
+        stage_tasks=stage_tasks,
         bn=req.bn,
         seeds=_seeds(req, prof),
         backbone=_backbone(req, prof),
@@ -345,6 +360,17 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         categories=_categories(req.categories),
         workers=req.workers,
     )
+
+
+def _stage_tasks(stages: tuple[str, ...] | None) -> tuple[str, ...]:
+    """The tasks in stage order: each of :data:`~clreg.onehead.tasks.TASK_NAMES` at most once."""
+    if stages is None:
+        return TASK_NAMES
+    names = tuple(s.strip() for s in stages if s.strip())
+    unknown = [s for s in names if s not in TASK_NAMES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"--stages names each of {', '.join(TASK_NAMES)} at most once, got {','.join(stages)}")
+    return names
 
 
 def _seeds(req: RunRequest, prof: Profile) -> tuple[int, ...]:

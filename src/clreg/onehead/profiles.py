@@ -64,20 +64,20 @@ class Profile:
     synthetic: SyntheticConfig
     size: int
     width: int
-    steps: tuple[int, ...]  # per stage, in optimizer steps
+    steps: tuple[int, ...]  # per task (seg, det, cls: a run's --stages reads them by task), optimizer steps
     batch_size: int
     methods: str
     backbone: str  # "pretext" (the shipped backbone), "random" or "pretrained" (timm's hub)
     settings: dict[str, float] = field(default_factory=dict)
-    stage_settings: tuple[dict[str, float], ...] = ((), (), ())  # type: ignore[assignment]
-    stage_lr: tuple[float | None, ...] = (None, None, None)
-    stage_warmup: tuple[int, ...] = (0, 0, 0)  # steps of linear learning-rate warmup per stage's task
+    stage_settings: tuple[dict[str, float], ...] = ((), (), ())  # type: ignore[assignment]  # per stage (place)
+    stage_lr: tuple[float | None, ...] = (None, None, None)  # per task: every method's (None: its lr)
+    stage_warmup: tuple[int, ...] = (0, 0, 0)  # per task: steps of linear learning-rate warmup
     baseline_lr: tuple[float | None, ...] = (None, None, None)  # per task: the baseline's (None: stage_lr or lr)
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method: its own values
     resamples: int = 1000
     latency: bool = True
     joint_schedule: str = "equal"  # the joint reference's schedule (clreg.onehead.protocol.joint_plan)
-    joint_weights: tuple[float, ...] | None = None  # its tasks' loss weights, in stage order (None: 1 each)
+    joint_weights: tuple[float, ...] | None = None  # per task: its loss weight (None: 1 each)
     joint_lr: float | None = None  # its learning rate (None: the first stage's baseline's)
     tune_joint: tuple[JointCandidate, ...] = (("equal", None), ("balanced", None))  # what the tune tries
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys

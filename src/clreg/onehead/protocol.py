@@ -107,7 +107,7 @@ class SeedRun:
 
     def evaluate(self, model: nn.Module, names: list[str] | None = None) -> dict[str, EvalRecord]:
         out = {}
-        for name in names or list(self.tasks):
+        for name in names or [s.task for s in self.stages]:
             task = self.tasks[name]
             metric = task.evaluate(model, self.run.device)
             out[name] = evaluation_record(metric, self.run.resamples, task.extras(metric))
@@ -240,7 +240,7 @@ def _consolidated(
     if prev.reg is not None:
         built.reg.load_state_dict(prev.reg)
     else:
-        built.take_over(prev.trackers, method.settings)
+        built.take_over(prev.trackers)
     built.reg.to(run.run.device)
     t0 = time.perf_counter()
     data, spec = _fit_data(prev_task), prev_task.spec
@@ -282,7 +282,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     built, consolidate_s = _consolidated(run, method, model, prev, prev_task, values)
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
-    built.set_stage_values(method.attribute_values(values))
+    built.set_stage_values(values)
     s = method.settings
     replay = (
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])

@@ -16,7 +16,7 @@ __all__ = ["EvaluateRequest", "evaluate_checkpoint"]
 class EvaluateRequest:
     checkpoint: str
     data_root: str
-    tasks: str = ",".join(TASK_NAMES)  # comma-separated task names
+    tasks: str | None = None  # comma-separated task names; None: every task the model has
     split: str = "val"
     device: str = "cpu"
 
@@ -25,10 +25,14 @@ def evaluate_checkpoint(req: EvaluateRequest) -> dict[str, float]:
     """Metric name → value for every task asked (a ValueError names a bad task or folder)."""
     model, meta = load_checkpoint(req.checkpoint, map_location="cpu")
     model.to(req.device)
-    wanted = [t.strip() for t in req.tasks.split(",") if t.strip()]
+    has = [t for t in TASK_NAMES if t in model.tasks]
+    wanted = has if req.tasks is None else [t.strip() for t in req.tasks.split(",") if t.strip()]
     bad = [t for t in wanted if t not in TASK_NAMES]
     if bad or not wanted:
         raise ValueError(f"--tasks: unknown {bad}; choose from {', '.join(TASK_NAMES)}")
+    missing = [t for t in wanted if t not in has]
+    if missing:
+        raise ValueError(f"--tasks: the model in {req.checkpoint} has no output for {missing}; it has {has}")
     root = Path(req.data_root)
     if not root.is_dir():
         raise ValueError(f"--data-root: no such folder {root}")

@@ -45,7 +45,8 @@ def _save_models(ws: Workspace, seed0: SeedResult) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         model = ws.make_model()
         model.load_state_dict(states[-1].model)
-        save_checkpoint(model, path, class_names=names, category_map=cmap, input_size=ws.config.profile.size)
+        save_checkpoint(model, path, class_names=names, category_map=cmap, input_size=ws.config.profile.size,
+                        extra={"stages": list(ws.config.tasks)})  # fmt: skip
 
 
 def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:

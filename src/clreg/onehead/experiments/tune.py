@@ -34,6 +34,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from ...bench.settings import SettingKey
 from ..config import BenchmarkConfig
 from ..methods import Method
 from ..profiles import JointCandidate, tune_choices
@@ -203,8 +204,7 @@ def _trial(runs: Runs, method: Method, settings: Mapping[str, float], base: Base
 
 def _reads(method: Method, key: str) -> bool:
     """Whether ``method`` reads grid key ``key`` (``lr``, or a setting of one of its parts, per stage or not)."""
-    base = key.split("@")[0]
-    return base == "lr" or base.split(".")[0] in method.parts
+    return SettingKey.parse(key).part in ("", *method.parts)
 
 
 def _coordinate_search(
@@ -234,7 +234,7 @@ def _coordinate_search(
 
 def _current(settings: Mapping[str, float], key: str) -> float | None:
     """A key's value before its search: its own, else (for ``name@k``) the setting's for every stage."""
-    return settings.get(key, settings.get(key.split("@")[0]))
+    return settings.get(key, settings.get(str(SettingKey.parse(key).base)))
 
 
 def climb(values: Sequence[float], start: float | None, trial: Callable[[float], dict[str, Any]]) -> list[dict]:
@@ -276,7 +276,7 @@ def _start(method: Method, done: dict[str, Any], fixed: Mapping[str, float]) -> 
     if len(method.parts) > 1:
         for part in method.parts:
             picked = done.get(part, {}).get("chosen", {})
-            start.update({k: v for k, v in picked.items() if k.split("@")[0] != "lr"})
+            start.update({k: v for k, v in picked.items() if SettingKey.parse(k).part})
     return {**start, **fixed}
 
 
@@ -291,7 +291,7 @@ def _variants(method: Method, ws: Workspace, done: dict) -> list[dict[str, Any]]
     for part in method.parts:
         won = done.get(part, {}).get("variant", plain)
         fixed.update(won["fixed"])
-        grid.update({k: v for k, v in won["grid"].items() if k.split("@")[0].split(".")[0] == part})
+        grid.update({k: v for k, v in won["grid"].items() if SettingKey.parse(k).part == part})
     return [{"fixed": fixed, "grid": grid}]
 
 

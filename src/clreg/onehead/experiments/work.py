@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..methods import PARTS, Method
+from ..methods import Method
 from ..protocol import joint_plan
 from .workspace import Workspace
 
@@ -35,9 +35,8 @@ def _method(ws: Workspace, method: Method) -> dict[str, int]:
     previous task's data, and every task evaluated after each stage."""
     cfg, tasks = ws.config, list(ws.config.tasks)
     batch = cfg.profile.batch_size
-    replays = any(PARTS[p].replay_buffer is not None for p in method.parts)
-    replayed = int(method.settings["replay.per_step"]) if replays else 0
-    passes = sum(PARTS[p].data_pass for p in method.parts)
+    replayed = int(method.settings["replay.per_step"]) if method.uses_replay else 0
+    passes = method.data_passes
     total = _unit(0, 0, 0, 0)
     for i in range(1, len(tasks)):
         steps = cfg.steps[i]

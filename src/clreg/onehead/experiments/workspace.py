@@ -73,7 +73,8 @@ class Workspace:
     log: Callable[[str], None]
 
     def make_model(self) -> UnifiedOneHead:
-        """A fresh one-head model with every task's output, the configured width and backbone."""
+        """A fresh one-head model with the output of every task of the run's stages, the configured width
+        and backbone."""
         p, backbone = self.config.profile, self.config.backbone
         return UnifiedOneHead(
             det_classes=self.tasks["det"].num_classes,
@@ -82,13 +83,15 @@ class Workspace:
             width=p.width,
             backbone_weights=backbone.path,
             pretrained=backbone.kind == "pretrained",
+            tasks=self.config.tasks,
         )
 
     @property
     def stages(self) -> list[Stage]:
-        p = self.config.profile
-        parts = zip(self.config.tasks, self.config.steps, p.stage_lr, p.stage_settings, p.stage_warmup, p.baseline_lr)
-        return [Stage(t, n, lr, dict(s), warmup_steps=w, baseline_lr=b) for t, n, lr, s, w, b in parts]
+        c, p = self.config, self.config.profile
+        per_task = (c.per_stage(p.stage_lr), c.per_stage(p.stage_warmup), c.per_stage(p.baseline_lr))
+        parts = zip(c.tasks, c.steps, *per_task, p.stage_settings)
+        return [Stage(t, n, lr, dict(s), warmup_steps=w, baseline_lr=b) for t, n, lr, w, b, s in parts]
 
     @property
     def run_settings(self) -> RunSettings:
@@ -97,13 +100,17 @@ class Workspace:
         return RunSettings(batch_size=c.profile.batch_size, bn=c.bn, resamples=c.profile.resamples, device=c.device,
                            amp=c.amp, channels_last=c.channels_last, progress=progress)  # fmt: skip
 
+    def _joint_weights(self) -> tuple[float, ...] | None:
+        weights = self.config.profile.joint_weights
+        return None if weights is None else self.config.per_stage(weights)
+
     def seed_run(self, seed: int) -> SeedRun:
         wrap = _ddp_wrap if rank_and_world()[1] > 1 else (lambda m: m)
         store = UnitStore(self.config.out, seed, self.log)
         return SeedRun(self.make_model, self.tasks, self.stages, self.run_settings, store,
                        baseline_lr=self.config.settings["lr"], wrap=wrap,
                        joint_schedule=self.config.profile.joint_schedule,
-                       joint_weights=self.config.profile.joint_weights,
+                       joint_weights=self._joint_weights(),
                        joint_lr=self.config.profile.joint_lr)  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from .backbone import load_backbone_weights, make_backbone
 __all__ = [
     "ARCHITECTURE_LIMITS",
     "HEATMAP_PRIOR_LOGIT",
+    "TASKS",
     "HeadOutput",
     "UnifiedOneHead",
     "classification_output",
@@ -46,8 +47,27 @@ __all__ = [
     "segmentation_output",
 ]
 
+TASKS = ("det", "seg", "cls")
+"""The built-in tasks, in the head tensor's order."""
+
 ARCHITECTURE_LIMITS = {"max_parameters": 8_000_000, "max_neck_layers": 2, "head_layers": (2, 3)}
 HEATMAP_PRIOR_LOGIT = -2.19  # sigmoid = 0.1: the focal-loss prior of an object at a cell
+
+
+def _check_tasks(tasks: Sequence[str] | None, outputs: Sequence[HeadOutput] | None) -> tuple[str, ...]:
+    """The head's built-in tasks in the head tensor's order (with custom ``outputs``: theirs)."""
+    if outputs is not None:
+        if tasks is not None:
+            raise ValueError("give either outputs or tasks, not both")
+        return tuple(o.task for o in outputs)
+    if tasks is None:
+        return TASKS
+    if isinstance(tasks, str):
+        raise TypeError(f"tasks is a sequence of task names, got the string {tasks!r}")
+    unknown = [t for t in tasks if t not in TASKS]
+    if unknown or not tasks or len(set(tasks)) != len(tasks):
+        raise ValueError(f"tasks names each of {list(TASKS)} at most once (at least one), got {list(tasks)}")
+    return tuple(t for t in TASKS if t in tasks)
 
 
 def _conv_bn_relu(c_in: int, c_out: int, k: int) -> nn.Sequential:
@@ -112,6 +132,9 @@ class UnifiedOneHead(nn.Module):
         outputs: the tasks' :class:`HeadOutput` s in the head tensor's order, instead of the three
             built from the class counts (e.g. to add a task); such a model is not saved by
             :func:`save_checkpoint`.
+        tasks: the built-in tasks whose outputs the head carries (``None``: all of :data:`TASKS`), kept
+            in the head tensor's order det, seg, cls whatever order they are given in, so a run of any
+            stage order builds the same model.
     """
 
     stride = 8
@@ -125,12 +148,14 @@ class UnifiedOneHead(nn.Module):
         backbone_weights: str | os.PathLike | None = None,
         pretrained: bool = False,
         outputs: Sequence[HeadOutput] | None = None,
+        tasks: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         for name, v in (("det_classes", det_classes), ("seg_classes", seg_classes), ("cls_classes", cls_classes)):
             if not isinstance(v, int) or v < 1:
                 raise ValueError(f"{name} must be a positive int, got {v!r}")
         self.det_classes, self.seg_classes, self.cls_classes = det_classes, seg_classes, cls_classes
+        self.tasks = _check_tasks(tasks, outputs)
         self.outputs = tuple(outputs) if outputs is not None else self.default_outputs()
         self.custom_outputs = outputs is not None
         self.backbone = make_backbone(pretrained)
@@ -146,12 +171,13 @@ class UnifiedOneHead(nn.Module):
                 self._set_prior(o)
 
     def default_outputs(self) -> tuple[HeadOutput, ...]:
-        """Detection, segmentation and classification, in that order in the head tensor."""
-        return (
-            detection_output(self.det_classes),
-            segmentation_output(self.seg_classes),
-            classification_output(self.cls_classes),
-        )
+        """Detection, segmentation and classification (those of ``tasks``), in that order in the head tensor."""
+        made = {
+            "det": lambda: detection_output(self.det_classes),
+            "seg": lambda: segmentation_output(self.seg_classes),
+            "cls": lambda: classification_output(self.cls_classes),
+        }
+        return tuple(made[t]() for t in self.tasks)
 
     @property
     def out_channels(self) -> int:
@@ -248,9 +274,10 @@ class UnifiedOneHead(nn.Module):
         """The constructor's arguments (what a checkpoint rebuilds the model from)."""
         if self.custom_outputs:
             raise ValueError("a model built with custom outputs has no config to rebuild it from")
-        return {
+        config: dict[str, Any] = {
             "det_classes": self.det_classes,
             "seg_classes": self.seg_classes,
             "cls_classes": self.cls_classes,
             "width": self.neck[0][0].out_channels,
         }
+        return config if self.tasks == TASKS else {**config, "tasks": list(self.tasks)}
