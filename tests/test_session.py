@@ -157,6 +157,24 @@ def test_end_task_consolidates_in_eval_mode_and_restores_the_modes() -> None:
     assert not torch.equal(probe.outs[0], probe.outs[1])
 
 
+def test_consolidate_between_tasks_is_end_task_for_a_resumed_run() -> None:
+    """A run that saved its model after training and consolidates when it starts again: the same eval
+    mode and count as end_task, refused while a task is under way."""
+    model = bn_model()
+    probe = Probe(model)
+    x = torch.randn(16, 4) * 3 + 1
+    model.train()
+    session = ContinualSession(probe)
+    session.consolidate(model, x, spec=lambda k: clreg.TaskSpec(weight=float(k + 1)))
+    assert not any(probe.modes.values()) and torch.equal(probe.outs[0], probe.outs[1])
+    assert model.training and session.tasks == 1 and int(probe.n_tasks) == 1
+    session.begin_task(model=model)
+    with pytest.raises(ValueError, match="consolidate during a task"):
+        session.consolidate(model, x)
+    with pytest.raises(TypeError, match="expects the model"):
+        ContinualSession(Probe(model)).consolidate("model", x)
+
+
 def test_eval_mode_restores_the_modes_after_an_error() -> None:
     model = bn_model()
     model[2].eval()

@@ -2,20 +2,22 @@
 training loop makes around each task, so that a loop, or a framework's callback, needs no more than a
 mapping of its hooks onto them:
 
-==========================  ===========================================================================
-call                        what it does
-==========================  ===========================================================================
-``begin_task(optimizer)``   attach the members with a closed-form gradient to the optimizer (a step
-                            pre-hook, or none with ``hook=False``) and track the path of those that
-                            follow one without being attached (SI with ``attach=False``)
-``penalty(model, …)``       the value of the members that are not attached (LwF …), for the loss
-``pre_step()``              with ``hook=False``: add the attached members' gradient now (after the
-                            backward, once per optimizer step)
-``values()``                each member's value, for logging
-``end_task(model, data)``   detach, consolidate on the task's data with the model in eval mode (its
-                            modes restored after), count the task
-``state_dict()``            the regularizer's state and the task count: ``{"regularizer": …, "tasks": n}``
-==========================  ===========================================================================
+============================  ===========================================================================
+call                          what it does
+============================  ===========================================================================
+``begin_task(optimizer)``     attach the members with a closed-form gradient to the optimizer (a step
+                              pre-hook, or none with ``hook=False``) and track the path of those that
+                              follow one without being attached (SI with ``attach=False``)
+``penalty(model, …)``         the value of the members that are not attached (LwF …), for the loss
+``pre_step()``                with ``hook=False``: add the attached members' gradient now (after the
+                              backward, once per optimizer step)
+``values()``                  each member's value, for logging
+``end_task(model, data)``     detach, consolidate on the task's data with the model in eval mode (its
+                              modes restored after), count the task
+``consolidate(model, data)``  the same between tasks, for a resumed run that consolidates a task it
+                              trained before it stopped
+``state_dict()``              the regularizer's state and the task count: ``{"regularizer": …, "tasks": n}``
+============================  ===========================================================================
 
 Example:
     >>> import torch, clreg
@@ -228,6 +230,17 @@ class ContinualSession:
         if not isinstance(model, nn.Module):
             raise TypeError(f"end_task expects the model (an nn.Module), got {type(model).__name__}")
         self.abort_task()
+        self.consolidate(model, data, spec)
+
+    def consolidate(self, model: nn.Module, data: Any = None, spec: SpecSource = None) -> None:
+        """Consolidate a task trained without a task under way here (a resumed run that saved the
+        model after training and consolidates when it starts again): with ``model`` in eval mode (every
+        submodule's mode restored after), count the task. :meth:`end_task` is :meth:`abort_task` and
+        this; only between tasks."""
+        if self._in_task:
+            raise ValueError("consolidate during a task: end_task consolidates the task under way")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"consolidate expects the model (an nn.Module), got {type(model).__name__}")
         if spec is not None and not isinstance(spec, TaskSpec):
             if not callable(spec):
                 raise TypeError(f"spec must be a TaskSpec or a callable of the task's index, got {type(spec).__name__}")

@@ -115,6 +115,18 @@ def test_si_takes_the_first_stage_path_over_with_its_own_settings():
     torch.testing.assert_close(list(member.omega.tensors), omega)
 
 
+def test_a_methods_members_share_one_gradient_ledger(tiny):
+    """SI's path subtracts what the other members' penalties added to the gradient: the members of a
+    method share one ledger, as the members of one Compose do."""
+    from clreg.bench.parts import PartContext
+    from clreg.bench.runner import _Members
+
+    model = tiny.make_model(tiny.task_list(tiny.stages()))
+    members = _Members(Method.parse("ewc+si+lwf"), model, 0, PartContext())
+    ledgers = {id(reg.ledger) for reg in members.regs.values()}
+    assert len(members.regs) == 3 and len(ledgers) == 1
+
+
 def test_check_settings_converts_by_type_and_names_the_bad_one():
     from clreg.bench.method import check_settings
 

@@ -9,6 +9,8 @@ from dataclasses import replace
 import pytest
 import torch
 
+import clreg
+
 pytest.importorskip("timm")
 
 from clreg import OutputSpec, TaskSpec
@@ -120,8 +122,9 @@ def test_per_stage_values_reach_the_regularizer_of_their_stage(tmp_path, monkeyp
     real_train = protocol.train
 
     def train(model, job, run):
-        if job.reg is not None:
-            seen[job.desc] = job.reg["ewc"].lam
+        for session in job.sessions:
+            if isinstance(session.regularizer, clreg.EWC):  # stage 1's session is SI's path tracker
+                seen[job.desc] = session.regularizer.lam
         return real_train(model, job, run)
 
     monkeypatch.setattr(protocol, "train", train)

@@ -84,13 +84,54 @@ def test_one_step_with_replay_is_the_gradient_step_of_the_summed_mean_losses():
 def test_the_regularizers_hooks_are_removed_and_a_diverging_loss_stops():
     net = Net()
     ewc = clreg.EWC(net, lam=1.0)
+    session = clreg.ContinualSession(ewc)
     task = _Task("a", ToyData(torch.randn(6, 3), 16, 0))
-    train(net, TrainJob([task], 2, 1e-3, 0, reg=ewc), RunSettings(batch_size=8, progress=False))
-    assert not ewc.attached
+    train(net, TrainJob([task], 2, 1e-3, 0, sessions=[session]), RunSettings(batch_size=8, progress=False))
+    assert not ewc.attached and not session.in_task
     task.loss = lambda out, y: out["a"].sum(1) * float("nan")
     with pytest.raises(FloatingPointError, match="the loss became nan at step 0"):
-        train(net, TrainJob([task], 2, 1e-3, 0, reg=ewc, desc="toy"), RunSettings(batch_size=8, progress=False))
-    assert not ewc.attached
+        train(
+            net, TrainJob([task], 2, 1e-3, 0, sessions=[session], desc="toy"), RunSettings(batch_size=8, progress=False)
+        )
+    assert not ewc.attached and not session.in_task
+
+
+def test_attached_members_add_their_gradient_once_and_lwf_joins_the_loss():
+    """One AdamW step with EWC attached and LwF in the loss, against the same step written out: the
+    task loss plus LwF's value through autograd, plus λ F (θ − θ*) added to the gradient by hand."""
+    torch.manual_seed(0)
+    task = _Task("a", ToyData(torch.randn(6, 3), 16, 0))
+    run = RunSettings(batch_size=8, progress=False, weight_decay=0.0)
+    trained = Net()
+    ewc, lwf = clreg.EWC(trained, lam=3.0), clreg.LwF(trained, alpha=1.0)
+    data = torch.utils.data.Subset(task.train_data, range(8))
+    ewc.consolidate(trained, data, ewc_spec := clreg.TaskSpec(outputs=[clreg.OutputSpec("a", "softmax")]))
+    lwf.consolidate(trained, data, ewc_spec)
+    reference = Net()
+    reference.load_state_dict(trained.state_dict())
+    with torch.no_grad():  # move away from the anchor so that EWC's gradient is not zero
+        for p in trained.parameters():
+            p.add_(0.1)
+        for p in reference.parameters():
+            p.add_(0.1)
+    sessions = [clreg.ContinualSession(ewc), clreg.ContinualSession(lwf)]
+    train(trained, TrainJob([task], 1, 1e-2, 0, sessions=sessions), run)
+    # the same step by hand: the batch the loop drew (seeded), its loss, LwF's value, EWC's closed form
+    from clreg.data import stable_seed
+    from clreg.onehead.training import batches
+
+    x, y = next(batches(task.train_data, 8, stable_seed(0, "batches", "a")))
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    out = reference(x)
+    loss = task.loss(out, y).float().mean() + lwf(reference, inputs=x, outputs=out)
+    loss.backward()
+    anchors = dict(zip((n for n, _ in trained.named_parameters()), ewc.anchor.tensors))
+    fisher = dict(zip((n for n, _ in trained.named_parameters()), ewc.importance.tensors))
+    for n, p in reference.named_parameters():
+        p.grad += 3.0 * fisher[n] * (p.detach() - anchors[n])
+    opt.step()
+    for (n, a), b in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, msg=n)
     with pytest.raises(ValueError, match="smaller than one batch"):
         train_task(
             Net(), _Task("a", ToyData(torch.randn(6, 3), 4, 0)), 1, run=RunSettings(batch_size=8, progress=False)

@@ -40,7 +40,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..regularizers import Regularizer
+from ..regularizers import Compose, Regularizer
 from ..replay import ReplayBuffer
 from ..session import ContinualSession, eval_mode
 from .checkpoint import save_model
@@ -125,6 +125,8 @@ class _Members:
             reg = part.regularizer(model, seed, context)
             if reg is not None:
                 self.regs[part.name] = reg
+        if self.regs:  # one ledger, as in one Compose: SI's path leaves out what every member added
+            Compose(*self.regs.values())
         self.sessions = {name: ContinualSession(reg) for name, reg in self.regs.items()}
         replay = method.replay
         self.buffer = replay.replay_buffer(seed) if replay is not None else None

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from ..data import stable_seed
 from ..distributed import rank_and_world
+from ..session import ContinualSession
 from .methods import Built, Method, stage_one_trackers
 from .store import EvalRecord, UnitState, UnitStore, evaluation_record
 from .tasks import Task
@@ -135,8 +136,9 @@ def stage_one(run: SeedRun) -> UnitState:
     def fn() -> UnitState:
         model = run.fresh_model("stage1")
         trackers = stage_one_trackers(model)
+        sessions = [ContinualSession(t, attach=False) for t in trackers.values()]  # their path, tracked
         job = TrainJob([run.tasks[s.task]], s.steps, run.lr(s, None), stable_seed(run.seed, "stage1"),
-                       trackers=list(trackers.values()), desc=f"stage 1 ({s.task})")  # fmt: skip
+                       sessions=sessions, desc=f"stage 1 ({s.task})")  # fmt: skip
         res = train(run.wrap(model), job, run.settings_for(s))
         return UnitState(
             run.evaluate(model),
@@ -231,22 +233,25 @@ def _start_of_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> nn
 
 def _consolidated(
     run: SeedRun, method: Method, model: nn.Module, prev: UnitState, prev_task: Task, values: Mapping[str, float]
-) -> tuple[Built, float]:
-    """The method's regularizers, carried over from the previous stage and consolidated on its task,
-    each with its spec (:meth:`Method.member_spec` for the stage's per-stage ``values``)."""
+) -> tuple[Built, dict[str, ContinualSession], float]:
+    """The method's regularizers, carried over from the previous stage, and a
+    :class:`~clreg.ContinualSession` for each member (members share the Compose's gradient ledger),
+    which consolidates the previous stage's task with the member's spec (:meth:`Method.member_spec`
+    for the stage's per-stage ``values``): the previous unit saved its model before consolidating."""
     built = method.build(model, seed=run.seed)
     if built.reg is None:
-        return built, 0.0
+        return built, {}, 0.0
     if prev.reg is not None:
         built.reg.load_state_dict(prev.reg)
     else:
         built.take_over(prev.trackers)
     built.reg.to(run.run.device)
+    sessions = {name: ContinualSession(member) for name, member in built.members.items()}
     t0 = time.perf_counter()
     data, spec = _fit_data(prev_task), prev_task.spec
-    for name, member in built.members.items():
-        member.consolidate(model, data, method.member_spec(name, spec, values))
-    return built, time.perf_counter() - t0
+    for name, session in sessions.items():
+        session.consolidate(model, data, method.member_spec(name, spec, values))
+    return built, sessions, time.perf_counter() - t0
 
 
 def _fit_data(task: Task) -> Any:
@@ -279,7 +284,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
     stage, prev_task = run.stages[i], run.tasks[run.stages[i - 1].task]
     model = _start_of_stage(run, method, i, prev)
     values = method.stage_values(i + 1, stage.settings)
-    built, consolidate_s = _consolidated(run, method, model, prev, prev_task, values)
+    built, sessions, consolidate_s = _consolidated(run, method, model, prev, prev_task, values)
     if built.buffer is not None:
         _fill_buffer(run, built, prev, prev_task)
     built.set_stage_values(values)
@@ -288,7 +293,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])
     )
     job = TrainJob([run.tasks[stage.task]], stage.steps, run.lr(stage, method), stable_seed(run.seed, method.name, i),
-                   reg=built.reg, replay=replay, freeze_bn=run.run.bn == "freeze",
+                   sessions=list(sessions.values()), replay=replay, freeze_bn=run.run.bn == "freeze",
                    desc=f"{method.name} stage {i + 1} ({stage.task})")  # fmt: skip
     res = train(run.wrap(model), job, run.settings_for(stage))
     return UnitState(

@@ -1,10 +1,11 @@
 """The training loop: AdamW with a cosine schedule over a fixed number of optimizer steps, one batch of
-every task of a stage (plus replayed samples) in one forward pass, the regularizer in the loss or on
-the optimizer's steps.
+every task of a stage (plus replayed samples) in one forward pass, the regularizers through the core's
+task lifecycle (:class:`~clreg.ContinualSession`: the closed-form members on the optimizer's steps, the
+others in the loss, SI's path tracked).
 
 :class:`RunSettings` holds what stays fixed across a run (batch size, weight decay, device, …);
-:class:`TrainJob` what one call trains (tasks, budget, learning rate, seed, regularizer, replay,
-path trackers); :func:`train` runs it and returns a :class:`TrainResult`.
+:class:`TrainJob` what one call trains (tasks, budget, learning rate, seed, sessions, replay);
+:func:`train` runs it and returns a :class:`TrainResult`.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -22,6 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from ..data import stable_seed, tree_slice, tree_to
 from ..distributed import rank_and_world
+from ..session import ContinualSession
 from .collate import collate
 
 if TYPE_CHECKING:
@@ -84,9 +86,8 @@ class TrainJob:
     steps: int
     lr: float
     seed: int
-    reg: nn.Module | None = None  # attached to the optimizer; its value joins the loss
+    sessions: Sequence[ContinualSession] = ()  # each begins its task on the optimizer; its penalty joins the loss
     replay: Replay | None = None
-    trackers: Sequence[Any] = field(default_factory=tuple)  # path trackers: track(optimizer), detach()
     freeze_bn: bool = False
     desc: str = ""
     batches_per_task: Sequence[int] | None = None  # None: a batch of every task each step; else see active_tasks
@@ -229,7 +230,8 @@ def _step_parts(
 
 
 def _loss(model: nn.Module, parts: list[tuple[Any, ...]], job: TrainJob, run: RunSettings, autocast: Any) -> Tensor:
-    """The sum of the parts' mean losses (one forward pass over all of them) plus the regularizer."""
+    """The sum of the parts' mean losses (one forward pass over all of them) plus the sessions'
+    penalties (the members that are not attached)."""
     device = torch.device(run.device)
     xs = torch.cat([p[1] for p in parts]).to(device)
     if run.channels_last:
@@ -242,23 +244,23 @@ def _loss(model: nn.Module, parts: list[tuple[Any, ...]], job: TrainJob, run: Ru
         n = x.shape[0]
         loss = loss + w * task.loss(tree_slice(out, slice(start, start + n)), tree_to(y, device)).float().mean()
         start += n
-    if job.reg is not None:
-        loss = loss + job.reg(model, inputs=xs, outputs=out)
+    for session in job.sessions:
+        if session.needs_autograd:
+            loss = loss + session.penalty(model, inputs=xs, outputs=out)
     return loss
 
 
 def train(model: nn.Module, job: TrainJob, run: RunSettings) -> TrainResult:
     """``job.steps`` AdamW steps (cosine schedule); each step's loss is the sum of the tasks' mean
-    losses (replayed tasks weighted) plus the regularizer. A non-finite loss stops with an error."""
+    losses (replayed tasks weighted) plus the sessions' penalties, each session's task begun on the
+    optimizer and left (detached) at the end. A non-finite loss stops with an error."""
     device = torch.device(run.device)
     if run.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the parameter objects stay the same
     opt = _optimizer(model, job.lr, run)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine_schedule(job.steps, run.warmup_steps))
-    if job.reg is not None:
-        job.reg.attach(opt)
-    for tracker in job.trackers:
-        tracker.track(opt)
+    for session in job.sessions:
+        session.begin_task(opt)
     rank, world = rank_and_world()
     per_rank = max(1, run.batch_size // world)  # the global batch stays run.batch_size under DDP
     streams = [batches(t.train_data, per_rank, stable_seed(job.seed, "batches", t.name)) for t in job.tasks]
@@ -284,10 +286,8 @@ def train(model: nn.Module, job: TrainJob, run: RunSettings) -> TrainResult:
             bar.update(running, step)
     finally:
         bar.close()
-        if job.reg is not None:
-            job.reg.detach()
-        for tracker in job.trackers:
-            tracker.detach()
+        for session in job.sessions:
+            session.abort_task()
     return TrainResult(job.steps, time.perf_counter() - t0, running, opt.state_dict())
 
 
@@ -305,7 +305,8 @@ def train_task(
     """:func:`train` on one task's loss (+ regularizer), with a progress bar when ``log`` is given,
     then one line to it; returns the result's record."""
     run = run or RunSettings(progress=log is not None)
-    res = train(model, TrainJob([task], steps, lr, seed, reg=regularizer, desc=task.name), run).record()
+    sessions = () if regularizer is None else (ContinualSession(regularizer),)
+    res = train(model, TrainJob([task], steps, lr, seed, sessions=sessions, desc=task.name), run).record()
     if log is not None:
         log(f"{task.name}: {steps} steps, loss {res['loss']:.4f} ({res['seconds']:.0f} s)")
     return res
