@@ -577,3 +577,14 @@ def test_climb_tries_the_start_its_neighbours_then_on_while_the_score_rises(star
     assert [t["settings"]["x"] for t in out] == tried and len(calls) == len(set(calls)) == len(tried)
     assert max(out, key=lambda t: t["score"])["settings"]["x"] == peak
     assert [t["settings"]["x"] for t in climb([5.0], start, trial)] == [5.0]
+
+
+def test_feature_distillation_runs_on_the_neck_within_the_rules(cache_env, tmp_path):
+    out = tmp_path / "fd"
+    args = ["--profile", "tiny", "--methods", "fd,lwf+fd", "--set", "fd.alpha=0.1", "--no-joint", "--quiet"]
+    assert main([*args, "--out", str(out)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["within_rules"] == {"fd": True, "lwf+fd": True}
+    for m in ("fd", "lwf+fd"):
+        r = res["summary"]["methods"][m]
+        assert len(r["R"]) == 3 and r["regularizer_bytes"] > 0  # the teacher's parameters and buffers

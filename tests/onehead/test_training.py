@@ -176,3 +176,38 @@ def test_task_weights_scale_each_tasks_loss() -> None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="one value per task"):
         TrainJob([_Task("a", ToyData(w, 16, 0))], 3, 1e-2, 0, task_weights=[1.0, 2.0])
+
+
+def test_feature_distillation_reads_the_features_of_the_steps_own_forward():
+    """One step of ``fd`` (α = 0.5 on the backbone's output) through the one-head loop, against the
+    step written out: the task loss plus α · mean over the batch of ‖s − t‖², t from the model as
+    it was at consolidation."""
+    import copy
+
+    from clreg.bench.parts import PartContext
+    from clreg.data import stable_seed
+    from clreg.onehead.methods import Method
+    from clreg.onehead.training import batches
+
+    torch.manual_seed(0)
+    task = _Task("a", ToyData(torch.randn(6, 3), 16, 0))
+    trained = Net()
+    built = Method.parse("fd", {"fd.alpha": 0.5}).build(trained, context=PartContext(feature_modules=("backbone",)))
+    sessions = [clreg.ContinualSession(m) for m in built.members.values()]
+    sessions[0].consolidate(trained, None)
+    teacher = copy.deepcopy(trained)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.1)
+    reference = copy.deepcopy(trained)
+    run = RunSettings(batch_size=8, progress=False, weight_decay=0.0)
+    train(trained, TrainJob([task], 1, 1e-2, 0, sessions=sessions, watch=built.watch), run)
+    x, y = next(batches(task.train_data, 8, stable_seed(0, "batches", "a")))
+    opt = torch.optim.AdamW(reference.parameters(), lr=1e-2, weight_decay=0.0)
+    out = reference(x)
+    s, t = reference.backbone(x), teacher.backbone(x).detach()
+    loss = task.loss(out, y).float().mean() + 0.5 * (s - t).pow(2).sum(1).mean()
+    loss.backward()
+    opt.step()
+    for (n, a), b in zip(trained.named_parameters(), reference.parameters()):
+        torch.testing.assert_close(a, b, msg=n)

@@ -58,7 +58,7 @@ class Part:
     are ``float``, ``int`` or ``bool`` settings."""
 
     name: ClassVar[str] = ""
-    within_rules: ClassVar[bool] = True  # one of the one-head challenge's remedies (EWC, LwF, replay)
+    within_rules: ClassVar[bool] = True  # one of the one-head challenge's remedies (EWC, LwF, replay, distillation)
     per_stage: ClassVar[Mapping[str, str]] = {}  # field that may change per stage -> regularizer attribute
     data_pass: ClassVar[bool] = False  # its consolidation reads the task's data once (a Fisher, an importance)
 
@@ -412,10 +412,9 @@ def _task_loss(task: Task) -> Any:
 @dataclass(frozen=True)
 class FeatureDistillationPart(Part):
     """:class:`~clreg.FeatureDistillation` of the scenario's feature modules (``kind="l2"``), weight
-    ``alpha``."""
+    ``alpha``: distillation from the previous checkpoint, one of the one-head challenge's remedies."""
 
     name: ClassVar[str] = "fd"
-    within_rules: ClassVar[bool] = False
     per_stage: ClassVar[Mapping[str, str]] = {"alpha": "alpha"}
     alpha: float = 1.0
 

@@ -5,9 +5,10 @@ the one-head protocol runs them.
 The protocol (:mod:`clreg.onehead.protocol`) trains stage 1 once for every method, with the path
 tracker of each part that builds its importance along the path (SI,
 :meth:`~clreg.bench.parts.Part.first_stage_tracker`), then each method's later stages from saved
-states named by :meth:`Method.key`. It runs the parts whose work is a penalty or a replay buffer
-(:data:`ONEHEAD_PARTS`); the parts with step hooks of their own (DER, ER-ACE, A-GEM, feature
-distillation) run on :mod:`clreg.bench`'s scenarios.
+states named by :meth:`Method.key`. It runs the parts whose work is a penalty, a replay buffer or
+feature hooks (:data:`ONEHEAD_PARTS`); the parts that see each step's batch (DER, ER-ACE), project the
+gradient with a memory of their own (A-GEM) or follow the path from stage 1 (RWalk), and L2-SP (whose
+start would be stage 1's end), run on :mod:`clreg.bench`'s scenarios.
 
 A one-head method carries every setting as a number by name (``settings``, the defaults of
 :func:`default_settings` under the given ones): the run's record, the tune's trial keys and the
@@ -27,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Mapping, Sequence
+from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,8 +55,9 @@ __all__ = [
     "stage_one_trackers",
 ]
 
-ONEHEAD_PARTS = ("naive", "ewc", "online_ewc", "si", "lwf", "mas", "kfac_ewc", "replay")
-"""The parts the one-head protocol runs: a penalty, SI's path and a replay buffer are all it applies."""
+ONEHEAD_PARTS = ("naive", "ewc", "online_ewc", "si", "lwf", "mas", "kfac_ewc", "replay", "fd")
+"""The parts the one-head protocol runs: a penalty, SI's path, a replay buffer and the feature hooks of
+feature distillation (``fd``, on the model's neck) are what it applies."""
 
 DEFAULT_LR = 2e-3
 """Every method's learning rate where neither the profile nor the method sets one."""
@@ -156,8 +159,9 @@ class Method:
         others = [p for p in parts if p not in ONEHEAD_PARTS]
         if others:
             raise ValueError(
-                f"the one-head benchmark runs the parts {', '.join(ONEHEAD_PARTS)}; {others} need step hooks "
-                "it does not apply: run them on a clreg.bench scenario"
+                f"the one-head benchmark runs the parts {', '.join(ONEHEAD_PARTS)}; {others} need what its "
+                "protocol does not give (each step's batch, a memory of their own, stage 1's path or its "
+                "start): run them on a clreg.bench scenario"
             )
         given = {k: float(v) for k, v in default_settings().items()} | check_settings(settings or {})
         return cls("+".join(parts), parts, given, HarnessMethod.parse(name, given))
@@ -223,11 +227,12 @@ class Method:
         blob = json.dumps(parts + ([start] if start != "stage1" else []), sort_keys=True)
         return f"{self.name}@{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
-    def build(self, model: nn.Module, seed: int = 0) -> Built:
-        """The method's regularizers on ``model`` and its replay buffer."""
+    def build(self, model: nn.Module, seed: int = 0, context: PartContext | None = None) -> Built:
+        """The method's regularizers on ``model`` and its replay buffer; ``context`` names the model's
+        feature modules (for ``fd``)."""
         members = {}
         for part in self.harness.parts:
-            reg = part.regularizer(model, seed, PartContext())
+            reg = part.regularizer(model, seed, context or PartContext())
             if reg is not None:
                 members[part.name] = reg
         replay = self.harness.replay
@@ -244,6 +249,13 @@ class Built:
     reg: Compose | None
     members: dict[str, Regularizer]
     buffer: ReplayBuffer | None
+
+    def watch(self, model: nn.Module) -> AbstractContextManager:
+        """The context a training step's forward runs in: every member's feature hooks (``fd``)."""
+        stack = ExitStack()
+        for name, member in self.members.items():
+            stack.enter_context(self.method.harness.part(name).watch(member, model))
+        return stack
 
     def take_over(self, trackers: Mapping[str, Mapping[str, Any]]) -> None:
         """Members whose part tracked the first stage continue from that state with their own settings."""

@@ -34,7 +34,8 @@ __all__ = [
 ]
 
 # The default list: the challenge's remedies and their combinations; Online EWC, SI, MAS and K-FAC EWC
-# (outside the challenge's rules) stay available through --methods.
+# (outside the challenge's rules) and feature distillation of the neck (fd, within them) stay available
+# through --methods.
 QUICK_METHODS = "naive,ewc,lwf,replay,lwf+replay,ewc+lwf,ewc+lwf+replay"
 
 # Where the quick tune starts from; every method's values are then replaced by the tune's choices.
@@ -99,7 +100,7 @@ class Profile:
 # MAS's λ per stage), then its learning rate; EWC and Online EWC also with each task's Fisher normalised by
 # its mean, whose λ lives on another scale (about 30 normalised ≈ 1e5 raw for segmentation's Fisher).
 # The within-rules methods come first; K-FAC EWC (outside the rules, not in the default list) last.
-TUNE_METHODS = "naive,ewc,lwf,replay,lwf+replay,ewc+lwf,ewc+lwf+replay,online_ewc,si,mas,kfac_ewc"
+TUNE_METHODS = "naive,ewc,lwf,replay,lwf+replay,ewc+lwf,ewc+lwf+replay,online_ewc,si,mas,kfac_ewc,fd"
 _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "baseline.lr": (1e-3, 2e-3, 4e-3, 8e-3),
     "joint.lr": (2e-3, 4e-3, 8e-3),  # the joint reference's, after its schedule and weights
@@ -116,6 +117,8 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "kfac_ewc.lam@2": (1e2, 1e3, 1e4, 1e5),  # A ⊗ G has the diagonal Fisher's scale: EWC's raw grid
     "kfac_ewc.lam@3": (1e3, 1e4, 1e5, 1e6),  # (1e3 and 1e5, the seed-0 choices, were edges)
     "replay.per_step": (1.0, 2.0, 4.0, 8.0),  # 2 was the lower edge: 1 added
+    # feature distillation of the neck's map (96 × 16 × 16 values a sample, its squared distance summed)
+    "fd.alpha": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
     # the seed-0 tune's choices sat at both edges (8e-3 for six methods, 5e-4 for replay): widened; the
     # seed-100/101 tune chose 2.5e-4 for replay, the lower edge: 1.25e-4 added
     "lr": (1.25e-4, 2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3, 8e-3, 1.6e-2),

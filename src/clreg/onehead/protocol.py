@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..bench.parts import PartContext
 from ..data import stable_seed
 from ..distributed import rank_and_world
 from ..session import ContinualSession
@@ -71,6 +72,7 @@ class SeedRun:
         joint_schedule: how the joint reference takes its tasks' batches (:func:`joint_plan`).
         joint_weights: the joint reference's loss weight of each task, in stage order (``None``: 1 each).
         joint_lr: the joint reference's learning rate (``None``: the first stage's baseline's).
+        feature_modules: the model's modules whose outputs feature distillation (``fd``) reads.
     """
 
     make_model: Callable[[], nn.Module]
@@ -83,6 +85,7 @@ class SeedRun:
     joint_schedule: str = "equal"  # see joint_plan
     joint_weights: tuple[float, ...] | None = None
     joint_lr: float | None = None  # None: the first stage's baseline learning rate
+    feature_modules: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         unknown = [s.task for s in self.stages if s.task not in self.tasks]
@@ -238,7 +241,7 @@ def _consolidated(
     :class:`~clreg.ContinualSession` for each member (members share the Compose's gradient ledger),
     which consolidates the previous stage's task with the member's spec (:meth:`Method.member_spec`
     for the stage's per-stage ``values``): the previous unit saved its model before consolidating."""
-    built = method.build(model, seed=run.seed)
+    built = method.build(model, seed=run.seed, context=PartContext(feature_modules=run.feature_modules))
     if built.reg is None:
         return built, {}, 0.0
     if prev.reg is not None:
@@ -293,7 +296,7 @@ def method_stage(run: SeedRun, method: Method, i: int, prev: UnitState) -> UnitS
         None if built.buffer is None else Replay(built.buffer, run.tasks, int(s["replay.per_step"]), s["replay.weight"])
     )
     job = TrainJob([run.tasks[stage.task]], stage.steps, run.lr(stage, method), stable_seed(run.seed, method.name, i),
-                   sessions=list(sessions.values()), replay=replay, freeze_bn=run.run.bn == "freeze",
+                   sessions=list(sessions.values()), replay=replay, freeze_bn=run.run.bn == "freeze", watch=built.watch,
                    desc=f"{method.name} stage {i + 1} ({stage.task})")  # fmt: skip
     res = train(run.wrap(model), job, run.settings_for(stage))
     return UnitState(

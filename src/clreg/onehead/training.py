@@ -14,6 +14,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -87,6 +88,7 @@ class TrainJob:
     lr: float
     seed: int
     sessions: Sequence[ContinualSession] = ()  # each begins its task on the optimizer; its penalty joins the loss
+    watch: Callable[[nn.Module], AbstractContextManager] | None = None  # the forward's context (feature hooks)
     replay: Replay | None = None
     freeze_bn: bool = False
     desc: str = ""
@@ -236,7 +238,7 @@ def _loss(model: nn.Module, parts: list[tuple[Any, ...]], job: TrainJob, run: Ru
     xs = torch.cat([p[1] for p in parts]).to(device)
     if run.channels_last:
         xs = xs.contiguous(memory_format=torch.channels_last)
-    with autocast:
+    with autocast, job.watch(model) if job.watch is not None else contextlib.nullcontext():
         out = model(xs)
     loss = torch.zeros((), device=device)
     start = 0

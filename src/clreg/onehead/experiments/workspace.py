@@ -111,7 +111,7 @@ class Workspace:
                        baseline_lr=self.config.settings["lr"], wrap=wrap,
                        joint_schedule=self.config.profile.joint_schedule,
                        joint_weights=self._joint_weights(),
-                       joint_lr=self.config.profile.joint_lr)  # fmt: skip
+                       joint_lr=self.config.profile.joint_lr, feature_modules=("neck",))  # fmt: skip
 
 
 def _check_backbone(config: BenchmarkConfig) -> None:
