@@ -52,7 +52,7 @@ def test_parts_with_step_hooks_are_refused_by_name():
     """The one-head protocol applies a penalty, SI's path and a replay buffer; DER's outputs, ER-ACE's
     loss or A-GEM's projection it does not, so those are refused, never run without their hooks."""
     assert set(ONEHEAD_PARTS) < set(PARTS)
-    with pytest.raises(ValueError, match=r"\['der'\] need step hooks"):
+    with pytest.raises(ValueError, match=r"\['der'\] need what its protocol does not give"):
         Method.parse("ewc+der")
     with pytest.raises(ValueError, match="runs the parts"):
         check_settings({"agem.capacity": 5})
