@@ -336,3 +336,33 @@ def test_two_ddp_processes_give_the_single_process_fisher(tmp_path) -> None:
         if isinstance(v, torch.Tensor) and "importance" in k:
             torch.testing.assert_close(states["ddp"][k], v, rtol=1e-5, atol=1e-8, msg=k)
     assert json.dumps(sorted(states["ddp"])) == json.dumps(sorted(states["auto"]))
+
+
+def test_a_factory_builds_the_regularizer_when_the_first_fit_starts_and_takes_a_checkpoints_state() -> None:
+    built = []
+
+    def make(module):
+        built.append(module)
+        return clreg.EWC(module, lam=1.0, estimator="exact")
+
+    net = Net()
+    continual = ContinualLearning(make, data=task_data(0), log_every_n_steps=None)
+    assert continual.tasks == 0 and continual.state_dict() == {}
+    with pytest.raises(ValueError, match="does not exist yet"):
+        _ = continual.session
+    trainer([continual], max_steps=2).fit(net, loader(0))
+    assert built == [net] and continual.tasks == 1
+    saved = continual.state_dict()
+    # a fresh callback given the checkpoint's state before its factory ran continues from it
+    again = ContinualLearning(make, data=task_data(1), log_every_n_steps=None)
+    again.load_state_dict(saved)
+    assert again.tasks == 1
+    trainer([again], max_steps=2).fit(net, loader(1))
+    assert again.tasks == 2 and len(built) == 2
+    reference = clreg.EWC(net, lam=1.0, estimator="exact")
+    reference.load_state_dict(saved["regularizer"])  # task 1's state: the new one holds it plus task 2
+    assert int(again.regularizer.n_tasks) == int(reference.n_tasks) + 1
+    with pytest.raises(TypeError, match="must return a clreg regularizer"):
+        trainer([ContinualLearning(lambda m: "ewc")], max_steps=1).fit(Net(), loader(0))
+    with pytest.raises(TypeError, match="or a callable module -> regularizer"):
+        ContinualLearning(3)

@@ -80,7 +80,11 @@ class ContinualLearning(pl.Callback):
     onto a :class:`~clreg.session.ContinualSession` (``self.session``).
 
     Args:
-        regularizer: a clreg regularizer or Compose, built on ``model(pl_module)``'s parameters.
+        regularizer: a clreg regularizer or Compose, built on ``model(pl_module)``'s parameters; or a
+            callable ``module -> regularizer`` that the callback calls once, when the first fit starts
+            training, on ``model(pl_module)`` as the strategy made it: for a module sharded in its
+            ``configure_model`` (``fully_shard`` under ``ModelParallelStrategy``), whose parameters
+            exist only then.
         data: what each task consolidates on (default: the datamodule's ``train_dataloader()``, else
             the trainer's training loader).
         spec: the task's :class:`~clreg.TaskSpec`, or a callable of the task's index (0, 1, …).
@@ -90,21 +94,38 @@ class ContinualLearning(pl.Callback):
 
     def __init__(
         self,
-        regularizer: Regularizer | Compose,
+        regularizer: Regularizer | Compose | Callable[[nn.Module], Regularizer | Compose],
         data: DataSource = None,
         spec: TaskSpec | Callable[[int], TaskSpec] | None = None,
         *,
         model: Callable[[pl.LightningModule], nn.Module] | None = None,
         log_every_n_steps: int | None = 50,
     ) -> None:
-        if not isinstance(regularizer, (Regularizer, Compose)):
-            raise TypeError(f"ContinualLearning takes a clreg regularizer or Compose, got {type(regularizer).__name__}")
+        built = isinstance(regularizer, (Regularizer, Compose))
+        if not built and (isinstance(regularizer, nn.Module) or not callable(regularizer)):
+            raise TypeError(
+                "ContinualLearning takes a clreg regularizer or Compose, or a callable module -> regularizer, "
+                f"got {type(regularizer).__name__}"
+            )
         if log_every_n_steps is not None and log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1 or None, got {log_every_n_steps}")
-        self.session = ContinualSession(regularizer, optimizer_label="the trainer's optimizer")
+        self._factory = None if built else regularizer
+        self._session = _session(regularizer) if built else None
+        self._pending: dict[str, Any] | None = None  # a checkpoint's state, loaded before the factory ran
         self.data, self.spec = data, spec
         self.model_of = model or (lambda m: m)
         self.log_every_n_steps = log_every_n_steps
+
+    @property
+    def session(self) -> ContinualSession:
+        """The :class:`~clreg.session.ContinualSession` the hooks map onto (with a factory: from the first
+        fit's start of training on)."""
+        if self._session is None:
+            raise ValueError(
+                "the regularizer is built from the module when the first fit starts training (a factory was "
+                "given): it does not exist yet"
+            )
+        return self._session
 
     @property
     def regularizer(self) -> Regularizer | Compose:
@@ -114,7 +135,23 @@ class ContinualLearning(pl.Callback):
     @property
     def tasks(self) -> int:
         """Tasks consolidated so far."""
-        return self.session.tasks
+        if self._session is None:
+            return int(self._pending["tasks"]) if self._pending else 0
+        return self._session.tasks
+
+    def _build(self, pl_module: pl.LightningModule) -> None:
+        """The factory's regularizer on the module as the strategy made it, once (with a checkpoint's state)."""
+        if self._session is not None:
+            return
+        reg = self._factory(self.model_of(pl_module))  # type: ignore[misc]
+        if not isinstance(reg, (Regularizer, Compose)):
+            raise TypeError(
+                f"the regularizer factory must return a clreg regularizer or Compose, got {type(reg).__name__}"
+            )
+        self._session = _session(reg)
+        if self._pending:
+            self._session.load_state_dict(self._pending)
+        self._pending = None
 
     # -- hooks -> session ------------------------------------------------------------------------
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -123,6 +160,7 @@ class ContinualLearning(pl.Callback):
             raise ValueError(
                 f"ContinualLearning needs exactly one optimizer, the trainer has {len(trainer.optimizers)}"
             )
+        self._build(pl_module)
         self.session.abort_task()  # a fit that ended without on_train_end
         optimizer = _torch_optimizer(trainer.optimizers[0]) if self.session.needs_optimizer else None
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -163,11 +201,21 @@ class ContinualLearning(pl.Callback):
         self.session.end_task(self.model_of(pl_module), self._task_data(trainer, pl_module), self.spec)
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.session.abort_task()
+        if self._session is not None:
+            self._session.abort_task()
 
     # -- checkpoints: {"regularizer": ..., "tasks": n}, the layout of every earlier version -----------------
     def state_dict(self) -> dict[str, Any]:
+        if self._session is None:  # a factory that has not run: what a checkpoint gave it, if anything
+            return dict(self._pending or {})
         return self.session.state_dict()
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.session.load_state_dict(state_dict)
+        if self._session is None:
+            self._pending = dict(state_dict) if state_dict else None
+        else:
+            self.session.load_state_dict(state_dict)
+
+
+def _session(regularizer: Regularizer | Compose) -> ContinualSession:
+    return ContinualSession(regularizer, optimizer_label="the trainer's optimizer")
