@@ -116,7 +116,8 @@ _TUNE_GRID: dict[str, tuple[float, ...]] = {
     "mas.lam@3": (0.2, 1.0, 5.0, 25.0, 100.0, 400.0),
     "kfac_ewc.lam@2": (1e2, 1e3, 1e4, 1e5),  # A ⊗ G has the diagonal Fisher's scale: EWC's raw grid
     "kfac_ewc.lam@3": (1e3, 1e4, 1e5, 1e6),  # (1e3 and 1e5, the seed-0 choices, were edges)
-    "replay.per_step": (1.0, 2.0, 4.0, 8.0),  # 2 was the lower edge: 1 added
+    # 2 was the lower edge: 1 added; the seed-100/101 tune chose 8 for LwF + replay, the upper edge: 16 added
+    "replay.per_step": (1.0, 2.0, 4.0, 8.0, 16.0),
     # feature distillation of the neck's map (96 × 16 × 16 values a sample, its squared distance summed)
     "fd.alpha": (1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0),
     # the seed-0 tune's choices sat at both edges (8e-3 for six methods, 5e-4 for replay): widened; the
