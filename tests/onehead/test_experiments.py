@@ -311,10 +311,11 @@ def test_a_run_takes_what_a_tune_chose(cache_env, tmp_path, monkeypatch, capsys)
     tune = json.loads((out / "tune.json").read_text())
     cfg = resolve(RunRequest(profile="tiny", methods="naive,ewc", settings_from=str(out / "tune.json"),
                              sets={"naive:lr": 0.5}))  # fmt: skip
-    assert cfg.profile.baseline_lr == tuple(tune["baseline_lr"]["chosen"][t] for t in ("seg", "det", "cls"))
+    assert cfg.profile.baseline_lr == {t: tune["baseline_lr"]["chosen"][t] for t in ("seg", "det", "cls")}
     joint = tune["joint"]
     assert cfg.profile.joint_schedule == joint["chosen"]
-    assert cfg.profile.joint_weights == (None if "weights" not in joint else tuple(joint["weights"]))
+    weights = None if "weights" not in joint else dict(zip(("seg", "det", "cls"), joint["weights"]))
+    assert cfg.profile.joint_weights == weights
     ewc = cfg.settings_for("ewc")
     assert ewc["ewc.normalize"] == 1.0 and ewc["ewc.lam@2"] == tune["methods"]["ewc"]["chosen"]["ewc.lam@2"]
     assert cfg.settings_for("naive")["lr"] == 0.5  # --set over the tune's choice

@@ -103,7 +103,13 @@ def test_each_stages_learning_rate_and_warmup_reach_the_training_loop(cache_env,
         seen.append((job.desc, job.lr, run.warmup_steps))
         raise Stop
 
-    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], stage_warmup=(2, 3, 4), stage_lr=(0.5, 0.6, 0.7)))
+    monkeypatch.setitem(
+        PROFILES,
+        "tiny",
+        replace(
+            PROFILES["tiny"], stage_warmup={"seg": 2, "det": 3, "cls": 4}, stage_lr={"seg": 0.5, "det": 0.6, "cls": 0.7}
+        ),
+    )
     monkeypatch.setattr(protocol, "train", train)
     with pytest.raises(Stop):
         main(["--profile", "tiny", "--out", str(tmp_path / "o"), "--quiet"])

@@ -155,9 +155,10 @@ class BenchmarkConfig:
         """The tasks in stage order."""
         return self.stage_tasks
 
-    def per_stage(self, per_task: tuple[Any, ...]) -> tuple[Any, ...]:
-        """A profile's per-task tuple (in the default order seg, det, cls) in this run's stage order."""
-        return tuple(per_task[TASK_NAMES.index(t)] for t in self.stage_tasks)
+    def per_stage(self, per_task: Mapping[str, Any], default: Any = None) -> tuple[Any, ...]:
+        """A profile's per-task values (task → value) in this run's stage order (``default`` for a task
+        without one)."""
+        return tuple(per_task.get(t, default) for t in self.stage_tasks)
 
     @property
     def within_rules(self) -> dict[str, bool]:
@@ -177,12 +178,8 @@ class BenchmarkConfig:
             "settings_provenance": self.settings_provenance,
             "stage_settings": [dict(s) for s in p.stage_settings[: len(self.tasks)]],
             "stage_lr": list(self.per_stage(p.stage_lr)),
-            "stage_warmup": list(self.per_stage(p.stage_warmup)),
-            **(
-                {"stage_baseline_lr": list(self.per_stage(p.baseline_lr))}
-                if any(x is not None for x in p.baseline_lr)
-                else {}
-            ),
+            "stage_warmup": list(self.per_stage(p.stage_warmup, 0)),
+            **({"stage_baseline_lr": list(self.per_stage(p.baseline_lr))} if p.baseline_lr else {}),
             "steps": list(self.steps),
             "batch_size": p.batch_size,
             "size": p.size,
@@ -325,7 +322,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise ValueError(f"--settings-from {req.settings_from}: {err}") from None
     if req.steps is not None:
-        prof = replace(prof, steps=(req.steps,) * len(TASK_NAMES))
+        prof = replace(prof, steps=dict.fromkeys(TASK_NAMES, req.steps))
     stage_tasks = _stage_tasks(req.stages)
     try:
         asked = req.methods or prof.methods
@@ -345,7 +342,7 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         settings={**default_settings(), **prof.settings, **shared},
         method_settings=_merge_method_settings(prof.method_settings, own),
         settings_provenance=_provenance(prof, req.sets, None if tuned_from is None else tuned_from[0]),
-        steps=tuple(prof.steps[TASK_NAMES.index(t)] for t in stage_tasks),
+        steps=tuple(prof.steps[t] for t in stage_tasks),
         stage_tasks=stage_tasks,
         bn=req.bn,
         seeds=_seeds(req, prof),

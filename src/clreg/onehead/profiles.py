@@ -13,6 +13,7 @@ which ``--tune`` run that was. A ``--tune`` starts again from the untuned profil
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -65,20 +66,20 @@ class Profile:
     synthetic: SyntheticConfig
     size: int
     width: int
-    steps: tuple[int, ...]  # per task (seg, det, cls: a run's --stages reads them by task), optimizer steps
+    steps: Mapping[str, int]  # per task, optimizer steps
     batch_size: int
     methods: str
     backbone: str  # "pretext" (the shipped backbone), "random" or "pretrained" (timm's hub)
     settings: dict[str, float] = field(default_factory=dict)
     stage_settings: tuple[dict[str, float], ...] = ((), (), ())  # type: ignore[assignment]  # per stage (place)
-    stage_lr: tuple[float | None, ...] = (None, None, None)  # per task: every method's (None: its lr)
-    stage_warmup: tuple[int, ...] = (0, 0, 0)  # per task: steps of linear learning-rate warmup
-    baseline_lr: tuple[float | None, ...] = (None, None, None)  # per task: the baseline's (None: stage_lr or lr)
+    stage_lr: Mapping[str, float] = field(default_factory=dict)  # per task: every method's (none: its lr)
+    stage_warmup: Mapping[str, int] = field(default_factory=dict)  # per task: steps of linear warmup (none: 0)
+    baseline_lr: Mapping[str, float] = field(default_factory=dict)  # per task: the baseline's (none: stage_lr or lr)
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method: its own values
     resamples: int = 1000
     latency: bool = True
     joint_schedule: str = "equal"  # the joint reference's schedule (clreg.onehead.protocol.joint_plan)
-    joint_weights: tuple[float, ...] | None = None  # per task: its loss weight (None: 1 each)
+    joint_weights: Mapping[str, float] | None = None  # per task: its loss weight (None: 1 each)
     joint_lr: float | None = None  # its learning rate (None: the first stage's baseline's)
     tune_joint: tuple[JointCandidate, ...] = (("equal", None), ("balanced", None))  # what the tune tries
     tune_grid: dict[str, tuple[float, ...]] = field(default_factory=dict)  # "baseline.lr", then method keys
@@ -148,7 +149,7 @@ PROFILES: dict[str, Profile] = {
         synthetic=SyntheticConfig(),
         size=128,  # the 160 px images are read at 128 px: 0.6× the time per step
         width=96,
-        steps=(600, 300, 400),
+        steps={"seg": 600, "det": 300, "cls": 400},
         batch_size=16,
         methods=QUICK_METHODS,
         backbone="pretext",
@@ -173,7 +174,7 @@ PROFILES: dict[str, Profile] = {
         synthetic=SyntheticConfig(train=12, val=8, test=8, size=64, cls_train=12),
         size=64,
         width=16,
-        steps=(3, 3, 3),
+        steps={"seg": 3, "det": 3, "cls": 3},
         batch_size=4,
         methods="naive,ewc",
         backbone="random",
@@ -192,14 +193,14 @@ PROFILES: dict[str, Profile] = {
         synthetic=SyntheticConfig(),
         size=160,
         width=96,
-        steps=(1100, 1600, 1700),
+        steps={"seg": 1100, "det": 1600, "cls": 1700},
         batch_size=16,
         methods="naive",
         backbone="random",
         settings={"lr": 1e-2},
         stage_settings=({}, {}, {}),
-        stage_lr=(1e-2, 1.2e-2, 8e-3),
-        stage_warmup=(100, 100, 300),
+        stage_lr={"seg": 1e-2, "det": 1.2e-2, "cls": 8e-3},
+        stage_warmup={"seg": 100, "det": 100, "cls": 300},
     ),
     # The original write-up's schedule: 30/30/15 epochs of 240 images at batch 16, learning rates
     # 5e-4/5e-4/1e-4, EWC λ 3.0 in stage 2 and 5.0 in stage 3 (read nominally in clreg's convention:
@@ -209,13 +210,13 @@ PROFILES: dict[str, Profile] = {
         synthetic=SyntheticConfig(size=512),
         size=512,
         width=96,
-        steps=(30 * 15, 30 * 15, 15 * 15),
+        steps={"seg": 30 * 15, "det": 30 * 15, "cls": 15 * 15},
         batch_size=16,
         methods="naive,ewc",
         backbone="pretext",
         settings={"ewc.lam": 3.0},
         stage_settings=({}, {"ewc.lam": 3.0}, {"ewc.lam": 5.0}),
-        stage_lr=(5e-4, 5e-4, 1e-4),
+        stage_lr={"seg": 5e-4, "det": 5e-4, "cls": 1e-4},
     ),
 }
 
@@ -238,11 +239,11 @@ def with_tuned(prof: Profile, tune: dict[str, Any], stage_tasks: tuple[str, ...]
         missing = [t for t in stage_tasks if t not in chosen_lr]
         if missing:
             raise ValueError(f"the tune chose no baseline learning rate for {missing}")
-        changes["baseline_lr"] = tuple(float(chosen_lr[t]) for t in stage_tasks)
+        changes["baseline_lr"] = {t: float(chosen_lr[t]) for t in stage_tasks}
     if "joint" in tune:
         changes["joint_schedule"] = tune["joint"]["chosen"]
         w = tune["joint"].get("weights")
-        changes["joint_weights"] = None if w is None else tuple(float(x) for x in w)
+        changes["joint_weights"] = None if w is None else {t: float(x) for t, x in zip(stage_tasks, w, strict=True)}
         lr = tune["joint"].get("lr")
         changes["joint_lr"] = None if lr is None else float(lr)
     own = {name: {k: float(v) for k, v in m["chosen"].items()} for name, m in tune["methods"].items()}

@@ -89,7 +89,7 @@ class Workspace:
     @property
     def stages(self) -> list[Stage]:
         c, p = self.config, self.config.profile
-        per_task = (c.per_stage(p.stage_lr), c.per_stage(p.stage_warmup), c.per_stage(p.baseline_lr))
+        per_task = (c.per_stage(p.stage_lr), c.per_stage(p.stage_warmup, 0), c.per_stage(p.baseline_lr))
         parts = zip(c.tasks, c.steps, *per_task, p.stage_settings)
         return [Stage(t, n, lr, dict(s), warmup_steps=w, baseline_lr=b) for t, n, lr, w, b, s in parts]
 
