@@ -88,7 +88,7 @@ def default_settings() -> dict[str, float | int]:
     return out
 
 
-def check_settings(settings: Mapping[str, Any]) -> dict[str, float]:
+def check_settings(settings: Mapping[str | SettingKey, Any]) -> dict[str, float]:
     """``settings`` as floats by name, each checked by the harness
     (:func:`clreg.bench.method.check_settings`) and read by a one-head part or ``lr`` (else a
     ValueError naming it)."""
@@ -110,7 +110,7 @@ def check_stage_settings(settings: Mapping[str, Any]) -> None:
         key = SettingKey.parse(name)
         if not key.part or key.stage is not None:
             raise ValueError(f"a stage's settings are part settings without a stage (e.g. 'ewc.lam'), got {name!r}")
-        check_settings({f"{key}@1": value})
+        check_settings({SettingKey(key.part, key.name, stage=1): value})  # as a stage's value
 
 
 def parse_methods(text: str) -> list[str]:
