@@ -18,7 +18,11 @@
   (BatchNorm statistics untouched, dropout off; each submodule's mode restored after). A fit that
   is interrupted (by hand or by an exception) consolidates nothing.
 * **Checkpoints.** ``{"regularizer": state_dict, "tasks": n}`` is the callback's state in Lightning's checkpoints, so
-  ``fit(..., ckpt_path=...)`` continues with the same penalties.
+  ``fit(..., ckpt_path=...)`` continues with the same penalties. Under ``ModelParallelStrategy``
+  Lightning writes the callbacks' state from rank 0 alone (the model's and optimizer's go through
+  ``torch.distributed.checkpoint``), so a sharded regularizer's state is stored in its full form:
+  every rank gathers each sharded tensor (one all-gather each, on the CPU) when the checkpoint is
+  made, and on resume each rank keeps its shard of it.
 * **Logging.** Every ``log_every_n_steps`` steps each member's value is logged as ``clreg/<name>``.
 
 The callback is a mapping of Lightning's hooks onto a :class:`~clreg.session.ContinualSession`
@@ -60,6 +64,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor, nn
 
+from .._sharding import full, is_sharded
 from ..regularizers import Compose, Regularizer
 from ..session import ContinualSession
 from ..spec import TaskSpec
@@ -208,13 +213,20 @@ class ContinualLearning(pl.Callback):
     def state_dict(self) -> dict[str, Any]:
         if self._session is None:  # a factory that has not run: what a checkpoint gave it, if anything
             return dict(self._pending or {})
-        return self.session.state_dict()
+        return _gathered(self.session.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if self._session is None:
             self._pending = dict(state_dict) if state_dict else None
         else:
             self.session.load_state_dict(state_dict)
+
+
+def _gathered(state: Any) -> Any:
+    """``state`` with every sharded tensor (DTensor) gathered whole on the CPU, the rest as it is."""
+    if isinstance(state, dict):
+        return {k: _gathered(v) for k, v in state.items()}
+    return full(state).detach().cpu() if is_sharded(state) else state
 
 
 def _session(regularizer: Regularizer | Compose) -> ContinualSession:
