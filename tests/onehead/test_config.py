@@ -37,14 +37,14 @@ def test_the_shipped_backbone_is_recorded_by_its_place_in_the_package(tmp_path) 
 
 
 def test_the_quick_profile_ships_what_its_documented_tune_chose() -> None:
-    """clreg/onehead/tuned/quick.json is the choices of docs/results/quick-tune/tune.json, and the quick
+    """clreg/onehead/tuned/quick.json is the choices of docs/results/quick-tune-2/tune.json, and the quick
     profile runs them, while a --tune starts again from the untuned profile."""
     import json
     from pathlib import Path
 
     from clreg.onehead.profiles import load_tuned, tune_choices
 
-    tune = json.loads((Path(__file__).parents[2] / "docs/results/quick-tune/tune.json").read_text())
+    tune = json.loads((Path(__file__).parents[2] / "docs/results/quick-tune-2/tune.json").read_text())
     shipped = load_tuned("quick")
     assert shipped == tune_choices(tune)
     run = resolve(RunRequest(profile="quick"))
@@ -56,7 +56,8 @@ def test_the_quick_profile_ships_what_its_documented_tune_chose() -> None:
     for method, tuned in shipped["methods"].items():
         own = run.settings_for(method)
         assert {k: own[k] for k in tuned["chosen"]} == tuned["chosen"], method
-    assert "docs/results/quick-tune/tune.json" in run.settings_provenance
+    assert "docs/results/quick-tune-2/tune.json" in run.settings_provenance
+    assert run.profile.tuned_on == (100, 101) and "did not finish for lwf+replay, ewc+lwf" in run.settings_provenance
     retune = resolve(RunRequest(profile="quick", mode="tune")).record()
     assert "stage_baseline_lr" not in retune and "joint_weights" not in retune and "method_settings" not in retune
     with pytest.raises(ValueError, match="no shipped tune for profile 'tiny'; shipped: quick"):
@@ -78,11 +79,28 @@ def test_a_request_resolves_into_every_value_a_run_uses(tmp_path) -> None:
     assert resolve(RunRequest(profile="tiny", mode="tune")).out.name == "tiny-tune"
 
 
+def test_the_quick_profile_runs_five_seeds_in_two_processes_where_torch_has_two_threads(monkeypatch) -> None:
+    """The quick profile's defaults: seeds 0-4 (none of them the tune's) and two worker processes, at
+    most one per thread torch may use; --workers overrides, a tune and the tiny profile use one."""
+    import torch
+
+    for threads, workers in ((1, 1), (2, 2), (8, 2)):
+        monkeypatch.setattr(torch, "get_num_threads", lambda threads=threads: threads)
+        quick = resolve(RunRequest(profile="quick"))
+        assert quick.workers == workers and quick.seeds == (0, 1, 2, 3, 4)
+        assert resolve(RunRequest(profile="quick", workers=1)).workers == 1
+        assert resolve(RunRequest(profile="quick", mode="tune")).workers == 1
+        assert resolve(RunRequest(profile="tiny")).workers == 1
+    assert not set(quick.seeds) & set(quick.profile.tuned_on or ())
+
+
 @pytest.mark.parametrize(
     "request_, message",
     [
         (RunRequest(profile="nope"), "unknown profile"),
         (RunRequest(profile="tiny", seeds=0), "--seeds"),
+        (RunRequest(profile="tiny", workers=0), "--workers"),
+        (RunRequest(profile="tiny", recorded_only=True), "applies to a --tune"),
         (RunRequest(profile="tiny", steps=0), "--steps"),
         (RunRequest(profile="tiny", mode="fit"), "mode must be one of"),
         (RunRequest(profile="tiny", sets={"ewc.lambda": 1.0}), r"unknown setting ewc\.lambda"),

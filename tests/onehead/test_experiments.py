@@ -94,6 +94,13 @@ def test_the_work_counted_before_the_run_is_what_its_units_did(tiny_run):
     assert work["ewc"]["consolidation_samples"] == 12 + 12  # tiny: 12 seg and 12 det training images
     total = res["work"]["per_seed_total"]
     assert total["optimizer_steps"] == sum(u["optimizer_steps"] for u in work.values())
+    budget = res["joint_budget"]  # tiny: the equal schedule, round((3 + 3 + 3) / 3) steps of a batch of each
+    assert budget["steps"] == work["joint"]["optimizer_steps"] == 3 and budget["schedule"] == "equal"
+    assert budget["batches"] == {"seg": 3, "det": 3, "cls": 3} and budget["weights"] is None
+    assert (
+        "The joint reference trains every task from the start: the equal schedule, 3 optimizer steps"
+        in (tiny_run / "report.md").read_text()
+    )
 
 
 def test_a_finished_run_is_not_repeated(tiny_run, cache_env):
@@ -274,6 +281,48 @@ def test_a_tune_takes_its_recorded_results_instead_of_training_again(cache_env, 
     assert main([*args, "--out", str(other), "--steps", "2"]) == 2
     err = capsys.readouterr().err
     assert "tune-progress.json records a tune of another configuration" in err and "Traceback" not in err
+    _recorded_only_writes_what_is_recorded(out, tmp_path, args, capsys)
+
+
+def _recorded_only_writes_what_is_recorded(out, tmp_path, args, capsys):
+    """--recorded-only trains nothing: a method whose search wants a trial not recorded is marked
+    incomplete with that trial listed, its choice the best recorded; a missing baseline is exit 2."""
+    tune = json.loads((out / "tune.json").read_text())
+    progress = json.loads((out / "tune-progress.json").read_text())
+    last = tune["methods"]["ewc"]["trials"][-1]["settings"]  # λ@3's second value, at λ@2's choice
+    gone = f"seed100/ewc/{json.dumps(last, sort_keys=True)}"
+    cut = tmp_path / "cut"
+    cut.mkdir()
+    kept = {k: v for k, v in progress["results"].items() if k != gone}
+    (cut / "tune-progress.json").write_text(json.dumps({**progress, "results": kept}))
+    assert main([*args, "--out", str(cut), "--recorded-only"]) == 0
+    assert not (cut / "state").exists() or not list((cut / "state").rglob("*.pt"))
+    partial = json.loads((cut / "tune.json").read_text())
+    ewc = partial["methods"]["ewc"]
+    assert ewc["complete"] is False and ewc["not_run"] == [last]
+    assert [t["settings"] for t in ewc["trials"]] == [t["settings"] for t in tune["methods"]["ewc"]["trials"][:-1]]
+    recorded = {t["settings"]["ewc.lam@3"]: t for t in ewc["trials"] if t["key"] == "ewc.lam@3"}
+    assert (
+        ewc["chosen"]["ewc.lam@3"]
+        == max(recorded.values(), key=lambda t: (t["score"], t["mean"]))["settings"]["ewc.lam@3"]
+    )
+    assert "complete" not in partial["methods"]["naive"]
+    assert tune_choices(partial)["methods"]["ewc"]["complete"] is False
+    tuned = with_tuned(PROFILES["tiny"], partial)
+    assert tuned.tune_incomplete == ("ewc",)
+    from clreg.onehead.config import RunRequest, resolve
+
+    cfg = resolve(RunRequest(profile="tiny", methods="ewc", settings_from=str(cut / "tune.json"), out=str(tmp_path)))
+    assert "did not finish for ewc" in cfg.settings_provenance
+    (cut / "tune-progress.json").write_text(
+        json.dumps({**progress, "results": {k: v for k, v in kept.items() if "baseline/det" not in k}})
+    )
+    capsys.readouterr()
+    assert main([*args, "--out", str(cut), "--recorded-only"]) == 2
+    err = capsys.readouterr().err
+    assert "--recorded-only" in err and "baseline/det" in err and "Traceback" not in err
+    assert main(["--profile", "tiny", "--recorded-only", "--out", str(cut)]) == 2
+    assert "applies to a --tune" in capsys.readouterr().err
 
 
 def test_two_tunes_share_one_progress_record(tmp_path):

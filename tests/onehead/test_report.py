@@ -125,3 +125,30 @@ def test_summarise_two_seeds_means_extras_and_intervals():
     assert m["final"]["d"]["five_percent_rule"]["verdict"] == "pass"  # equal to its baseline
     assert m["measures"]["forgetting"]["mean"] == pytest.approx(0.35)  # (0.4 + 0.3) / 2
     assert m["train_seconds"] == pytest.approx(3.0) and m["regularizer_bytes"] == 8
+
+
+def test_the_joint_reference_is_called_an_upper_bound_only_where_no_method_beats_it():
+    """The report states the joint reference's budget; a method above it on any task makes it a
+    reference, not an upper bound, and the sentence names where."""
+    from clreg.onehead.report.markdown import _joint_budget
+
+    budget = {
+        "schedule": "full",
+        "steps": 600,
+        "batches": {"seg": 600, "cls": 600},
+        "baseline_steps": {"seg": 600, "cls": 400},
+        "weights": {"seg": 8.0, "cls": 1.0},
+        "lr": 0.004,
+    }
+
+    def results(method_seg: float) -> dict:
+        final = {"seg": {"mean": method_seg}, "cls": {"mean": 0.80}}
+        summary = {"joint": {"seg": {"mean": 0.60}, "cls": {"mean": 0.90}}, "methods": {"lwf": {"final": final}}}
+        return {"joint_budget": budget, "summary": summary}
+
+    text = " ".join(_joint_budget(results(0.62)))
+    assert "the full schedule, 600 optimizer steps" in text and "cls 600 (its baseline 400)" in text
+    assert "loss weights 8:1; learning rate 0.004" in text
+    assert "not an upper bound: a method scores above it, lwf on seg (0.620 against 0.600)" in text
+    assert "at least every method's on every task" in " ".join(_joint_budget(results(0.55)))
+    assert _joint_budget({"summary": {"joint": None}}) == []

@@ -8,7 +8,7 @@ into a configuration and hand it to the experiment layer; report errors as one l
                   [--device cpu] [--amp] [--out DIR] [--seeds N] [--first-seed K] [--workers N] [--steps N]
                   [--bn train|freeze] [--stages seg,det,cls]
                   [--categories a,b,...] [--set name=value ...] [--settings-from TUNE_JSON]
-                  [--tune | --baselines-only] [--no-joint]
+                  [--tune [--recorded-only] | --baselines-only] [--no-joint]
                   [--quiet]
     clreg-onehead evaluate --checkpoint FILE --data-root DIR [--tasks seg,det,cls] [--split val]
 
@@ -92,8 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--workers",
         type=int,
-        default=1,
-        help="processes that train a run's units at once, each with its share of the threads (default 1)",
+        default=None,
+        help="processes that train a run's units at once, each with its share of the threads (default: the "
+        "profile's, at most one per thread torch may use: quick 2, others 1; a --tune uses 1)",
     )
     p.add_argument("--bn", choices=("train", "freeze"), default="train", help="BatchNorm statistics after stage 1")
     p.add_argument("--set", action="append", default=[], metavar="NAME=VALUE", help="override a method setting")
@@ -106,6 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-joint", action="store_true", help="skip the joint-training reference")
     p.add_argument("--tune", action="store_true", help="search the profile's grid on the validation split")
+    p.add_argument(
+        "--recorded-only",
+        action="store_true",
+        help="with --tune: train nothing, write tune.json from OUT/tune-progress.json (a method whose search "
+        "needs an unrecorded trial is marked incomplete, each key it reached at its best recorded value)",
+    )
     p.add_argument("--baselines-only", action="store_true", help="train and evaluate the single-task baselines only")
     p.add_argument("--quiet", action="store_true", help="print nothing but errors")
     return p
@@ -163,6 +170,7 @@ def request_from_args(args: argparse.Namespace) -> RunRequest:
         quiet=args.quiet,
         categories=tuple(args.categories.split(",")) if args.categories else None,
         settings_from=args.settings_from,
+        recorded_only=args.recorded_only,
     )
 
 

@@ -17,6 +17,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from ..bench.settings import SettingKey
 from ..distributed import rank_and_world
 from .methods import Method, check_settings, check_stage_settings, default_settings, parse_methods
@@ -79,8 +81,9 @@ class RunRequest:
     mode: str = "run"  # "run", "baselines" (the single-task baselines only) or "tune"
     quiet: bool = False
     categories: tuple[str, ...] | None = None  # the detection categories by name; None: the data's
-    workers: int = 1  # processes that train a run's units at once (clreg.onehead.experiments.parallel)
+    workers: int | None = None  # processes that train a run's units at once; None: the profile's
     settings_from: str | None = None  # a tune.json whose choices replace the profile's
+    recorded_only: bool = False  # a tune that trains nothing: its report from the recorded results
 
 
 @dataclass(frozen=True)
@@ -145,6 +148,7 @@ class BenchmarkConfig:
     method_settings: dict[str, dict[str, float]] = field(default_factory=dict)  # per method, over settings
     workers: int = 1  # processes that train a run's units at once
     stage_tasks: tuple[str, ...] = TASK_NAMES  # the tasks in stage order
+    recorded_only: bool = False  # a tune that trains nothing (its progress record's results only)
 
     def settings_for(self, method: str) -> dict[str, float]:
         """The settings method ``method`` runs with: the shared ones, then its own."""
@@ -214,12 +218,14 @@ def _check_counts(req: RunRequest) -> None:
         raise ValueError(f"--seeds must be >= 1, got {req.seeds}")
     if req.first_seed is not None and req.first_seed < 0:
         raise ValueError(f"--first-seed must be >= 0, got {req.first_seed}")
-    if not isinstance(req.workers, int) or req.workers < 1:
+    if req.workers is not None and (not isinstance(req.workers, int) or req.workers < 1):
         raise ValueError(f"--workers must be an int >= 1, got {req.workers!r}")
     if req.steps is not None and req.steps < 1:
         raise ValueError(f"--steps must be >= 1, got {req.steps}")
     if req.mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {req.mode!r}")
+    if req.recorded_only and req.mode != "tune":
+        raise ValueError("--recorded-only applies to a --tune")
     if req.bn not in ("train", "freeze"):
         raise ValueError(f"bn must be 'train' or 'freeze', got {req.bn!r}")
     if sum(map(bool, (req.backbone_weights, req.pretrained, req.random_init))) > 1:
@@ -255,6 +261,11 @@ def _provenance(prof: Profile, sets: Mapping[str, float], tuned: str | None = No
     base = QUICK_SETTINGS_PROVENANCE if prof.name == "quick" else f"the {prof.name} profile's fixed values"
     if tuned is not None:
         base = f"chosen by the tune in {tuned} (its baselines' learning rates, joint reference and methods' values)"
+    if prof.tune_incomplete:
+        base += (
+            f"; the tune's search did not finish for {', '.join(prof.tune_incomplete)}: "
+            "their values are where it had got to (each key searched so far at its best recorded value)"
+        )
     return base + (f"; overridden by --set {', '.join(f'{k}={v:g}' for k, v in sets.items())}" if sets else "")
 
 
@@ -355,8 +366,16 @@ def resolve(req: RunRequest) -> BenchmarkConfig:
         out=Path(req.out) if req.out else default_out,
         quiet=req.quiet,
         categories=_categories(req.categories),
-        workers=req.workers,
+        workers=_workers(req, prof),
+        recorded_only=req.recorded_only,
     )
+
+
+def _workers(req: RunRequest, prof: Profile) -> int:
+    """``--workers``, else the profile's, at most one per thread torch may use (a tune: one process)."""
+    if req.workers is not None:
+        return req.workers
+    return 1 if req.mode == "tune" else max(1, min(prof.workers, torch.get_num_threads()))
 
 
 def _stage_tasks(stages: tuple[str, ...] | None) -> tuple[str, ...]:

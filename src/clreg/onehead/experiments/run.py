@@ -8,7 +8,7 @@ from ...distributed import rank_and_world
 from ..config import BenchmarkConfig, seeds_shared_with_tune
 from ..methods import Method
 from ..model import cpu_latency, save_checkpoint
-from ..protocol import SeedResult, run_seed
+from ..protocol import SeedResult, SeedRun, joint_plan, run_seed
 from ..provenance import provenance
 from ..report import summarise, write_report
 from .parallel import run_in_workers, worker_threads
@@ -32,6 +32,20 @@ def _resources(ws: Workspace) -> dict[str, Any]:
         lat = cpu_latency(model, size=512, repeats=10)
         res["latency_ms"] = {"model": lat["model_ms"], "head": lat["head_ms"]}
     return res
+
+
+def _joint_budget(run: SeedRun) -> dict[str, Any]:
+    """The joint reference's schedule, optimizer steps, batches of each task, loss weights and rate."""
+    steps, per_task = joint_plan(run.stages, run.joint_schedule)
+    tasks = [s.task for s in run.stages]
+    return {
+        "schedule": run.joint_schedule,
+        "steps": steps,
+        "batches": dict(zip(tasks, per_task or [steps] * len(tasks), strict=True)),
+        "baseline_steps": {s.task: s.steps for s in run.stages},
+        "weights": None if run.joint_weights is None else dict(zip(tasks, run.joint_weights, strict=True)),
+        "lr": run.joint_lr if run.joint_lr is not None else run.lr(run.stages[0], None),
+    }
 
 
 def _save_models(ws: Workspace, seed0: SeedResult) -> None:
@@ -83,6 +97,7 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any] | None:
         "summary": summary,
         "resources": _resources(ws),
         "work": work,
+        **({"joint_budget": _joint_budget(ws.seed_run(config.seeds[0]))} if config.joint else {}),
         "provenance": provenance(),
     }
     results = write_report(results, config.out, {k: t.extra_scores for k, t in ws.tasks.items()})

@@ -20,7 +20,10 @@ Every result is also recorded as it comes in ``OUT/tune-progress.json`` (:class:
 tune whose output folder holds that file, copied there from another machine for instance, takes its
 results instead of training them again, so a tune can be spread over several sittings, and tunes of
 different ``--methods`` can run at once on one output folder (one process per core, say), a last
-tune over every method then reading them all back.
+tune over every method then reading them all back. A tune with ``recorded_only`` (``--recorded-only``)
+trains nothing: it writes ``tune.json`` from the recorded results, each method's search going as far as
+they reach; a method whose search wanted a trial not recorded is marked ``"complete": false`` and lists
+the trials it did not run (``not_run``), each key it reached at its best recorded value.
 """
 
 from __future__ import annotations
@@ -43,7 +46,7 @@ from ..provenance import provenance
 from ..report import lambda_figure, render_tune
 from .workspace import Workspace, open_workspace
 
-__all__ = ["BASELINE_LR", "JOINT_LR", "TuneProgress", "climb", "tune"]
+__all__ = ["BASELINE_LR", "JOINT_LR", "NotRecorded", "TuneProgress", "climb", "tune"]
 
 BASELINE_LR = "baseline.lr"  # the grid key of the baselines' learning rate (searched per task)
 JOINT_LR = "joint.lr"  # the grid key of the joint reference's learning rate
@@ -51,14 +54,19 @@ JOINT_LR = "joint.lr"  # the grid key of the joint reference's learning rate
 Grid = Mapping[str, Sequence[float]]
 
 
+class NotRecorded(LookupError):
+    """A result the tune needs that its progress record lacks, when it may not train (``recorded_only``)."""
+
+
 class TuneProgress:
     """The tune's results so far, by key (a baseline, a joint candidate, a method's trial), in a JSON
     file written after each new one; a file of another configuration is refused. Tunes of other
     methods may share the file (and the output folder) at once: each write merges the file's results
-    under a lock, and a result not yet known is looked for in the file before it is computed."""
+    under a lock, and a result not yet known is looked for in the file before it is computed. With
+    ``train=False`` a result not recorded raises :class:`NotRecorded` instead of being computed."""
 
-    def __init__(self, path: Path, config: dict[str, Any]) -> None:
-        self.path, self.config = path, config
+    def __init__(self, path: Path, config: dict[str, Any], train: bool = True) -> None:
+        self.path, self.config, self.train = path, config, train
         self.results = self._read()
 
     def _read(self) -> dict[str, Any]:
@@ -78,6 +86,8 @@ class TuneProgress:
         """The recorded result for ``key`` (here or in the file), else ``compute()``'s, recorded."""
         if key not in self.results:
             self.results.update(self._read())
+        if key not in self.results and not self.train:
+            raise NotRecorded(key)
         if key not in self.results:
             value = compute()
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -193,10 +203,13 @@ def _trial(runs: Runs, method: Method, settings: Mapping[str, float], base: Base
     one = method.with_settings(settings)
     values = {}
     for run in runs:
-        values[run.seed] = progress.get(
-            _key(run, f"{method.name}/{_settings_key(settings)}"),
-            lambda run=run: {t: r.value for t, r in method_stages(run, one)[-1].evals.items()},
-        )
+        try:
+            values[run.seed] = progress.get(
+                _key(run, f"{method.name}/{_settings_key(settings)}"),
+                lambda run=run: {t: r.value for t, r in method_stages(run, one)[-1].evals.items()},
+            )
+        except NotRecorded:  # a tune that may not train: below every recorded trial, never chosen
+            return {"settings": dict(settings), "recorded": False, "score": -math.inf, "mean": -math.inf}
     stages = runs[0].stages
     effective = {str(i + 1): one.stage_values(i + 1, stages[i].settings) for i in range(1, len(stages))}
     return {"settings": dict(settings), **_scored(values, base), "stage_values": effective}
@@ -215,11 +228,12 @@ def _coordinate_search(
     base: Baselines,
     progress: TuneProgress,
     search: str = "grid",
-) -> tuple[dict[str, float], list[dict[str, Any]]]:
+) -> tuple[dict[str, float], list[dict[str, Any]], list[dict[str, float]]]:
     """Each key of ``grid`` the method reads, in turn, the others held at the best so far: over all its
     values (``search="grid"``) or by :func:`climb` from its current value (``"climb"``); returns the
-    chosen settings and every trial."""
-    chosen, trials = dict(start), []
+    chosen settings, every trial and the settings of the trials it wanted but found not recorded (a
+    tune that may not train; a key with none recorded keeps its value)."""
+    chosen, trials, not_run = dict(start), [], []
     for key in [k for k in grid if _reads(method, k)]:
 
         def trial(v: float, key: str = key) -> dict[str, Any]:
@@ -227,9 +241,12 @@ def _coordinate_search(
 
         everything = search != "climb"
         tried = [trial(v) for v in grid[key]] if everything else climb(grid[key], _current(chosen, key), trial)
-        chosen[key] = _best(tried)["settings"][key]
-        trials += tried
-    return chosen, trials
+        ran = [t for t in tried if t.get("recorded", True)]
+        not_run += [t["settings"] for t in tried if not t.get("recorded", True)]
+        if ran:
+            chosen[key] = _best(ran)["settings"][key]
+        trials += ran
+    return chosen, trials, not_run
 
 
 def _current(settings: Mapping[str, float], key: str) -> float | None:
@@ -296,7 +313,11 @@ def _variants(method: Method, ws: Workspace, done: dict) -> list[dict[str, Any]]
 
 
 def _score(result: dict[str, Any]) -> tuple[float, float]:
-    return (_best(result["trials"])["score"], _best(result["trials"])["mean"]) if result["trials"] else (0.0, 0.0)
+    """A variant's best trial's (score, mean); below every trial for a variant with none recorded."""
+    if not result["trials"]:
+        return -math.inf, -math.inf
+    best = _best(result["trials"])
+    return best["score"], best["mean"]
 
 
 def _search(runs: Runs, method: Method, ws: Workspace, base: Baselines, done: dict, progress: TuneProgress) -> dict:
@@ -307,12 +328,15 @@ def _search(runs: Runs, method: Method, ws: Workspace, base: Baselines, done: di
         grid = {k: g for k, g in v["grid"].items() if k not in (BASELINE_LR, JOINT_LR)}
         start = _start(method, done, v["fixed"])
         search = ws.config.profile.tune_search
-        chosen, trials = _coordinate_search(runs, method, start, grid, base, progress, search)
-        results.append({"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials})
+        chosen, trials, not_run = _coordinate_search(runs, method, start, grid, base, progress, search)
+        result = {"fixed": dict(v["fixed"]), "grid": dict(grid), "chosen": chosen, "trials": trials}
+        results.append(result | ({"not_run": not_run} if not_run else {}))
     best = max(results, key=_score)
     trials = [t for r in results for t in r["trials"]]
     variant = {"fixed": best["fixed"], "grid": best["grid"]}
-    return {"chosen": best["chosen"], "variant": variant, "trials": trials, "variants": results}
+    out = {"chosen": best["chosen"], "variant": variant, "trials": trials, "variants": results}
+    not_run = [s for r in results for s in r.get("not_run", [])]
+    return out | ({"complete": False, "not_run": not_run} if not_run else {})
 
 
 def tune(config: BenchmarkConfig) -> dict[str, Any]:
@@ -321,7 +345,25 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
     λ-sensitivity figure, from the tune seeds on the validation split."""
     ws = open_workspace(config)
     config = ws.config
-    progress = TuneProgress(config.out / "tune-progress.json", config.comparable())
+    progress = TuneProgress(config.out / "tune-progress.json", config.comparable(), train=not config.recorded_only)
+    try:
+        report = _tune_report(config, ws, progress)
+    except NotRecorded as err:
+        raise ValueError(
+            f"--recorded-only: {progress.path} has no result for {err.args[0]}; run the tune without it first"
+        ) from None
+    report["provenance"] = provenance()
+    config.out.mkdir(parents=True, exist_ok=True)
+    (config.out / "tune.json").write_text(json.dumps(report, indent=1))
+    (config.out / "tune-choices.json").write_text(json.dumps(tune_choices(report), indent=1))
+    (config.out / "tune.md").write_text(render_tune(report))
+    lambda_figure(report, config.out)
+    ws.log(f"tuning results: {config.out / 'tune.json'}")
+    return report
+
+
+def _tune_report(config: BenchmarkConfig, ws: Workspace, progress: TuneProgress) -> dict[str, Any]:
+    """The baselines' learning rates, the joint reference's choice and each method's search."""
     grid = config.profile.tune_grid
     runs = [ws.seed_run(seed) for seed in config.seeds]
     ws.log(f"tune on training seeds {list(config.seeds)} (validation split)")
@@ -347,13 +389,7 @@ def tune(config: BenchmarkConfig) -> dict[str, Any]:
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))
-        report["methods"][name] = _search(runs, method, ws, base, report["methods"], progress)
-        ws.log(f"tune {name}: {report['methods'][name]['chosen']}")
-    report["provenance"] = provenance()
-    config.out.mkdir(parents=True, exist_ok=True)
-    (config.out / "tune.json").write_text(json.dumps(report, indent=1))
-    (config.out / "tune-choices.json").write_text(json.dumps(tune_choices(report), indent=1))
-    (config.out / "tune.md").write_text(render_tune(report))
-    lambda_figure(report, config.out)
-    ws.log(f"tuning results: {config.out / 'tune.json'}")
+        found = report["methods"][name] = _search(runs, method, ws, base, report["methods"], progress)
+        cut = f" (search incomplete: {len(found['not_run'])} trials not recorded)" if "not_run" in found else ""
+        ws.log(f"tune {name}: {found['chosen']}{cut}")
     return report

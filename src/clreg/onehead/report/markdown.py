@@ -97,6 +97,32 @@ def _final_scores(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _joint_budget(results: dict[str, Any]) -> list[str]:
+    """The joint reference's budget, and whether it bounds every method's mean score on every task."""
+    b, s = results.get("joint_budget"), results["summary"]
+    if not b or not s.get("joint"):
+        return []
+    tasks = list(b["batches"])
+    per = ", ".join(f"{t} {b['batches'][t]} (its baseline {b['baseline_steps'][t]})" for t in tasks)
+    weights = "equal" if b["weights"] is None else ":".join(f"{b['weights'][t]:g}" for t in tasks)
+    above = [
+        f"{m} on {t} ({r['final'][t]['mean']:.3f} against {s['joint'][t]['mean']:.3f})"
+        for m, r in s["methods"].items()
+        for t in tasks
+        if r["final"][t]["mean"] is not None and r["final"][t]["mean"] > s["joint"][t]["mean"]
+    ]
+    bound = (
+        "It is a reference, not an upper bound: a method scores above it, " + "; ".join(above)
+        if above
+        else "Its mean is at least every method's on every task here"
+    )
+    return [
+        "",
+        f"The joint reference trains every task from the start: the {b['schedule']} schedule, {b['steps']} optimizer "
+        f"steps, batches of each task: {per}; loss weights {weights}; learning rate {b['lr']:g}. {bound}.",
+    ]
+
+
 def _drops(results: dict[str, Any], extra_scores: dict[str, dict[str, str]]) -> list[str]:
     """Absolute and relative drops with the paired ratio's interval, then each task's extra scores."""
     s, tasks = results["summary"], results["config"]["tasks"]
@@ -192,6 +218,7 @@ def render_markdown(results: dict[str, Any], extra_scores: dict[str, dict[str, s
     sections = [
         _header(results),
         _final_scores(results),
+        _joint_budget(results),
         _drops(results, extra_scores or {}),
         _transfer(results),
         _matrices(results),
