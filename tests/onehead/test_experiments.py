@@ -307,6 +307,11 @@ def _recorded_only_writes_what_is_recorded(out, tmp_path, args, capsys):
         == max(recorded.values(), key=lambda t: (t["score"], t["mean"]))["settings"]["ewc.lam@3"]
     )
     assert "complete" not in partial["methods"]["naive"]
+    table = (cut / "tune.md").read_text()
+    assert "| ewc (search incomplete) |" in table and "| naive |" in table
+    assert (
+        "| schedule | loss weights | learning rate |" in table and "| equal | 1 each | the first baseline's |" in table
+    )
     assert tune_choices(partial)["methods"]["ewc"]["complete"] is False
     tuned = with_tuned(PROFILES["tiny"], partial)
     assert tuned.tune_incomplete == ("ewc",)
@@ -323,6 +328,26 @@ def _recorded_only_writes_what_is_recorded(out, tmp_path, args, capsys):
     assert "--recorded-only" in err and "baseline/det" in err and "Traceback" not in err
     assert main(["--profile", "tiny", "--recorded-only", "--out", str(cut)]) == 2
     assert "applies to a --tune" in capsys.readouterr().err
+
+
+def test_a_combination_starts_from_its_parts_choices_whatever_the_tune_lists(cache_env, tmp_path, monkeypatch):
+    """A tune of ewc+lwf alone searches ewc and lwf first (tune.json's ``parts``) and starts the
+    combination from their choices: its search is the one of a tune that lists ewc, lwf and ewc+lwf."""
+    grid = {"ewc.lam": (1.0, 10.0), "lwf.alpha": (0.5, 2.0)}  # lwf's choice is never the default α 1
+    monkeypatch.setitem(PROFILES, "tiny", replace(PROFILES["tiny"], tune_grid=grid))
+    args = ["--profile", "tiny", "--tune", "--quiet", "--no-joint"]
+    alone, listed = tmp_path / "alone", tmp_path / "listed"
+    assert main([*args, "--methods", "ewc+lwf", "--out", str(alone)]) == 0
+    listed.mkdir()
+    shutil.copy(alone / "tune-progress.json", listed)
+    assert main([*args, "--methods", "ewc,lwf,ewc+lwf", "--out", str(listed)]) == 0
+    a, b = (json.loads((d / "tune.json").read_text()) for d in (alone, listed))
+    assert set(a["parts"]) == {"ewc", "lwf"} and "parts" not in b and list(a["methods"]) == ["ewc+lwf"]
+    for part in ("ewc", "lwf"):
+        assert a["parts"][part]["chosen"] == b["methods"][part]["chosen"]
+    assert a["methods"]["ewc+lwf"] == b["methods"]["ewc+lwf"]
+    first = a["methods"]["ewc+lwf"]["trials"][0]["settings"]
+    assert first["lwf.alpha"] == a["parts"]["lwf"]["chosen"]["lwf.alpha"] in (0.5, 2.0)
 
 
 def test_two_tunes_share_one_progress_record(tmp_path):

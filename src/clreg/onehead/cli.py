@@ -13,7 +13,8 @@ into a configuration and hand it to the experiment layer; report errors as one l
     clreg-onehead evaluate --checkpoint FILE --data-root DIR [--tasks seg,det,cls] [--split val]
 
 With no arguments: the quick profile on the synthetic default data (generated and cached on first
-use), every method, one seed, the report in ``onehead-results/quick``.
+use), the profile's methods on its seeds (quick: seven methods, seeds 0-4, two worker processes), the
+report in ``onehead-results/quick``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,9 @@ disagreement alike, where a mean would not.
 A single-part method searches each grid key it reads in turn (its learning rate ``lr``, per-stage
 values such as ``ewc.lam@2`` and ``ewc.lam@3``, …), starting from the profile's values. A ``+``
 combination starts from the values its parts chose and then searches its own keys in the same way,
-so it ends with values of its own. A method may have variants (``Profile.tune_variants``: fixed
+so it ends with values of its own; a part not among the tune's methods is searched first (kept in
+``tune.json``'s ``parts``), so a combination starts from the same values whichever methods a tune
+lists beside it. A method may have variants (``Profile.tune_variants``: fixed
 settings and a grid of their own, e.g. EWC with each task's Fisher normalised by its mean, whose λ
 lives on another scale): each is searched and the best kept. Unless ``--no-joint``, the joint
 reference is run under each schedule too, and the one whose worst task keeps most of its baseline
@@ -387,9 +389,21 @@ def _tune_report(config: BenchmarkConfig, ws: Workspace, progress: TuneProgress)
     if config.joint:
         report["joint"] = _tune_joint(runs, base, config.profile.tune_joint, grid.get(JOINT_LR, ()), progress)
         ws.log(f"tune joint: {report['joint']['chosen']} schedule")
+    searched: dict[str, Any] = {}  # every search, by name: the methods' and the parts a combination starts from
     for name in config.methods:
         method = Method.parse(name, config.settings_for(name))
-        found = report["methods"][name] = _search(runs, method, ws, base, report["methods"], progress)
-        cut = f" (search incomplete: {len(found['not_run'])} trials not recorded)" if "not_run" in found else ""
-        ws.log(f"tune {name}: {found['chosen']}{cut}")
+        for part in [p for p in method.parts if len(method.parts) > 1 and p not in searched]:
+            searched[part] = report.setdefault("parts", {})[part] = _logged_search(
+                ws, runs, part, base, searched, progress
+            )
+        searched[name] = report["methods"][name] = _logged_search(ws, runs, name, base, searched, progress)
     return report
+
+
+def _logged_search(ws: Workspace, runs: Runs, name: str, base: Baselines, done: dict, progress: TuneProgress) -> dict:
+    """:func:`_search` of method ``name`` (its settings the configuration's), logged with its choice."""
+    method = Method.parse(name, ws.config.settings_for(name))
+    found = _search(runs, method, ws, base, done, progress)
+    cut = f" (search incomplete: {len(found['not_run'])} trials not recorded)" if "not_run" in found else ""
+    ws.log(f"tune {name}: {found['chosen']}{cut}")
+    return found

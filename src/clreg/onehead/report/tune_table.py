@@ -34,22 +34,25 @@ def _joint(report: dict[str, Any]) -> list[str]:
     tasks = list(report["baselines"])
     rows = [
         [t["schedule"], ", ".join(f"{w:g}" for w in t.get("weights", [])) or "1 each"]
+        + [f"{t['lr']:g}" if "lr" in t else "the first baseline's"]
         + [f"{t['final'][k]:.3f}" for k in tasks]
         + [f"{t['score']:.3f}"]
         for t in report["joint"]["trials"]
     ]
-    return _table(["schedule", "loss weights", *tasks, "worst"], rows)
+    return _table(["schedule", "loss weights", "learning rate", *tasks, "worst"], rows)
 
 
 def _methods(report: dict[str, Any]) -> list[str]:
+    """Each method's choice and its trial's scores; a search a tune did not finish is marked, and a
+    choice no trial scored shows dashes."""
     tasks = list(report["baselines"])
     rows = []
     for name, m in report["methods"].items():
-        if not m["trials"]:
-            continue
-        best = next(t for t in m["trials"] if t["settings"] == m["chosen"])  # the chosen settings' trial
-        finals = [f"{best['final'][t]:.3f}" for t in tasks]
-        rows.append([name, _settings(m["chosen"]), *finals, f"{best['score']:.3f}", str(len(m["trials"]))])
+        best = next((t for t in m["trials"] if t["settings"] == m["chosen"]), None)  # the chosen settings' trial
+        finals = [f"{best['final'][t]:.3f}" if best else "–" for t in tasks]
+        label = name if m.get("complete", True) else f"{name} (search incomplete)"
+        score = f"{best['score']:.3f}" if best else "–"
+        rows.append([label, _settings(m["chosen"]), *finals, score, str(len(m["trials"]))])
     return _table(["method", "chosen", *tasks, "worst", "trials"], rows)
 
 
