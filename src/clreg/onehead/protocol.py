@@ -121,6 +121,10 @@ class SeedRun:
         """The run settings for training ``stage``'s task (its own warmup where it sets one)."""
         return self.run if stage.warmup_steps is None else replace(self.run, warmup_steps=stage.warmup_steps)
 
+    def joint_learning_rate(self) -> float:
+        """The joint reference's learning rate: ``joint_lr``, else the first stage's baseline's."""
+        return self.joint_lr if self.joint_lr is not None else self.lr(self.stages[0], None)
+
     def lr(self, stage: Stage, method: Method | None) -> float:
         """A method's learning rate in ``stage`` (the stage's own, else the method's ``lr``), or with
         ``method=None`` the baselines' (the stage's ``baseline_lr``, else its own, else the run's)."""
@@ -194,7 +198,7 @@ def joint(run: SeedRun) -> UnitState:
     ``joint_lr`` (else the first stage's baseline's)."""
     steps, per_task = joint_plan(run.stages, run.joint_schedule)
     first = run.stages[0]
-    lr = run.joint_lr if run.joint_lr is not None else run.lr(first, None)
+    lr = run.joint_learning_rate()
 
     def fn() -> UnitState:
         model = run.fresh_model("joint")

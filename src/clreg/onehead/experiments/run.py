@@ -44,7 +44,7 @@ def _joint_budget(run: SeedRun) -> dict[str, Any]:
         "batches": dict(zip(tasks, per_task or [steps] * len(tasks), strict=True)),
         "baseline_steps": {s.task: s.steps for s in run.stages},
         "weights": None if run.joint_weights is None else dict(zip(tasks, run.joint_weights, strict=True)),
-        "lr": run.joint_lr if run.joint_lr is not None else run.lr(run.stages[0], None),
+        "lr": run.joint_learning_rate(),
     }
 
 
