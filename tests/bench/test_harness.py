@@ -17,7 +17,7 @@ from clreg.bench.cli import _check_seeds, main, parse_seeds
 from clreg.bench.experiment import run_all
 from clreg.bench.parts import PARTS
 from clreg.bench.runner import RunResult, effective_settings
-from clreg.bench.stats import MeanMetric
+from clreg.bench.stats import MeanMetric, resample_counts, standard_counts
 from clreg.bench.store import RunStore
 from clreg.bench.summary import average_interval, sequence_measures, summarise
 from clreg.bench.tune import tune
@@ -261,8 +261,45 @@ def test_store_round_trip_and_mismatch(tmp_path):
     assert not list(tmp_path.rglob("*.tmp"))
     bad = _result()
     bad.final = [object()]
-    with pytest.raises(TypeError, match="MeanMetric"):
+    with pytest.raises(TypeError, match="Metric"):
         store.save(bad, {})
+
+
+class RatioMetric:
+    """A metric that is not a per-sample mean: the ratio of two sums over the images (as mIoU is)."""
+
+    def __init__(self, hits, totals):
+        self.hits, self.totals = torch.tensor(hits, dtype=torch.float64), torch.tensor(totals, dtype=torch.float64)
+        self.n = len(hits)
+
+    def value(self):
+        return float(self.hits.sum() / self.totals.sum())
+
+    def scores(self, counts):
+        return (counts @ self.hits) / (counts @ self.totals)
+
+    def image_ids(self):
+        return [f"img{i}" for i in range(self.n)]
+
+
+def test_store_keeps_a_metric_that_is_not_a_mean_by_its_standard_resamples(tmp_path):
+    metric = RatioMetric([1.0, 0.0, 3.0, 2.0], [2.0, 1.0, 4.0, 2.0])
+    result = _result()
+    result.final = [metric, MeanMetric(torch.tensor([1.0, 0.0]), ids=["a", "b"])]
+    store = RunStore(tmp_path)
+    store.save(result, {"scenario": "s"})
+    back = store.load("naive", 0, "test", {"lr": [1e-3]}, {"scenario": "s"}).final
+    assert back[0].value() == pytest.approx(6.0 / 9.0)
+    assert back[0].image_ids() == ["img0", "img1", "img2", "img3"] and back[0].n == 4
+    counts = standard_counts(4)
+    by_hand = torch.tensor([float(c @ metric.hits / (c @ metric.totals)) for c in counts], dtype=torch.float64)
+    torch.testing.assert_close(back[0].scores(counts), by_hand)
+    assert back[0].scores(torch.ones(3, 4)).tolist() == [pytest.approx(6.0 / 9.0)] * 3
+    with pytest.raises(ValueError, match="standard resamples"):
+        back[0].scores(resample_counts(4, 1000, seed=1))
+    with pytest.raises(ValueError, match=r"\(R, 4\)"):
+        back[0].scores(torch.ones(2, 3))
+    assert back[1].per_sample.tolist() == [1.0, 0.0] and back[1].image_ids() == ["a", "b"]
 
 
 def test_sequence_measures_by_hand():

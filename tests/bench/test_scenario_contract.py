@@ -22,8 +22,14 @@ from clreg.spec import OutputSpec, TaskSpec
 
 # -- every built-in scenario, with small options ------------------------------------------------------
 
-SMALL = {"digits": [{"setting": s, "epochs": 1} for s in ("task", "domain", "class")]}
+SMALL = {
+    "digits": [{"setting": s, "epochs": 1} for s in ("task", "domain", "class")],
+    "onehead": [{"profile": "tiny"}],
+}
 """Small options of each built-in scenario (a new built-in adds its own here)."""
+
+NEEDS = {"digits": ("sklearn",), "onehead": ("timm", "pycocotools")}
+"""The optional modules each built-in scenario imports."""
 
 BUILTIN = sorted(n for n, f in SCENARIOS.items() if isinstance(f, _Builtin))
 
@@ -38,8 +44,10 @@ def test_every_builtin_scenario_has_small_options() -> None:
     [(n, o) for n in BUILTIN for o in SMALL.get(n, [])],
     ids=lambda v: "-".join(str(x) for x in v.values()) if isinstance(v, dict) else str(v),
 )
-def test_builtin_scenario_passes_the_contract(name: str, options: dict) -> None:
-    pytest.importorskip("sklearn")
+def test_builtin_scenario_passes_the_contract(name: str, options: dict, tmp_path, monkeypatch) -> None:
+    for module in NEEDS.get(name, ()):
+        pytest.importorskip(module)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # a scenario that generates data writes it here
     check_scenario(make_scenario(name, **options))
 
 

@@ -5,6 +5,7 @@ Examples (shell)::
     clreg-bench --scenario digits --setting class --out runs/digits-class
     clreg-bench --scenario digits --setting task --methods naive,ewc,lwf --seeds 0-2 --stages 89,67,45,23,01
     clreg-bench --scenario digits --setting domain --tune --out runs/digits-domain-tune
+    clreg-bench --scenario onehead --option profile=tiny --methods der,agem --seeds 0
 
 Without ``--tune`` each method runs with the scenario's shipped choices (tuned on seeds the report does
 not use); ``--set NAME=VALUE`` overrides a setting for every method that reads it.
@@ -55,9 +56,13 @@ def _parser() -> argparse.ArgumentParser:
         description=f"Run a continual-learning scenario's report. Scenarios: {', '.join(scenario_names())}.",
     )
     p.add_argument("--scenario", choices=scenario_names(), help="which scenario (required unless --evaluate)")
-    p.add_argument("--setting", help="the scenario's setting (digits: task, domain or class)")
+    p.add_argument("--setting", help="the scenario's setting (digits: task, domain or class; onehead has none)")
     p.add_argument(
-        "--option", action="append", default=[], metavar="KEY=VALUE", help="another scenario option (JSON value)"
+        "--option",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="another scenario option (JSON value), e.g. onehead's profile=tiny or data_root=DIR",
     )
     p.add_argument("--methods", default="all", help="methods joined by ',' ('all': the scenario's list)")
     p.add_argument("--seeds", default="0-4", help="report seeds (default 0-4)")

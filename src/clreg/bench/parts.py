@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from .. import AGEM, DER, ERACE, EWC, KFACEWC, L2SP, MAS, SI, FeatureDistillation, LwF, OnlineEWC, ReplayBuffer, RWalk
 from ..regularizers import Regularizer
-from ..spec import TaskSpec
+from ..spec import OutputSpec, TaskSpec
 
 if TYPE_CHECKING:
     from .task import Task
@@ -143,15 +143,22 @@ def register_part(cls: type[Part]) -> type[Part]:
 
 @dataclass(frozen=True)
 class PartContext:
-    """What a part may need besides its settings: the run's tasks in stage order and the names of the
-    model's feature modules (for feature distillation)."""
+    """What a part may need besides its settings: the run's tasks in stage order, the names of the
+    model's feature modules (for feature distillation) and the model's outputs as a part that matches
+    all of them selects them (DER; ``None``: the whole output, one tensor)."""
 
     tasks: Sequence[Task] = ()
     feature_modules: Sequence[str] = ()
+    outputs: Sequence[OutputSpec] | None = None
 
     def reject_selected_channels(self, part: str) -> None:
-        """A ValueError when a task's outputs are a selection of the model's channels (a head per
-        task): ``part`` reads labels as indices of the whole output."""
+        """A ValueError when the model has several outputs, or a task's outputs are a selection of the
+        model's channels (a head per task): ``part`` reads labels as indices of one whole output."""
+        if self.outputs is not None:
+            raise ValueError(
+                f"{part} reads a task's labels as class indices of the model's one output tensor, but this "
+                f"scenario's model has several outputs ({', '.join(str(o.select) for o in self.outputs)})"
+            )
         for task in self.tasks:
             if any(o.channels is not None for o in task.spec().outputs):
                 raise ValueError(
@@ -351,10 +358,14 @@ class DERPart(Part):
     def regularizer(self, model: nn.Module, seed: int, context: PartContext) -> Regularizer:
         if self.beta > 0:
             context.reject_selected_channels(f"{self.name} with beta > 0 (DER++)")
-        return DER(model, self.capacity, self.alpha, self.beta, batch_size=self.batch_size, seed=seed)
+        return DER(
+            model, self.capacity, self.alpha, self.beta, batch_size=self.batch_size, outputs=context.outputs, seed=seed
+        )
 
     def observe(self, reg: Regularizer, inputs: Any, target: Any, outputs: Any) -> None:
-        reg.observe(inputs, target, outputs)  # type: ignore[operator]
+        """The batch with its outputs, and its labels where DER++'s label term reads them (DER keeps
+        none: the targets of a scenario's tasks may differ in structure)."""
+        reg.observe(inputs, target if self.beta > 0 else None, outputs)  # type: ignore[operator]
 
 
 @register_part

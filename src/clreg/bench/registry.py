@@ -35,7 +35,10 @@ class _Builtin:
         return self.resolve()(**options)
 
 
-SCENARIOS: dict[str, Factory] = {"digits": _Builtin("clreg.bench.scenarios.digits:DigitsScenario")}
+SCENARIOS: dict[str, Factory] = {
+    "digits": _Builtin("clreg.bench.scenarios.digits:DigitsScenario"),
+    "onehead": _Builtin("clreg.bench.scenarios.onehead:OneHeadScenario"),
+}
 """Scenario name → factory (its keyword arguments are the scenario's options)."""
 
 

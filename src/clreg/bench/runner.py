@@ -2,7 +2,7 @@
 on every task after every stage.
 
 Per stage k (task :math:`T_k`, a fresh Adam at the stage's learning rate, its multi-tensor
-implementation, a linear warmup): each step
+implementation, a linear warmup; from the second stage on, the task's ``prepare`` hook first): each step
 draws a shuffled batch of :math:`T_k`'s training data and minimises
 
 .. math:: L_{T_k}(\\text{batch}) + \\sum_{\\text{past } t} w_r\\, L_t(\\text{replayed}_t) + \\text{penalty},
@@ -257,11 +257,13 @@ def _sequence(
 ) -> tuple[RunResult, nn.Module]:
     torch.manual_seed(seed)
     model = scenario.make_model(tasks)
-    context = PartContext(tuple(tasks), tuple(scenario.feature_modules))
+    context = PartContext(tuple(tasks), tuple(scenario.feature_modules), scenario.output_specs(tasks))
     members = _Members(m, model, seed, context) if m.parts and m.name != "naive" else None
     by_name = {t.name: t for t in tasks}
     matrix, final = [], []
     for k, (task, stage) in enumerate(zip(tasks, stages), start=1):
+        if k > 1:
+            task.prepare(model)
         plan = _StageRun(task, stage, m.stage_lr(k, stage.lr), seed * 1000 + k)
         _train_stage(model, plan, scenario.batch_size, members, m.stage_values(k, stage.settings), by_name)
         if members is not None:

@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+from ..spec import OutputSpec
 from .method import check_stage_key
 from .registry import SCENARIOS, make_scenario, register_scenario
 from .settings import parse_settings
@@ -88,6 +89,11 @@ class Scenario(ABC):
     tune_grid: Mapping[str, Sequence[float]] = {}  # each searched setting's values
     defaults: Mapping[str, float] = {}  # method settings of this scenario, under any tuned or given ones
     feature_modules: Sequence[str] = ()  # the model's modules whose outputs feature distillation (fd) reads
+
+    def output_specs(self, tasks: Sequence[Task]) -> list[OutputSpec] | None:
+        """The outputs of a model built for ``tasks`` as a part that matches all of them selects them
+        (DER's stored outputs); ``None`` (the default): the model's output is one tensor."""
+        return None
 
     @property
     def tuned_key(self) -> str:

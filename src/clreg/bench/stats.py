@@ -21,15 +21,21 @@ import torch
 from torch import Tensor
 
 __all__ = [
+    "RESAMPLES",
     "HierarchicalDraws",
     "MeanMetric",
     "Metric",
+    "StoredMetric",
     "bootstrap",
     "hierarchical_draws",
     "interval",
     "paired_ratio",
     "resample_counts",
+    "standard_counts",
 ]
+
+RESAMPLES = 1000
+"""The image resamples of a report's intervals (and of a stored metric's scores)."""
 
 
 @runtime_checkable
@@ -86,6 +92,65 @@ def resample_counts(n: int, resamples: int, seed: int = 0) -> Tensor:
     return torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(
         1, idx, torch.ones(resamples, n, dtype=torch.float64)
     )
+
+
+def standard_counts(n: int, resamples: int = RESAMPLES) -> Tensor:
+    """The harness's resamples of n images: :func:`resample_counts` seeded by ``n``, so every run of a
+    task reads the same ones."""
+    return resample_counts(n, resamples, seed=n)
+
+
+class StoredMetric:
+    """A metric as a run record keeps it when it is not a per-sample mean (mIoU, mAP): its value, its
+    images' ids and its scores on the :func:`standard_counts` of ``R`` resamples, all a report reads.
+
+    ``scores(counts)`` gives those scores for the standard counts, the value where every count is one,
+    and a ValueError for any other resampling (the images behind the value are not kept).
+
+    Example:
+        >>> import torch
+        >>> m = MeanMetric(torch.tensor([1.0, 0.0, 1.0]))
+        >>> stored = StoredMetric.of(m, resamples=5)
+        >>> bool(torch.equal(stored.scores(standard_counts(3, 5)), m.scores(standard_counts(3, 5))))
+        True
+    """
+
+    def __init__(self, value: float, ids: list, resampled: Tensor) -> None:
+        resampled = torch.as_tensor(resampled, dtype=torch.float64).flatten()
+        if not ids:
+            raise ValueError("a metric needs at least one sample")
+        if resampled.numel() == 0:
+            raise ValueError("a stored metric needs its scores on at least one resample")
+        self._value, self._ids, self.resampled = float(value), list(ids), resampled
+
+    @classmethod
+    def of(cls, metric: Metric, resamples: int = RESAMPLES) -> StoredMetric:
+        """``metric`` reduced to what a record keeps: its value, ids and standard resamples' scores."""
+        return cls(metric.value(), metric.image_ids(), metric.scores(standard_counts(metric.n, resamples)))
+
+    @property
+    def n(self) -> int:
+        return len(self._ids)
+
+    def value(self) -> float:
+        return self._value
+
+    def image_ids(self) -> list:
+        return list(self._ids)
+
+    def scores(self, counts: Tensor) -> Tensor:
+        counts = torch.as_tensor(counts, dtype=torch.float64)
+        if counts.dim() != 2 or counts.shape[1] != self.n:
+            raise ValueError(f"counts are (R, {self.n}) for {self.n} images, got {tuple(counts.shape)}")
+        if bool((counts == 1).all()):
+            return torch.full((counts.shape[0],), self._value, dtype=torch.float64)
+        r = self.resampled.numel()
+        if counts.shape[0] == r and torch.equal(counts, standard_counts(self.n, r)):
+            return self.resampled.clone()
+        raise ValueError(
+            f"a stored metric scores its {r} standard resamples (standard_counts({self.n}, {r})) only, "
+            "not other counts: its per-image records are not kept"
+        )
 
 
 def interval(values: Tensor) -> tuple[float, float]:

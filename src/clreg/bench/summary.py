@@ -28,11 +28,9 @@ from typing import Any
 import torch
 
 from .runner import RunResult
-from .stats import hierarchical_draws, interval, resample_counts
+from .stats import RESAMPLES, hierarchical_draws, interval, standard_counts
 
 __all__ = ["average_interval", "sequence_measures", "summarise"]
-
-RESAMPLES = 1000
 
 
 def sequence_measures(matrix: Sequence[Sequence[float]]) -> dict[str, float]:
@@ -50,7 +48,7 @@ def average_interval(runs: Sequence[RunResult], resamples: int = RESAMPLES) -> t
     """The 95 % hierarchical bootstrap interval of the mean over seeds of ACC (see the module)."""
     boots = []
     for r in runs:
-        per_task = [m.scores(resample_counts(m.n, resamples, seed=m.n)) for m in r.final]
+        per_task = [m.scores(standard_counts(m.n, resamples)) for m in r.final]
         boots.append(torch.stack(per_task).mean(0))
     draws = hierarchical_draws(len(runs), resamples, seed=0)
     return interval(draws.mean(torch.stack(boots)))

@@ -35,7 +35,9 @@ class Task(ABC):
     ``"val"`` and ``"test"``), ``loss(outputs, target)`` the batch's mean training loss on the model's
     outputs, ``spec()`` the :class:`~clreg.TaskSpec` a regularizer consolidates the task with (its
     outputs and, where the Fisher needs one, its per-sample loss), and ``evaluate(model, split)`` a
-    :class:`~clreg.bench.stats.Metric` over the split's samples (the harness resamples it)."""
+    :class:`~clreg.bench.stats.Metric` over the split's samples (the harness resamples it).
+    ``prepare(model)``, a no-op unless a task needs it, is called when the task's stage follows another
+    (e.g. to put the task's output rows back at their prior)."""
 
     name: str = ""
     chance: float = 0.0  # the metric's value for a model that guesses
@@ -51,3 +53,6 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: nn.Module, split: str) -> Metric: ...
+
+    def prepare(self, model: nn.Module) -> None:  # noqa: B027  (a hook: nothing by default)
+        """Called on the model when this task's stage follows another stage."""

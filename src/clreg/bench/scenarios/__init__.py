@@ -1,1 +1,1 @@
-"""The built-in scenarios (listed in :data:`clreg.bench.registry.SCENARIOS`, imported on first use): ``digits`` (Split Digits)."""
+"""The built-in scenarios (listed in :data:`clreg.bench.registry.SCENARIOS`, imported on first use): ``digits`` (Split Digits) and ``onehead`` (the one-head benchmark's tasks)."""
