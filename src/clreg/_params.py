@@ -43,6 +43,19 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float32
 
 
+def reject_partitioned(named: Sequence[tuple[str, nn.Parameter]]) -> None:
+    """A ValueError for parameters partitioned by DeepSpeed ZeRO-3 (each rank holds a slice, the
+    parameter itself is empty outside a gather): a regularizer needs whole parameters or DTensor
+    shards."""
+    partitioned = [n for n, p in named if hasattr(p, "ds_status")]
+    if partitioned:
+        raise ValueError(
+            f"parameter {partitioned[0]!r} is partitioned by DeepSpeed ZeRO-3 (each rank holds a slice): clreg's "
+            "regularizers need whole parameters on every rank (ZeRO stage 1 or 2) or FSDP2's DTensor shards "
+            "(torch.distributed.fsdp.fully_shard)"
+        )
+
+
 class ParamSet:
     """The parameters a regularizer acts on: canonical names, shapes, state dtypes and layouts.
 
@@ -70,6 +83,7 @@ class ParamSet:
             chosen = [(n, by_name[n]) for n in wanted if by_name[n].requires_grad]
         if not chosen:
             raise ValueError("no trainable parameter was selected (all frozen, or the selection is empty)")
+        reject_partitioned(chosen)
         self.names: list[str] = [n for n, _ in chosen]
         self.shapes: list[torch.Size] = [p.shape for _, p in chosen]
         self.dtypes: list[torch.dtype] = [p.dtype for _, p in chosen]
@@ -110,6 +124,7 @@ class ParamSet:
                 raise ValueError(
                     f"parameter {name!r} is missing from this model: it is not the model this regularizer was built on"
                 )
+            reject_partitioned([(name, p)])
             if p.shape != shape:
                 raise ValueError(
                     f"parameter {name!r} has shape {tuple(p.shape)}, expected {tuple(shape)} "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import clreg
 from models import MLP
@@ -50,3 +51,25 @@ def test_a_parameter_frozen_after_the_regularizer_was_built_is_named_at_consolid
     model[0].weight.requires_grad_(True)
     reg.consolidate(model, data)
     assert int(reg.n_tasks) == 1
+
+
+class _PartitionedStatus:
+    """What DeepSpeed ZeRO-3 hangs on each parameter it partitions (``param.ds_status``)."""
+
+
+@pytest.mark.parametrize(
+    "make", [lambda m: clreg.EWC(m, lam=1.0), lambda m: clreg.SI(m, c=1.0), lambda m: clreg.MAS(m, lam=1.0)]
+)
+def test_parameters_partitioned_by_zero3_are_refused_by_name(make) -> None:
+    model = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    model[1].weight.ds_status = _PartitionedStatus()
+    with pytest.raises(ValueError, match=r"parameter '1\.weight' is partitioned by DeepSpeed ZeRO-3"):
+        make(model)
+    del model[1].weight.ds_status
+    reg = make(model)  # built on whole parameters, then partitioned in place
+    model[0].bias.ds_status = _PartitionedStatus()
+    other = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+    other.load_state_dict(model.state_dict())
+    other[0].bias.ds_status = _PartitionedStatus()
+    with pytest.raises(ValueError, match=r"parameter '0\.bias' is partitioned by DeepSpeed ZeRO-3"):
+        reg._pset.resolve(other)
