@@ -380,8 +380,20 @@ class OLoRA(Regularizer):
 
     # -- the current adapter ----------------------------------------------------------------------
     def _fingerprint(self, inner: nn.Module) -> tuple[Any, ...]:
+        """The model's class, its adapters' configs (the objects themselves: held, so that a config
+        made for an adapter replaced under the same name can never pass for the old one, as its
+        ``id`` could) and the adapter asked for."""
         configs = getattr(inner, "peft_config", None) or {}
-        return (type(inner), tuple((k, id(v)) for k, v in configs.items()), self._adapter)
+        return (type(inner), tuple(configs.items()), self._adapter)
+
+    @staticmethod
+    def _same_fingerprint(a: tuple[Any, ...], b: tuple[Any, ...]) -> bool:
+        return (
+            a[0] is b[0]
+            and a[2] == b[2]
+            and len(a[1]) == len(b[1])
+            and all(ka == kb and va is vb for (ka, va), (kb, vb) in zip(a[1], b[1], strict=True))
+        )
 
     def _current(self, model: nn.Module) -> _Adapter:
         """The current adapter of ``model``, cached while the model, its adapters and the found
@@ -392,7 +404,7 @@ class OLoRA(Regularizer):
             found is not None
             and found[2] is not None
             and found[0]() is inner
-            and found[1] == self._fingerprint(inner)
+            and self._same_fingerprint(found[1], self._fingerprint(inner))
             and (self._adapter is not None or all(a.requires_grad for a in found[2].down))
         ):
             return found[2]
